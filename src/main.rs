@@ -1,0 +1,40 @@
+use clap::{Parser, Subcommand};
+
+use bitsfarm::config::ServeArgs;
+use bitsfarm::telemetry::{self, LogFormat};
+
+/// A BITS upload server farm for Linux and Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "bitsfarm", version, about)]
+struct Cli {
+    /// Log format on stderr (RUST_LOG sets the level).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the BITS upload server.
+    Serve(Box<ServeArgs>),
+    /// Run the reference server application: stores each delivery once per Idempotency-Key.
+    Receiver {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Folder the deliveries are stored in.
+        #[arg(long, default_value = "./bitsfarm-received")]
+        dir: std::path::PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => bitsfarm::cli::serve(*args).await,
+        Command::Receiver { listen, dir } => bitsfarm::cli::receiver(listen, dir).await,
+    }
+}

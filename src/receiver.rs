@@ -1,0 +1,317 @@
+//! `bitsfarm receiver`: the reference server application. It stores each delivered upload exactly
+//! once per `Idempotency-Key` and answers a repeat with the reply it gave the first time. It is the
+//! example to copy when writing a backend for bitsfarm, and the backend of the tests and local farm.
+//!
+//! Layout under `--dir`: `<key>/delivery.json` (what arrived, and the reply), `<key>/content`
+//! (the bytes), and `.incoming/` for deliveries still arriving.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::server::notify::{
+    IDEMPOTENCY_KEY, ORIGINAL_REQUEST_URL, REPR_DIGEST, REQUEST_DATAFILE_NAME,
+    RESPONSE_DATAFILE_NAME, repr_digest,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("cannot prepare the receiver folder {path}: {source}")]
+    Prepare { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// What the receiver keeps about one delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct StoredDelivery {
+    pub idempotency_key: String,
+    pub sha256: String,
+    pub bytes: u64,
+    #[serde(default)]
+    pub original_url: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    pub received_unix: u64,
+    pub reply: String,
+}
+
+struct Receiver {
+    dir: PathBuf,
+    incoming: PathBuf,
+    /// Serialises the check-then-store step, so two copies arriving at once are stored once.
+    commit: tokio::sync::Mutex<()>,
+    registry: Registry,
+    deliveries: Counter,
+    duplicates: Counter,
+    bytes: Counter,
+}
+
+pub struct ReceiverServer {
+    listener: TcpListener,
+    state: Arc<Receiver>,
+}
+
+impl ReceiverServer {
+    pub async fn bind(addr: SocketAddr, dir: &Path) -> Result<Self, ReceiverError> {
+        let incoming = dir.join(".incoming");
+        tokio::fs::create_dir_all(&incoming)
+            .await
+            .map_err(|source| ReceiverError::Prepare {
+                path: incoming.clone(),
+                source,
+            })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ReceiverError::Bind { addr, source })?;
+        let mut registry = Registry::with_prefix("bitsfarm_receiver");
+        let (deliveries, duplicates, bytes) =
+            (Counter::default(), Counter::default(), Counter::default());
+        registry.register(
+            "deliveries",
+            "Deliveries stored (first copies)",
+            deliveries.clone(),
+        );
+        registry.register(
+            "duplicates_suppressed",
+            "Deliveries whose Idempotency-Key was already stored; answered with the first reply",
+            duplicates.clone(),
+        );
+        registry.register("stored_bytes", "Bytes stored", bytes.clone());
+        Ok(ReceiverServer {
+            listener,
+            state: Arc::new(Receiver {
+                dir: dir.to_path_buf(),
+                incoming,
+                commit: tokio::sync::Mutex::new(()),
+                registry,
+                deliveries,
+                duplicates,
+                bytes,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let st = self.state.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| handle(st.clone(), req));
+                        let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    });
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(
+    st: Arc<Receiver>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() == Method::GET {
+        return Ok(match req.uri().path() {
+            "/healthz" => reply(StatusCode::OK, "ok\n"),
+            "/metrics" => {
+                let mut out = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut out, &st.registry);
+                reply(StatusCode::OK, out)
+            }
+            _ => reply(StatusCode::NOT_FOUND, "not found\n"),
+        });
+    }
+    if req.method() != Method::POST {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST deliveries here\n",
+        ));
+    }
+    Ok(match receive(&st, req).await {
+        Ok(r) => r,
+        Err((status, message)) => {
+            warn!(%status, message, "delivery refused");
+            reply(status, format!("{message}\n"))
+        }
+    })
+}
+
+type Failure = (StatusCode, String);
+
+fn internal(e: io::Error) -> Failure {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("storage error: {e}"),
+    )
+}
+
+async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Failure> {
+    let (parts, mut body) = req.into_parts();
+    let h = &parts.headers;
+    let temp = st.incoming.join(uuid::Uuid::new_v4().simple().to_string());
+    let mut file = tokio::fs::File::create(&temp).await.map_err(internal)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let by_reference = header(h, REQUEST_DATAFILE_NAME).map(PathBuf::from);
+    let result: Result<(), Failure> = async {
+        if let Some(src) = &by_reference {
+            // The server and this application share the volume: copy from the path it names.
+            let mut f = tokio::fs::File::open(src).await.map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot open {}: {e}", src.display()),
+                )
+            })?;
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = f.read(&mut buf).await.map_err(internal)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).await.map_err(internal)?;
+                size += n as u64;
+            }
+        } else {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    hasher.update(&data);
+                    file.write_all(&data).await.map_err(internal)?;
+                    size += data.len() as u64;
+                }
+            }
+        }
+        file.sync_all().await.map_err(internal)
+    }
+    .await;
+    drop(file);
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(e);
+    }
+    let sha = hasher.finalize();
+    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(expected) = header(h, REPR_DIGEST)
+        && expected.trim() != repr_digest(&sha)
+    {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("content does not match Repr-Digest {expected}"),
+        ));
+    }
+    // Without a key (a server other than bitsfarm), the content hash is the best identity there is.
+    let key = match header(h, IDEMPOTENCY_KEY).map(str::trim) {
+        Some(k) if is_safe_key(k) => k.to_string(),
+        Some(k) => {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("Idempotency-Key {k:?} must be 1-128 letters, digits, '-' or '_'"),
+            ));
+        }
+        None => format!("sha256-{sha_hex}"),
+    };
+    let _guard = st.commit.lock().await;
+    let target = st.dir.join(&key);
+    let record_path = target.join("delivery.json");
+    let stored = if let Ok(json) = tokio::fs::read(&record_path).await {
+        let _ = tokio::fs::remove_file(&temp).await;
+        let stored: StoredDelivery = serde_json::from_slice(&json)
+            .map_err(|e| internal(io::Error::other(format!("{}: {e}", record_path.display()))))?;
+        st.duplicates.inc();
+        info!(
+            key,
+            "duplicate delivery suppressed; answered with the first reply"
+        );
+        stored
+    } else {
+        let stored = StoredDelivery {
+            idempotency_key: key.clone(),
+            sha256: sha_hex.clone(),
+            bytes: size,
+            original_url: header(h, ORIGINAL_REQUEST_URL).map(str::to_string),
+            session_id: header(h, "bits-session-id").map(str::to_string),
+            received_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            reply: format!("stored {size} bytes, sha256 {sha_hex}, key {key}\n"),
+        };
+        store(&st.dir, &target, &temp, &stored)
+            .await
+            .map_err(internal)?;
+        st.deliveries.inc();
+        st.bytes.inc_by(size);
+        info!(key, bytes = size, "delivery stored");
+        stored
+    };
+    if let Some(path) = header(h, RESPONSE_DATAFILE_NAME) {
+        tokio::fs::write(path, stored.reply.as_bytes())
+            .await
+            .map_err(internal)?;
+        return Ok(reply(StatusCode::OK, Bytes::new()));
+    }
+    Ok(reply(StatusCode::OK, stored.reply))
+}
+
+fn is_safe_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 128
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Puts a delivery in place atomically: a temporary folder renamed to the key's name.
+async fn store(dir: &Path, target: &Path, temp: &Path, d: &StoredDelivery) -> io::Result<()> {
+    let staging = dir
+        .join(".incoming")
+        .join(format!("{}.dir", d.idempotency_key));
+    let _ = tokio::fs::remove_dir_all(&staging).await;
+    tokio::fs::create_dir_all(&staging).await?;
+    tokio::fs::rename(temp, staging.join("content")).await?;
+    let json = serde_json::to_vec_pretty(d).map_err(io::Error::other)?;
+    let mut f = tokio::fs::File::create(staging.join("delivery.json")).await?;
+    f.write_all(&json).await?;
+    f.sync_all().await?;
+    tokio::fs::rename(&staging, target).await?;
+    tokio::fs::File::open(dir).await?.sync_all().await
+}

@@ -1,0 +1,469 @@
+//! The HTTP front: turns requests into BITS packets for the session store and Acks into responses,
+//! and serves health, readiness and metrics.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header as h};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+use super::AppState;
+use super::metrics::{ErrorLabels, PacketLabels};
+use super::paths::{SESSION_DIR, destination_path};
+use super::protocol::{
+    Ack, BITS_POST, BitsError, FragmentRange, MAX_HEADER_VALUE_LEN, PacketType, SessionId, header,
+    negotiate_protocol, parse_content_length, validate_content_name,
+};
+use super::session::{CreateRequest, Origin, REPLIES_DIR, REPLY_FILE, UploadDir};
+
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Error bodies larger than this are not read to keep the connection; it is closed instead.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Uploads, and the admin endpoints too unless they have a listener of their own.
+    Main {
+        with_admin: bool,
+    },
+    Admin,
+}
+
+pub async fn handle(
+    state: Arc<AppState>,
+    role: Role,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let admin_here = matches!(role, Role::Admin | Role::Main { with_admin: true });
+    let is_get = req.method() == Method::GET || req.method() == Method::HEAD;
+    if admin_here && is_get {
+        match req.uri().path() {
+            "/healthz" => return Ok(text(StatusCode::OK, "ok\n")),
+            "/readyz" => {
+                return Ok(if state.ready.load(Ordering::Relaxed) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                });
+            }
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, state.metrics.encode());
+                r.headers_mut().insert(
+                    h::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                return Ok(r);
+            }
+            _ => {}
+        }
+    }
+    if role == Role::Admin {
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    if is_bits_post(&req) {
+        return Ok(bits_post(&state, req).await);
+    }
+    if is_get {
+        return Ok(download(&state, req).await);
+    }
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this is a BITS upload server: send BITS_POST packets\n",
+    );
+    r.headers_mut()
+        .insert(h::ALLOW, HeaderValue::from_static(BITS_POST));
+    Ok(r)
+}
+
+/// `BITS_POST`, or `POST` with `X-Http-Method-Override: BITS_POST` for clients that cannot send
+/// extension methods.
+fn is_bits_post<B>(req: &Request<B>) -> bool {
+    req.method().as_str() == BITS_POST
+        || (req.method() == Method::POST
+            && req
+                .headers()
+                .get(header::METHOD_OVERRIDE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case(BITS_POST)))
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        h::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, BitsError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| BitsError::invalid(format!("header {name} is not visible ASCII"))),
+    }
+}
+
+fn required<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+    packet: PacketType,
+) -> Result<&'a str, BitsError> {
+    header_str(headers, name)?
+        .ok_or_else(|| BitsError::invalid(format!("{packet} requires the {name} header")))
+}
+
+/// The parts of a BITS request that every packet shares, checked before any packet logic runs.
+struct Packet<'a> {
+    kind: PacketType,
+    headers: &'a HeaderMap,
+    content_length: u64,
+}
+
+fn parse_packet(headers: &HeaderMap) -> Result<Packet<'_>, BitsError> {
+    if let Some((name, _)) = headers.iter().find(|(_, v)| v.len() > MAX_HEADER_VALUE_LEN) {
+        return Err(BitsError::invalid(format!(
+            "header {name} is longer than {MAX_HEADER_VALUE_LEN} bytes"
+        )));
+    }
+    let kind = match header_str(headers, header::PACKET_TYPE)? {
+        None => {
+            return Err(BitsError::invalid(
+                "BITS-Packet-Type is missing; every BITS_POST names its packet",
+            ));
+        }
+        Some(v) => PacketType::parse(v)
+            .ok_or_else(|| BitsError::invalid(format!("unknown BITS-Packet-Type {v:?}")))?,
+    };
+    if headers.contains_key(h::TRANSFER_ENCODING) {
+        return Err(BitsError::invalid(format!(
+            "{kind} must be sent with Content-Length, not Transfer-Encoding"
+        )));
+    }
+    let content_length = parse_content_length(required(headers, "content-length", kind)?)?;
+    if !kind.takes_body() && content_length != 0 {
+        return Err(BitsError::invalid(format!(
+            "{kind} takes no body, but Content-Length is {content_length}"
+        )));
+    }
+    if let Some(name) = header_str(headers, header::CONTENT_NAME)? {
+        validate_content_name(name)?;
+    }
+    Ok(Packet {
+        kind,
+        headers,
+        content_length,
+    })
+}
+
+async fn bits_post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let origin = Origin {
+        host: parts
+            .headers
+            .get(h::HOST)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| state.config.listen.to_string()),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| path.clone()),
+    };
+    let mut body = body_stream(body, state.config.read_timeout);
+    let packet = parse_packet(&parts.headers);
+    let kind = packet.as_ref().ok().map(|p| p.kind);
+    let content_length = packet.as_ref().map(|p| p.content_length).unwrap_or(0);
+    let session_header = parts
+        .headers
+        .get(header::SESSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let result = match packet {
+        Ok(packet) => dispatch(state, &origin, &path, &packet, &mut body).await,
+        Err(e) => Err(e),
+    };
+    let ack = match result {
+        Ok(ack) => ack,
+        Err(e) => {
+            state
+                .metrics
+                .errors
+                .get_or_create(&ErrorLabels {
+                    status: e.status,
+                    code: super::protocol::format_hresult(e.code),
+                })
+                .inc();
+            if e.status >= 500 && e.code != super::protocol::hresult::BG_E_SESSION_NOT_FOUND {
+                warn!(%path, packet = ?kind, error = %e, "packet failed");
+            } else {
+                debug!(%path, packet = ?kind, error = %e, "packet refused");
+            }
+            Ack::from(e)
+        }
+    };
+    if let Some(kind) = kind {
+        state
+            .metrics
+            .packets
+            .get_or_create(&PacketLabels {
+                packet: kind.as_str().to_string(),
+            })
+            .inc();
+    }
+    // Read what is left of the body so the connection can carry the client's next packet.
+    let keep_alive = content_length <= DRAIN_LIMIT && drain(&mut body, DRAIN_LIMIT).await;
+    debug!(
+        %path,
+        packet = kind.map(|k| k.as_str()).unwrap_or("?"),
+        session = session_header.as_deref().unwrap_or("-"),
+        status = ack.status,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "packet"
+    );
+    ack_response(ack, keep_alive)
+}
+
+async fn dispatch<S>(
+    state: &AppState,
+    origin: &Origin,
+    path: &str,
+    packet: &Packet<'_>,
+    body: &mut S,
+) -> Result<Ack, BitsError>
+where
+    S: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    if packet.kind == PacketType::Ping {
+        return Ok(Ack::ok());
+    }
+    let (dir, below) = state.directory_for(path).ok_or_else(|| {
+        BitsError::not_found(format!("no upload directory is configured at {path}"))
+    })?;
+    let destination = destination_path(below)?;
+    let headers = packet.headers;
+    if packet.kind == PacketType::CreateSession {
+        return create_session(state, dir, path, destination, headers).await;
+    }
+    let raw_id = required(headers, header::SESSION_ID, packet.kind)?;
+    let id = SessionId::parse(raw_id).ok_or_else(BitsError::session_not_found)?;
+    match packet.kind {
+        PacketType::Fragment => {
+            let range = FragmentRange::parse(required(headers, "content-range", packet.kind)?)?;
+            if let Some(enc) = header_str(headers, "content-encoding")?
+                && !enc.trim().eq_ignore_ascii_case("identity")
+            {
+                return Err(BitsError::invalid(format!(
+                    "Content-Encoding {enc:?} is not supported; send fragments as identity"
+                )));
+            }
+            if packet.content_length != range.len() {
+                return Err(BitsError::invalid(format!(
+                    "Content-Length {} does not match Content-Range {range} ({} bytes)",
+                    packet.content_length,
+                    range.len()
+                )));
+            }
+            dir.fragment(&id, origin, path, range, body).await
+        }
+        PacketType::CloseSession => dir.close_session(&id, origin, path).await,
+        PacketType::CancelSession => dir.cancel_session(&id, path).await,
+        PacketType::Ping | PacketType::CreateSession => Ok(Ack::ok()),
+    }
+}
+
+async fn create_session(
+    state: &AppState,
+    dir: &UploadDir,
+    path: &str,
+    destination: std::path::PathBuf,
+    headers: &HeaderMap,
+) -> Result<Ack, BitsError> {
+    let supported = required(
+        headers,
+        header::SUPPORTED_PROTOCOLS,
+        PacketType::CreateSession,
+    )?;
+    let protocol = negotiate_protocol(supported)?;
+    let content_name = header_str(headers, header::CONTENT_NAME)?.map(str::to_string);
+    let id = dir
+        .create_session(CreateRequest {
+            url_path: path.to_string(),
+            destination: destination.clone(),
+            content_name,
+        })
+        .await?;
+    tracing::info!(session = %id, %path, destination = %destination.display(), "session created");
+    let mut ack = Ack::ok()
+        .with(header::PROTOCOL, protocol)
+        .with(header::SESSION_ID, id.as_str())
+        .with("accept-encoding", "identity");
+    if let Some(host_id) = &state.config.host_id {
+        ack = ack.with(header::HOST_ID, host_id.as_str());
+        if state.config.host_id_fallback_timeout > 0 {
+            ack = ack.with(
+                header::HOST_ID_FALLBACK_TIMEOUT,
+                state.config.host_id_fallback_timeout.to_string(),
+            );
+        }
+    }
+    Ok(ack)
+}
+
+fn ack_response(ack: Ack, keep_alive: bool) -> Response<Body> {
+    let mut r = Response::new(Empty::new().map_err(|e| match e {}).boxed_unsync());
+    *r.status_mut() = StatusCode::from_u16(ack.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let hm = r.headers_mut();
+    hm.insert("bits-packet-type", HeaderValue::from_static("Ack"));
+    hm.insert(h::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    hm.insert(h::PRAGMA, HeaderValue::from_static("no-cache"));
+    for (name, value) in ack.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            hm.append(name, v);
+        }
+    }
+    if !keep_alive {
+        hm.insert(h::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// The request body as a stream of chunks, each of which must arrive within `idle`, so a stalled
+/// client cannot hold a session (and its lock) forever.
+pub fn body_stream(
+    body: Incoming,
+    idle: Duration,
+) -> impl Stream<Item = Result<Bytes, String>> + Unpin + Send {
+    Box::pin(
+        futures_util::stream::unfold(Some(body), move |state| async move {
+            let mut body = state?;
+            loop {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => {
+                        return Some((
+                            Err(format!(
+                                "no data for {} s; the client stalled",
+                                idle.as_secs()
+                            )),
+                            None,
+                        ));
+                    }
+                    Ok(None) => return None,
+                    Ok(Some(Err(e))) => return Some((Err(e.to_string()), None)),
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            return Some((Ok(data), Some(body)));
+                        }
+                    }
+                }
+            }
+        })
+        // Polled again after its end by the drain that follows every packet.
+        .fuse(),
+    )
+}
+
+/// Reads and discards up to `limit` bytes; true when the body ended cleanly within it.
+async fn drain<S>(body: &mut S, limit: u64) -> bool
+where
+    S: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    let mut seen = 0u64;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => {
+                seen += c.len() as u64;
+                if seen > limit {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// GET and HEAD of completed files, with Range, when a directory allows downloads.
+async fn download(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let Some((dir, below)) = state.directory_for(&path) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if let Some(id) = reply_session(below) {
+        return match dir.reply_file(&id).await {
+            Some(file) => serve_file(file, req).await,
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no reply here: the session is closed, cancelled, expired or has no reply yet\n",
+            ),
+        };
+    }
+    if !dir.config.allow_downloads {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "downloads are off for this upload directory\n",
+        );
+        r.headers_mut()
+            .insert(h::ALLOW, HeaderValue::from_static(BITS_POST));
+        return r;
+    }
+    let Ok(rel) = destination_path(below) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    serve_file(dir.root().join(rel), req).await
+}
+
+/// The session named by a reply URL below an upload prefix:
+/// `BITS-Sessions/Replies/{SESSION-ID}/responsefile.bin` (braces may be percent-encoded).
+fn reply_session(below: &str) -> Option<SessionId> {
+    let mut parts = below.split('/');
+    let (a, b, id, file) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some()
+        || !a.eq_ignore_ascii_case(SESSION_DIR)
+        || !b.eq_ignore_ascii_case(REPLIES_DIR)
+        || file != REPLY_FILE
+    {
+        return None;
+    }
+    let id = percent_encoding::percent_decode_str(id)
+        .decode_utf8()
+        .ok()?;
+    SessionId::parse(&id)
+}
+
+pub async fn serve_file(file: std::path::PathBuf, req: Request<Incoming>) -> Response<Body> {
+    if !file.is_file() {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    match tower_http::services::ServeFile::new(file)
+        .oneshot(req)
+        .await
+    {
+        Ok(r) => r.map(|b| b.map_err(io::Error::other).boxed_unsync()),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}

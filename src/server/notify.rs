@@ -1,0 +1,300 @@
+//! Delivery of a finished upload to the server application (the backend), once.
+//!
+//! Every delivery carries an `Idempotency-Key` derived from the upload's URL path and the SHA-256
+//! of its content, so every retry, every restart and every member of a farm sends the same key for
+//! the same file at the same URL; and `Repr-Digest`, so the backend can check what it got.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::protocol::{BitsError, SessionId, hresult};
+use crate::config::NotifyType;
+
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const REPR_DIGEST: &str = "repr-digest";
+pub const ORIGINAL_REQUEST_URL: &str = "bits-original-request-url";
+pub const REQUEST_DATAFILE_NAME: &str = "bits-request-datafile-name";
+pub const RESPONSE_DATAFILE_NAME: &str = "bits-response-datafile-name";
+pub const STATIC_RESPONSE_URL: &str = "bits-static-response-url";
+pub const COPY_FILE_TO_DESTINATION: &str = "bits-copy-file-to-destination";
+/// Longest reply URL a client accepts ([MC-BUP] 2.2.1.2).
+pub const MAX_REPLY_URL_LEN: usize = 2200;
+
+/// The stable transaction id of a delivery: the same file sent to the same URL path always gets
+/// the same key, on any server. The host is left out on purpose: in a farm each member is reached
+/// under its own host id.
+pub fn idempotency_key(path_and_query: &str, sha256: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"bitsfarm-delivery-v1\n");
+    h.update(path_and_query.as_bytes());
+    h.update(b"\n");
+    h.update(sha256);
+    let d = h.finalize();
+    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("bf1-{hex}")
+}
+
+/// `sha-256=:<base64>:` (RFC 9530).
+pub fn repr_digest(sha256: &[u8]) -> String {
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha256)
+    )
+}
+
+/// Where the notification goes: `notify_url`, resolved against the upload URL when relative, with
+/// the upload URL's query string appended (as IIS does).
+pub fn notification_url(notify_url: &str, upload_url: &str) -> Result<Url, BitsError> {
+    let base = Url::parse(upload_url).map_err(|e| {
+        BitsError::invalid(format!("the upload URL {upload_url:?} is not valid: {e}"))
+    })?;
+    let mut url = base.join(notify_url).map_err(|e| {
+        BitsError::internal(format!(
+            "the notification URL {notify_url:?} cannot be resolved: {e}; fix notify-url"
+        ))
+    })?;
+    if let Some(q) = base.query().filter(|q| !q.is_empty()) {
+        let joined = match url.query().filter(|q| !q.is_empty()) {
+            Some(own) => format!("{own}&{q}"),
+            None => q.to_string(),
+        };
+        url.set_query(Some(&joined));
+    }
+    Ok(url)
+}
+
+/// What the backend answered, once it answered 200.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeliveryOutcome {
+    pub idempotency_key: String,
+    pub sha256: String,
+    pub delivered_unix: u64,
+    /// The reply lives at this URL (BITS-Static-Response-URL); none is stored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_reply_url: Option<String>,
+    /// The backend asked for the upload to be put at its destination too.
+    #[serde(default)]
+    pub copy_to_destination: bool,
+    /// True when this server did not notify because it had already delivered the same key.
+    #[serde(default)]
+    pub suppressed_duplicate: bool,
+}
+
+/// One notification to send.
+pub struct Delivery<'a> {
+    pub kind: NotifyType,
+    pub url: Url,
+    pub original_url: &'a str,
+    pub session: &'a SessionId,
+    pub key: &'a str,
+    pub sha256: &'a [u8],
+    pub data: &'a Path,
+    pub size: u64,
+    /// Where the reply goes: written by us (by value) or by the backend (by reference).
+    pub reply: &'a Path,
+    pub timeout: Duration,
+    pub sync: bool,
+}
+
+#[derive(Clone)]
+pub struct Notifier {
+    client: reqwest::Client,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Notifier {
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("bitsfarm/", env!("CARGO_PKG_VERSION")))
+            // The backend is named by configuration; its redirects are not followed blindly.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Notifier { client }
+    }
+
+    /// Sends one notification and stores the reply. A non-200 answer is relayed to the client as
+    /// an application error; no answer within the timeout gives the spec's timeout error.
+    pub async fn deliver(&self, d: Delivery<'_>) -> Result<(Option<String>, bool), BitsError> {
+        match tokio::time::timeout(d.timeout, self.send(&d)).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(session = %d.session, url = %d.url, timeout_s = d.timeout.as_secs(), "the server application did not answer in time");
+                Err(BitsError::application(
+                    408,
+                    hresult::NOTIFICATION_TIMEOUT,
+                    format!(
+                        "the server application did not answer within {} s; retry the last fragment",
+                        d.timeout.as_secs()
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn send(&self, d: &Delivery<'_>) -> Result<(Option<String>, bool), BitsError> {
+        let mut req = self
+            .client
+            .post(d.url.clone())
+            .header(ORIGINAL_REQUEST_URL, d.original_url)
+            .header("bits-session-id", d.session.as_str())
+            .header(IDEMPOTENCY_KEY, d.key)
+            .header(REPR_DIGEST, repr_digest(d.sha256));
+        if let Some(parent) = d.reply.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(super::session::io_error)?;
+        }
+        match d.kind {
+            NotifyType::ByValue => {
+                let file = tokio::fs::File::open(d.data)
+                    .await
+                    .map_err(super::session::io_error)?;
+                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                    file,
+                    256 << 10,
+                ));
+                req = req
+                    .header(reqwest::header::CONTENT_LENGTH, d.size)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body);
+            }
+            NotifyType::ByReference => {
+                req = req
+                    .header(REQUEST_DATAFILE_NAME, path_header(d.data)?)
+                    .header(RESPONSE_DATAFILE_NAME, path_header(d.reply)?)
+                    .header(reqwest::header::CONTENT_LENGTH, 0)
+                    .body(Vec::new());
+            }
+            NotifyType::None => return Ok((None, false)),
+        }
+        let resp = req.send().await.map_err(|e| {
+            warn!(session = %d.session, url = %d.url, error = %e, "cannot reach the server application");
+            BitsError::application(
+                408,
+                hresult::NOTIFICATION_TIMEOUT,
+                format!("cannot reach the server application: {e}; the last fragment will be retried"),
+            )
+        })?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            warn!(session = %d.session, url = %d.url, status, "the server application refused the upload");
+            return Err(BitsError::application(
+                status,
+                0x8019_0000 + u32::from(status),
+                format!("the server application answered {status}"),
+            ));
+        }
+        let static_url = resp
+            .headers()
+            .get(STATIC_RESPONSE_URL)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        if let Some(u) = &static_url
+            && u.len() > MAX_REPLY_URL_LEN
+        {
+            return Err(BitsError::application(
+                400,
+                hresult::E_INVALIDARG,
+                format!(
+                    "the server application's BITS-Static-Response-URL is longer than {MAX_REPLY_URL_LEN} characters"
+                ),
+            ));
+        }
+        let copy = resp.headers().contains_key(COPY_FILE_TO_DESTINATION);
+        // By value the reply is the body; by reference the backend wrote the reply file itself.
+        if d.kind == NotifyType::ByValue && static_url.is_none() {
+            store_reply(resp, d.reply, d.sync).await?;
+        } else if d.kind == NotifyType::ByReference && !d.reply.exists() && static_url.is_none() {
+            tokio::fs::write(d.reply, b"")
+                .await
+                .map_err(super::session::io_error)?;
+        }
+        info!(session = %d.session, url = %d.url, key = d.key, static_reply = static_url.is_some(), copy, "delivered to the server application");
+        Ok((static_url, copy))
+    }
+}
+
+fn path_header(p: &Path) -> Result<String, BitsError> {
+    p.to_str().map(str::to_string).ok_or_else(|| {
+        BitsError::internal("the data folder's path is not valid UTF-8; choose another data-dir")
+    })
+}
+
+async fn store_reply(resp: reqwest::Response, path: &Path, sync: bool) -> Result<(), BitsError> {
+    let tmp: PathBuf = path.with_extension("part");
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(super::session::io_error)?;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            BitsError::application(
+                408,
+                hresult::NOTIFICATION_TIMEOUT,
+                format!("the server application's reply broke off: {e}"),
+            )
+        })?;
+        f.write_all(&chunk)
+            .await
+            .map_err(super::session::io_error)?;
+    }
+    f.flush().await.map_err(super::session::io_error)?;
+    if sync {
+        f.sync_data().await.map_err(super::session::io_error)?;
+    }
+    drop(f);
+    tokio::fs::rename(&tmp, path)
+        .await
+        .map_err(super::session::io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_depend_on_path_and_content_only() {
+        let a = idempotency_key("/up/a.bin", &[1; 32]);
+        assert_eq!(a, idempotency_key("/up/a.bin", &[1; 32]));
+        assert_ne!(a, idempotency_key("/up/b.bin", &[1; 32]));
+        assert_ne!(a, idempotency_key("/up/a.bin", &[2; 32]));
+        assert!(a.starts_with("bf1-") && a.len() == 36);
+    }
+
+    #[test]
+    fn digests_use_the_rfc_9530_form() {
+        let d = Sha256::digest(b"hello");
+        assert_eq!(
+            repr_digest(&d),
+            "sha-256=:LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=:"
+        );
+    }
+
+    #[test]
+    fn notification_urls_resolve_like_iis() {
+        let u = notification_url("/app/in", "http://h:8/up/a.bin?acct=7").unwrap();
+        assert_eq!(u.as_str(), "http://h:8/app/in?acct=7");
+        let u = notification_url("handle.asp", "http://h/up/dir/a.bin").unwrap();
+        assert_eq!(u.as_str(), "http://h/up/dir/handle.asp");
+        let u = notification_url("http://backend:9/x?k=1", "http://h/up/a.bin?acct=7").unwrap();
+        assert_eq!(u.as_str(), "http://backend:9/x?k=1&acct=7");
+        let u = notification_url("http://backend:9/x", "http://h/up/a.bin").unwrap();
+        assert_eq!(u.as_str(), "http://backend:9/x");
+    }
+}
