@@ -271,7 +271,9 @@ impl ServerConfig {
                 .host_id
                 .clone()
                 .or(file.host_id)
-                .filter(|h| !h.is_empty()),
+                .filter(|h| !h.is_empty())
+                .map(|t| expand_host_id(&t, |k| std::env::var(k).ok()))
+                .transpose()?,
             host_id_fallback_timeout: args
                 .host_id_fallback_timeout
                 .or(file.host_id_fallback_timeout)
@@ -345,6 +347,51 @@ impl ServerConfig {
             (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
         })
     }
+}
+
+/// Expands a host-id template: `{pod}` (env `POD_NAME`), `{ordinal}` (the number after the pod
+/// name's last `-`, as in a StatefulSet) and `{namespace}` (env `POD_NAMESPACE`). This is how each
+/// pod of a farm learns its own address from the one configuration all pods share.
+pub fn expand_host_id(
+    template: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    if !template.contains('{') {
+        return Ok(template.to_string());
+    }
+    let need = |var: &str, placeholder: &str| {
+        env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "host-id {template:?} uses {placeholder} but the environment variable {var} is not set"
+            ))
+        })
+    };
+    let mut out = template.to_string();
+    if out.contains("{pod}") || out.contains("{ordinal}") {
+        let pod = need("POD_NAME", "{pod}/{ordinal}")?;
+        if out.contains("{ordinal}") {
+            let ordinal = pod
+                .rsplit_once('-')
+                .map(|(_, n)| n)
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "host-id uses {{ordinal}} but POD_NAME {pod:?} does not end in -<number>"
+                    ))
+                })?;
+            out = out.replace("{ordinal}", ordinal);
+        }
+        out = out.replace("{pod}", &pod);
+    }
+    if out.contains("{namespace}") {
+        out = out.replace("{namespace}", &need("POD_NAMESPACE", "{namespace}")?);
+    }
+    if out.contains('{') || out.contains('}') {
+        return Err(ConfigError::Invalid(format!(
+            "host-id {template:?} has an unknown placeholder; use {{pod}}, {{ordinal}} or {{namespace}}"
+        )));
+    }
+    Ok(out)
 }
 
 impl UploadDirConfig {
@@ -498,6 +545,31 @@ mod tests {
             ..Default::default()
         };
         assert!(ServerConfig::from_parts(ConfigFile::default(), &args).is_err());
+    }
+
+    #[test]
+    fn host_id_templates_expand_from_the_pod() {
+        let env = |k: &str| match k {
+            "POD_NAME" => Some("farm-12".to_string()),
+            "POD_NAMESPACE" => Some("uploads".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            expand_host_id("{pod}.{namespace}.svc.cluster.local", env).unwrap(),
+            "farm-12.uploads.svc.cluster.local"
+        );
+        assert_eq!(
+            expand_host_id("up{ordinal}.example.com", env).unwrap(),
+            "up12.example.com"
+        );
+        assert_eq!(
+            expand_host_id("plain.example", |_| None).unwrap(),
+            "plain.example"
+        );
+        assert!(expand_host_id("{pod}", |_| None).is_err());
+        assert!(expand_host_id("{node}.x", env).is_err());
+        let bad = |k: &str| (k == "POD_NAME").then(|| "farm".to_string());
+        assert!(expand_host_id("{ordinal}", bad).is_err());
     }
 
     #[test]
