@@ -50,3 +50,157 @@ pub async fn receiver(listen: std::net::SocketAddr, dir: std::path::PathBuf) -> 
     server.run(shutdown_signal()).await;
     Ok(())
 }
+
+/// `bitsfarm upload` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UploadArgs {
+    /// The file to upload.
+    pub file: std::path::PathBuf,
+    /// Where to: the upload URL (http://HOST[:PORT]/PATH).
+    pub url: String,
+    /// Bytes per fragment (halved on 413, never below 5 KiB).
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    pub fragment_size: u64,
+    /// Seconds to wait before retrying a transient error (Windows waits 600).
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    pub retry_delay: u64,
+    /// Give up after this many seconds without progress.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub no_progress_timeout: u64,
+    /// Upload-reply: download the server application's reply into FILE before closing.
+    #[arg(long, value_name = "FILE")]
+    pub reply: Option<std::path::PathBuf>,
+    /// Send Cancel-Session on Ctrl-C (default: keep the job to resume on the next run).
+    #[arg(long)]
+    pub cancel_on_interrupt: bool,
+    /// Job file that lets a later run resume [default: FILE.bitsjob].
+    #[arg(long, value_name = "PATH")]
+    pub job_file: Option<std::path::PathBuf>,
+    /// Start from zero even if a job file exists.
+    #[arg(long)]
+    pub no_resume: bool,
+    /// JSON lines on stdout (events and a final report) instead of a progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bitsfarm upload`: returns the exit code: 0 uploaded and closed, 1 refused by the server,
+/// 2 bad arguments or local file, 3 no progress before the timeout, 4 interrupted.
+pub async fn upload(args: UploadArgs) -> i32 {
+    use crate::client::{Event, UploadOptions, Uploader};
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let url = match reqwest::Url::parse(&args.url) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => u,
+        Ok(u) => {
+            eprintln!("bitsfarm upload: {u} is not an http(s) URL");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("bitsfarm upload: {:?} is not a URL: {e}", args.url);
+            return 2;
+        }
+    };
+    let job_file = args.job_file.clone().unwrap_or_else(|| {
+        let mut p = args.file.as_os_str().to_owned();
+        p.push(".bitsjob");
+        p.into()
+    });
+    if args.no_resume {
+        crate::client::job::JobFile::remove(&job_file);
+    }
+    let opts = UploadOptions {
+        fragment_size: args.fragment_size,
+        retry_delay: std::time::Duration::from_secs(args.retry_delay),
+        no_progress_timeout: std::time::Duration::from_secs(args.no_progress_timeout),
+        reply: args.reply.clone(),
+        job_file: Some(job_file),
+        ..Default::default()
+    };
+    let uploader = match Uploader::new(opts) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("bitsfarm upload: {e}");
+            return e.exit_code();
+        }
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let size = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
+        let pb = indicatif::ProgressBar::new(size);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let json = args.json;
+    let flag = interrupted.clone();
+    let result = {
+        let upload = uploader.upload(
+            &args.file,
+            &url,
+            |e: Event| {
+                if json {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                }
+                if let Some(pb) = &bar {
+                    match &e {
+                        Event::Progress { offset, .. } => pb.set_position(*offset),
+                        Event::Restart { reason } => pb.set_message(format!("restarted: {reason}")),
+                        Event::Retry { error, .. } => pb.set_message(format!("retrying: {error}")),
+                        Event::Fallback { url } => pb.set_message(format!("fell back to {url}")),
+                        _ => {}
+                    }
+                }
+            },
+            move || flag.load(Ordering::SeqCst),
+        );
+        upload.await
+    };
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::json!({"event": "done", "report": report}));
+            } else {
+                eprintln!(
+                    "uploaded {} bytes to {} (session {}, {} restarts, {} bytes sent)",
+                    report.bytes, url, report.session_id, report.restarts, report.bytes_sent
+                );
+            }
+            0
+        }
+        Err(e) => {
+            if matches!(e, crate::client::ClientError::Interrupted) && args.cancel_on_interrupt {
+                let cancelled = uploader.cancel(&url).await;
+                eprintln!("bitsfarm upload: interrupted; job cancelled: {cancelled}");
+            } else if matches!(e, crate::client::ClientError::Interrupted) {
+                eprintln!("bitsfarm upload: interrupted; run the same command again to resume");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "failed", "error": e.to_string(), "exit-code": e.exit_code()})
+                );
+            } else {
+                eprintln!("bitsfarm upload: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}

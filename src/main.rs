@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+use bitsfarm::cli::UploadArgs;
 use bitsfarm::config::ServeArgs;
 use bitsfarm::telemetry::{self, LogFormat};
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the BITS upload server.
     Serve(Box<ServeArgs>),
+    /// Upload a file with the BITS upload protocol (resumes an interrupted run).
+    Upload(Box<UploadArgs>),
     /// Run the reference server application: stores each delivery once per Idempotency-Key.
     Receiver {
         /// Address to listen on.
@@ -32,8 +35,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let quiet = matches!(cli.command, Command::Upload(_));
+    telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
+        Command::Upload(args) => std::process::exit(bitsfarm::cli::upload(*args).await),
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
         Command::Receiver { listen, dir } => bitsfarm::cli::receiver(listen, dir).await,
     }
