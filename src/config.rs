@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Separate address for /healthz, /readyz and /metrics (by default they share --listen).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    /// Also accept uploads on this address, shared with the other members of a local farm
+    /// (SO_REUSEPORT: the kernel spreads connections among them, as a Service does).
+    #[arg(long, value_name = "ADDR")]
+    pub shared_listen: Option<SocketAddr>,
     /// Folder uploads land in; session state lives in its BITS-Sessions folder [default: ./bitsfarm-data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -108,6 +112,8 @@ pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_listen: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +221,7 @@ pub struct UploadDirConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    pub shared_listen: Option<SocketAddr>,
     pub host_id: Option<String>,
     pub host_id_fallback_timeout: u64,
     pub read_timeout: Duration,
@@ -267,6 +274,7 @@ impl ServerConfig {
         let config = ServerConfig {
             listen,
             admin_listen: args.admin_listen.or(file.admin_listen),
+            shared_listen: args.shared_listen.or(file.shared_listen),
             host_id: args
                 .host_id
                 .clone()
@@ -324,10 +332,14 @@ impl ServerConfig {
                         a.upload_path.as_str()
                     ));
                 }
-                if a.data_dir == b.data_dir {
+                let (pa, pb) = (absolute(&a.data_dir), absolute(&b.data_dir));
+                if pa.starts_with(&pb) || pb.starts_with(&pa) {
                     return invalid(format!(
-                        "two directories use the data folder {}; give each its own",
-                        a.data_dir.display()
+                        "the data folders {} and {} overlap; give each directory its own folder, \
+                         not one inside another (uploads to the outer one could reach the inner \
+                         one's session state)",
+                        a.data_dir.display(),
+                        b.data_dir.display()
                     ));
                 }
             }
@@ -347,6 +359,27 @@ impl ServerConfig {
             (shortest / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
         })
     }
+}
+
+/// The folder as an absolute path with `.` and `..` resolved lexically (it may not exist yet).
+fn absolute(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Expands a host-id template: `{pod}` (env `POD_NAME`), `{ordinal}` (the number after the pod
@@ -532,6 +565,12 @@ mod tests {
         assert!(e.to_string().contains("notify-url"), "{e}");
         let file = ConfigFile::parse("session-timeout: 0").unwrap();
         assert!(ServerConfig::from_parts(file, &ServeArgs::default()).is_err());
+        let file = ConfigFile::parse(
+            "directories:\n  - upload-path: /a\n    data-dir: /d\n  - upload-path: /b\n    data-dir: /d/./inner\n",
+        )
+        .unwrap();
+        let e = ServerConfig::from_parts(file, &ServeArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
         let file =
             ConfigFile::parse("directories:\n  - upload-path: /a\n  - upload-path: /a/\n").unwrap();
         assert!(ServerConfig::from_parts(file, &ServeArgs::default()).is_err());

@@ -946,6 +946,21 @@ fn load_session(dir: &Path) -> io::Result<Option<Session>> {
         Err(e) => return Err(e),
     };
     let record: SessionRecord = serde_json::from_slice(&json).map_err(io::Error::other)?;
+    // The record names where Close will write: never trust it to stay inside the data folder.
+    let names_session_dir = record
+        .destination
+        .components()
+        .next()
+        .is_some_and(|c| c.as_os_str().eq_ignore_ascii_case(SESSION_DIR));
+    if !super::paths::is_contained(&record.destination)
+        || record.destination.as_os_str().is_empty()
+        || names_session_dir
+    {
+        return Err(io::Error::other(format!(
+            "destination {:?} leaves the data folder or names the session folder",
+            record.destination
+        )));
+    }
     let data = dir.join(DATA_FILE);
     let (offset, data_mtime) = match fs::metadata(&data) {
         Ok(m) => (m.len(), m.modified().ok()),
