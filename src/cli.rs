@@ -82,6 +82,9 @@ pub struct UploadArgs {
     /// JSON lines on stdout (events and a final report) instead of a progress bar.
     #[arg(long)]
     pub json: bool,
+    /// Open a new connection for every packet instead of keeping one alive.
+    #[arg(long)]
+    pub no_keep_alive: bool,
 }
 
 /// `bitsfarm upload`: returns the exit code: 0 uploaded and closed, 1 refused by the server,
@@ -117,6 +120,7 @@ pub async fn upload(args: UploadArgs) -> i32 {
         no_progress_timeout: std::time::Duration::from_secs(args.no_progress_timeout),
         reply: args.reply.clone(),
         job_file: Some(job_file),
+        keep_alive: !args.no_keep_alive,
         ..Default::default()
     };
     let uploader = match Uploader::new(opts) {
@@ -203,4 +207,51 @@ pub async fn upload(args: UploadArgs) -> i32 {
             e.exit_code()
         }
     }
+}
+
+/// `bitsfarm farm` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FarmArgs {
+    /// Number of members.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// The shared address; members listen on the next ports up (then the receiver).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub shared: std::net::SocketAddr,
+    /// Folder with one folder per member.
+    #[arg(long, default_value = "./bitsfarm-farm", value_name = "DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// Seconds a client keeps to a member after an error before it falls back to the shared address.
+    #[arg(long, value_name = "SECS")]
+    pub host_id_fallback_timeout: Option<u64>,
+    /// Give members no host id: every packet goes through the shared address (IIS farms without
+    /// BITSHostId behave like this).
+    #[arg(long)]
+    pub no_host_id: bool,
+    /// Run the reference receiver and deliver every upload to it by value.
+    #[arg(long)]
+    pub receiver: bool,
+    /// Seconds without progress before a session expires.
+    #[arg(long, value_name = "SECS")]
+    pub session_timeout: Option<u64>,
+}
+
+/// `bitsfarm farm`: runs the members and, when asked, the receiver, until Ctrl-C.
+pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
+    let server = crate::config::ConfigFile {
+        host_id_fallback_timeout: args.host_id_fallback_timeout,
+        session_timeout: args.session_timeout,
+        ..Default::default()
+    };
+    let plan = crate::farm::FarmPlan {
+        replicas: args.replicas,
+        shared: args.shared,
+        data_dir: args.data_dir,
+        host_ids: !args.no_host_id,
+        server,
+        receiver: args.receiver,
+    };
+    let exe = std::env::current_exe().context("finding the bitsfarm executable")?;
+    crate::farm::run(plan, &exe).await?;
+    Ok(())
 }

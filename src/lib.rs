@@ -1,8 +1,11 @@
 //! bitsfarm: a Linux-native BITS upload server, its farm, and a Kubernetes operator.
 
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod farm;
+pub mod operator;
 pub mod receiver;
 pub mod server;
 pub mod telemetry;

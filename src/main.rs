@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 
-use bitsfarm::cli::UploadArgs;
+use bitsfarm::cli::{FarmArgs, UploadArgs};
 use bitsfarm::config::ServeArgs;
 use bitsfarm::telemetry::{self, LogFormat};
 
@@ -21,6 +21,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Upload a file with the BITS upload protocol (resumes an interrupted run).
     Upload(Box<UploadArgs>),
+    /// Run a farm on this machine: members with their own addresses behind one shared address.
+    Farm(Box<FarmArgs>),
+    /// Print the UploadFarm CRD (YAML).
+    Crd,
+    /// Print every object the operator would apply for an UploadFarm, offline.
+    Render(bitsfarm::operator::commands::RenderArgs),
+    /// Run the UploadFarm operator.
+    Operator(bitsfarm::operator::commands::OperatorArgs),
     /// Run the reference server application: stores each delivery once per Idempotency-Key.
     Receiver {
         /// Address to listen on.
@@ -40,6 +48,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Upload(args) => std::process::exit(bitsfarm::cli::upload(*args).await),
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
+        Command::Farm(args) => bitsfarm::cli::farm(*args).await,
+        Command::Crd => bitsfarm::operator::commands::crd(),
+        Command::Render(args) => bitsfarm::operator::commands::render(args),
+        Command::Operator(args) => bitsfarm::operator::commands::operator(args).await,
         Command::Receiver { listen, dir } => bitsfarm::cli::receiver(listen, dir).await,
     }
 }

@@ -33,6 +33,9 @@ pub struct UploadOptions {
     pub job_file: Option<PathBuf>,
     /// Per request: how long to wait for an answer.
     pub request_timeout: Duration,
+    /// Reuse connections between packets (as Windows does). Off: a new connection per packet,
+    /// which behind a load balancer lands packets on any member.
+    pub keep_alive: bool,
 }
 
 impl Default for UploadOptions {
@@ -44,6 +47,7 @@ impl Default for UploadOptions {
             reply: None,
             job_file: None,
             request_timeout: Duration::from_secs(300),
+            keep_alive: true,
         }
     }
 }
@@ -226,7 +230,11 @@ struct Session {
 
 impl Uploader {
     pub fn new(opts: UploadOptions) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if !opts.keep_alive {
+            builder = builder.pool_max_idle_per_host(0);
+        }
+        let http = builder
             .user_agent(concat!("bitsfarm-upload/", env!("CARGO_PKG_VERSION")))
             .timeout(opts.request_timeout)
             .redirect(reqwest::redirect::Policy::none())

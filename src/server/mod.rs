@@ -65,6 +65,7 @@ pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    shared: Option<TcpListener>,
 }
 
 impl Server {
@@ -87,6 +88,12 @@ impl Server {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
+        let shared = match config.shared_listen {
+            Some(addr) => {
+                Some(bind_shared(addr).map_err(|source| ServerError::Bind { addr, source })?)
+            }
+            None => None,
+        };
         let state = Arc::new(AppState {
             config,
             metrics,
@@ -97,6 +104,7 @@ impl Server {
             state,
             listener,
             admin,
+            shared,
         })
     }
 
@@ -121,6 +129,9 @@ impl Server {
             with_admin: self.admin.is_none(),
         };
         let mut accepts = vec![(self.listener, main_role)];
+        if let Some(s) = self.shared {
+            accepts.push((s, main_role));
+        }
         if let Some(a) = self.admin {
             accepts.push((a, Role::Admin));
         }
@@ -185,6 +196,18 @@ impl Server {
         }
         info!("stopped");
     }
+}
+
+/// A listener that several processes bind at once; Linux hands each connection to one of them.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn sweep_expired(state: Arc<AppState>) {

@@ -1,0 +1,415 @@
+//! The `UploadFarm` custom resource (`bitsfarm.io/v1alpha1`): the public contract between a farm's
+//! owner and the operator. Field docs become the CRD's descriptions (`kubectl explain`), serde
+//! defaults become schema defaults, and `x_kube(validation)` rules become CEL rules.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+mod server_config;
+pub use server_config::{DATA_ROOT, InvalidSpec, SERVER_PORT, server_config};
+
+pub const GROUP: &str = "bitsfarm.io";
+pub const DEFAULT_HOST_ID_TEMPLATE: &str = "{pod}.{namespace}.svc.cluster.local";
+pub const DEFAULT_UPLOAD_PATH: &str = "/";
+pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
+pub const DEFAULT_SERVICE_PORT: i32 = 80;
+
+/// An UploadFarm runs a set of BITS upload servers. Each server (pod) has its own address, which
+/// it hands to clients as BITS-Host-Id so that every fragment of an upload reaches the server that
+/// holds the session; all servers share one address for new sessions.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "bitsfarm.io",
+    version = "v1alpha1",
+    kind = "UploadFarm",
+    plural = "uploadfarms",
+    singular = "uploadfarm",
+    shortname = "uf",
+    category = "bitsfarm",
+    namespaced,
+    status = "UploadFarmStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "An UploadFarm runs a set of BITS upload servers, each with its own host-id address, behind one shared address.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "Upload servers wanted"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every upload server is ready"),
+    printcolumn(name = "Host-IDs", type_ = "string", json_path = ".spec.hostIds.serviceType", description = "How each server's own address is exposed"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].message", priority = 1),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52")
+        .message("the name must start with a letter, hold only lower-case letters, digits and '-', and be at most 52 characters: it names the StatefulSet, its pods and their Services"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadFarmSpec {
+    /// Number of upload servers (pods). Each gets its own host-id address and session storage.
+    /// Scaling down removes the highest ordinals and their per-pod Services.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+
+    /// Container image of the upload servers. Defaults to the operator's own image, so the servers
+    /// always speak the version of the protocol the operator expects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// When the kubelet pulls the image: Always, IfNotPresent or Never.
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+
+    /// URL path under which clients upload (the IIS virtual directory), e.g. /uploads. Used when
+    /// `directories` is empty; otherwise each directory names its own path.
+    #[serde(default = "default_upload_path")]
+    #[schemars(regex(pattern = r"^/"), length(max = 1024))]
+    pub upload_path: String,
+
+    /// Seconds without progress after which an unfinished upload session and its data are removed
+    /// (BITSSessionTimeout). Applies to every directory.
+    #[serde(default = "default_session_timeout")]
+    #[schemars(range(min = 1))]
+    pub session_timeout_seconds: i64,
+
+    /// Where finished uploads go (BITSServerNotificationType and URL). Directories without a
+    /// backend of their own use this one. Without any, files are kept on the pod's volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+
+    /// Upload limits. Directories inherit what they leave out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+
+    /// Several upload directories, each with its own URL path, backend and limits. When empty,
+    /// the farm has one directory at `uploadPath`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(d, self.exists_one(e, e.path == d.path))").message("two directories use the same path; give each its own"))]
+    #[schemars(length(max = 64))]
+    pub directories: Vec<UploadDirectory>,
+
+    /// Each server's own address (BITS-Host-Id) and how clients reach it.
+    #[serde(default)]
+    pub host_ids: HostIds,
+
+    /// The shared Service through which clients start new uploads.
+    #[serde(default)]
+    pub service: SharedService,
+
+    /// Storage for each server's session data: a PersistentVolumeClaim per pod unless `emptyDir`
+    /// is set. Cannot be changed after creation (a StatefulSet's volume claim template is fixed).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage cannot be changed after creation: the StatefulSet's volume claim template is immutable; create a new UploadFarm instead"))]
+    pub storage: Storage,
+
+    /// CPU and memory requests and limits of the upload server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels the pods must match to be scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Node and pod (anti-)affinity of the pods, e.g. to spread the servers over nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Extra annotations on every pod (e.g. for a service mesh or a log shipper).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_upload_path() -> String {
+    DEFAULT_UPLOAD_PATH.to_string()
+}
+fn default_session_timeout() -> i64 {
+    crate::config::DEFAULT_SESSION_TIMEOUT_SECS as i64
+}
+fn default_fallback_timeout() -> i64 {
+    crate::config::DEFAULT_FALLBACK_TIMEOUT_SECS as i64
+}
+fn default_notify_timeout() -> i64 {
+    crate::config::DEFAULT_NOTIFY_TIMEOUT_SECS as i64
+}
+fn default_host_id_template() -> String {
+    DEFAULT_HOST_ID_TEMPLATE.to_string()
+}
+fn default_service_port() -> i32 {
+    DEFAULT_SERVICE_PORT
+}
+fn default_storage_size() -> String {
+    DEFAULT_STORAGE_SIZE.to_string()
+}
+
+/// When the kubelet pulls the image.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+/// How a Service is exposed.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also reachable on a port of every node.
+    NodePort,
+    /// Also reachable through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// How a finished upload reaches the server application (BITSServerNotificationType).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum Notification {
+    /// No notification: the file is kept in the directory's data folder.
+    #[default]
+    None,
+    /// POST the path of the stored file to the backend (it must share the volume).
+    ByReference,
+    /// POST the file itself as the request body.
+    ByValue,
+}
+
+/// The server application that receives finished uploads.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.notification == 'None' || (has(self.url) && size(self.url) > 0)").message("backend.url is required unless notification is None"))]
+pub struct Backend {
+    /// URL of the server application (BITSServerNotificationURL). A relative URL is resolved
+    /// against the upload's URL. Required unless `notification` is None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2200))]
+    pub url: Option<String>,
+
+    /// How the upload is handed over: None, ByReference or ByValue.
+    #[serde(default)]
+    pub notification: Notification,
+
+    /// Seconds to wait for the server application's answer.
+    #[serde(default = "default_notify_timeout")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: i64,
+}
+
+/// Upload limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Largest upload accepted, in bytes (BITSMaximumUploadSize). Unlimited when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_upload_size_bytes: Option<i64>,
+
+    /// Let an upload replace an existing file of the same name (BITSAllowOverwrites).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_overwrites: Option<bool>,
+}
+
+/// One upload directory (an IIS virtual directory with BITS enabled).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadDirectory {
+    /// URL path of the directory, e.g. /photos.
+    #[schemars(regex(pattern = r"^/"), length(max = 1024))]
+    pub path: String,
+
+    /// Where finished uploads to this directory go. Defaults to the farm's `backend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+
+    /// Limits of this directory. What is left out comes from the farm's `limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Each server's own address, handed to clients as BITS-Host-Id (BITSHostId).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostIds {
+    /// Address template of each server. `{pod}` is the pod's name, `{ordinal}` its number and
+    /// `{namespace}` its namespace. The default is the in-cluster DNS name of the pod's own
+    /// Service. With NodePort or LoadBalancer per-pod Services, use an address clients outside
+    /// the cluster resolve, e.g. `up{ordinal}.example.com`.
+    #[serde(default = "default_host_id_template")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("self.contains('{pod}') || self.contains('{ordinal}')").message("the host-id template must contain {pod} or {ordinal}, or every server would hand out the same address"))]
+    pub template: String,
+
+    /// Type of each pod's own Service: ClusterIP, NodePort or LoadBalancer.
+    #[serde(default)]
+    pub service_type: ServiceType,
+
+    /// Annotations on each pod's own Service (e.g. for a cloud load balancer or external-dns).
+    /// `{pod}` and `{ordinal}` in values are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_annotations: Option<BTreeMap<String, String>>,
+
+    /// Seconds a client keeps sending to a server's own address after errors before it falls
+    /// back to the shared address (BITSHostIdFallbackTimeout).
+    #[serde(default = "default_fallback_timeout")]
+    #[schemars(range(min = 1))]
+    pub fallback_timeout_seconds: i64,
+}
+
+impl Default for HostIds {
+    fn default() -> Self {
+        HostIds {
+            template: default_host_id_template(),
+            service_type: ServiceType::default(),
+            service_annotations: None,
+            fallback_timeout_seconds: default_fallback_timeout(),
+        }
+    }
+}
+
+/// The shared Service: the farm's address for new uploads.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedService {
+    /// Type of the shared Service: ClusterIP, NodePort or LoadBalancer.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+
+    /// Port the shared Service and every per-pod Service listen on.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Annotations on the shared Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+impl Default for SharedService {
+    fn default() -> Self {
+        SharedService {
+            type_: ServiceType::default(),
+            port: DEFAULT_SERVICE_PORT,
+            annotations: None,
+        }
+    }
+}
+
+/// Storage for each server's session data.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// Size of each pod's volume, as a Kubernetes quantity (e.g. 10Gi). It must hold the
+    /// unfinished uploads of that server.
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]*(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+
+    /// StorageClass of the volumes; the cluster's default class when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+
+    /// Keep session data in an emptyDir instead of a PersistentVolumeClaim. Unfinished uploads
+    /// are lost whenever a pod restarts; meant for tests.
+    #[serde(default)]
+    pub empty_dir: bool,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            size: default_storage_size(),
+            storage_class_name: None,
+            empty_dir: false,
+        }
+    }
+}
+
+/// What the operator last saw of the farm.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadFarmStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Upload servers that exist.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Upload servers that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Label selector of the pods (for the scale subresource and autoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// The shared address for new uploads (`host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+
+    /// Hash of the server configuration the pods run with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+
+    /// One entry per upload server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostStatus>,
+
+    /// Ready (every server ready for the current spec), Progressing (a rollout or scaling is
+    /// under way) and Degraded (something needs attention).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One upload server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    /// The pod's ordinal.
+    pub ordinal: i32,
+    /// The pod's name.
+    pub pod: String,
+    /// The address this server hands out as BITS-Host-Id.
+    pub host_id: String,
+    /// Whether the pod is ready.
+    pub ready: bool,
+}
+
+/// The CRD as YAML: what `bitsfarm crd` prints and `crds/uploadfarm.yaml` holds.
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    serde_saphyr::to_string(&UploadFarm::crd())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The one `UploadFarmSpec -> ConfigFile` mapping. The operator writes its output into the
+//! ConfigMap, `render` prints it, and the local farm runs it, so the three cannot disagree.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use crate::config::{ConfigFile, DirectorySettings, NotifyType, ServeArgs, ServerConfig};
+
+use super::{Backend, Limits, Notification, UploadFarmSpec};
+
+/// Where each pod's session volume is mounted.
+pub const DATA_ROOT: &str = "/var/lib/bitsfarm";
+/// The port the server listens on inside the pod, for uploads and its health endpoints.
+pub const SERVER_PORT: u16 = 8080;
+
+/// A spec the servers could not run with. The message names the field and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid UploadFarm spec: {0}")]
+pub struct InvalidSpec(pub String);
+
+/// The server configuration every pod of the farm runs with. The host id stays a template that
+/// each pod expands from its own name; the result is checked as the server would check it.
+pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
+    if spec.replicas < 0 {
+        return Err(InvalidSpec(format!(
+            "spec.replicas is {}; it must be 0 or more",
+            spec.replicas
+        )));
+    }
+    let template = &spec.host_ids.template;
+    if !template.contains("{pod}") && !template.contains("{ordinal}") {
+        return Err(InvalidSpec(format!(
+            "spec.hostIds.template {template:?} must contain {{pod}} or {{ordinal}}, or every server would hand out the same address"
+        )));
+    }
+    let mut file = ConfigFile {
+        listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], SERVER_PORT))),
+        host_id: Some(template.clone()),
+        host_id_fallback_timeout: Some(seconds(
+            "spec.hostIds.fallbackTimeoutSeconds",
+            spec.host_ids.fallback_timeout_seconds,
+        )?),
+        upload_path: Some(spec.upload_path.clone()),
+        data_dir: Some(PathBuf::from(DATA_ROOT).join("files")),
+        session_timeout: Some(seconds(
+            "spec.sessionTimeoutSeconds",
+            spec.session_timeout_seconds,
+        )?),
+        ..ConfigFile::default()
+    };
+    if let Some(b) = &spec.backend {
+        apply_backend(&mut DirFields::Top(&mut file), b, "spec.backend")?;
+    }
+    if let Some(l) = &spec.limits {
+        apply_limits(&mut DirFields::Top(&mut file), l, "spec.limits")?;
+    }
+    let mut used = HashSet::new();
+    for (i, d) in spec.directories.iter().enumerate() {
+        let at = format!("spec.directories[{i}]");
+        let mut dir = DirectorySettings {
+            upload_path: Some(d.path.clone()),
+            data_dir: Some(
+                PathBuf::from(DATA_ROOT)
+                    .join("dirs")
+                    .join(folder_name(&d.path, i, &mut used)),
+            ),
+            ..DirectorySettings::default()
+        };
+        {
+            let mut fields = DirFields::Dir(&mut dir);
+            if let Some(b) = &d.backend {
+                apply_backend(&mut fields, b, &format!("{at}.backend"))?;
+            }
+            if let Some(l) = &d.limits {
+                apply_limits(&mut fields, l, &format!("{at}.limits"))?;
+            }
+        }
+        file.directories.push(dir);
+    }
+    check(&file)?;
+    Ok(file)
+}
+
+/// Runs the server's own validation on the file as pod 0 would see it.
+fn check(file: &ConfigFile) -> Result<(), InvalidSpec> {
+    let mut probe = file.clone();
+    if let Some(t) = &probe.host_id {
+        let env = |k: &str| match k {
+            "POD_NAME" => Some("farm-0".to_string()),
+            "POD_NAMESPACE" => Some("default".to_string()),
+            _ => None,
+        };
+        probe.host_id = Some(
+            crate::config::expand_host_id(t, env)
+                .map_err(|e| InvalidSpec(format!("spec.hostIds.template: {e}")))?,
+        );
+    }
+    ServerConfig::from_parts(probe, &ServeArgs::default())
+        .map(|_| ())
+        .map_err(|e| InvalidSpec(e.to_string()))
+}
+
+fn seconds(field: &str, v: i64) -> Result<u64, InvalidSpec> {
+    match u64::try_from(v) {
+        Ok(s) if s > 0 => Ok(s),
+        _ => Err(InvalidSpec(format!(
+            "{field} is {v}; it must be a positive number of seconds"
+        ))),
+    }
+}
+
+/// The directory keys live in two places (top level and entries); this lets one function
+/// fill either.
+enum DirFields<'a> {
+    Top(&'a mut ConfigFile),
+    Dir(&'a mut DirectorySettings),
+}
+
+fn apply_backend(to: &mut DirFields<'_>, b: &Backend, at: &str) -> Result<(), InvalidSpec> {
+    let url = b.url.clone().filter(|u| !u.is_empty());
+    if b.notification != Notification::None && url.is_none() {
+        return Err(InvalidSpec(format!(
+            "{at}.url is required when {at}.notification is {:?}",
+            b.notification
+        )));
+    }
+    let notify_type = match b.notification {
+        Notification::None => NotifyType::None,
+        Notification::ByReference => NotifyType::ByReference,
+        Notification::ByValue => NotifyType::ByValue,
+    };
+    let timeout = seconds(&format!("{at}.timeoutSeconds"), b.timeout_seconds)?;
+    // A backend is taken whole: a directory that names one does not inherit the farm's URL.
+    match to {
+        DirFields::Top(f) => {
+            f.notify_type = Some(notify_type);
+            f.notify_url = url;
+            f.notify_timeout = Some(timeout);
+        }
+        DirFields::Dir(d) => {
+            d.notify_type = Some(notify_type);
+            d.notify_url = Some(url.unwrap_or_default());
+            d.notify_timeout = Some(timeout);
+        }
+    }
+    Ok(())
+}
+
+fn apply_limits(to: &mut DirFields<'_>, l: &Limits, at: &str) -> Result<(), InvalidSpec> {
+    let max = match l.max_upload_size_bytes {
+        None => None,
+        Some(v) => match u64::try_from(v) {
+            Ok(b) if b > 0 => Some(b),
+            _ => {
+                return Err(InvalidSpec(format!(
+                    "{at}.maxUploadSizeBytes is {v}; it must be a positive number of bytes"
+                )));
+            }
+        },
+    };
+    let (m, o) = match to {
+        DirFields::Top(f) => (&mut f.max_upload_size, &mut f.allow_overwrites),
+        DirFields::Dir(d) => (&mut d.max_upload_size, &mut d.allow_overwrites),
+    };
+    if max.is_some() {
+        *m = max;
+    }
+    if l.allow_overwrites.is_some() {
+        *o = l.allow_overwrites;
+    }
+    Ok(())
+}
+
+/// A readable folder name for a directory's data, unique within the farm: `/photos/raw` ->
+/// `photos-raw`, `/` -> `root`.
+fn folder_name(path: &str, index: usize, used: &mut HashSet<String>) -> String {
+    let mut name: String = path
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() || name.chars().all(|c| c == '.') {
+        name = "root".into();
+    }
+    if !used.insert(name.clone()) {
+        name = format!("{name}-{index}");
+        used.insert(name.clone());
+    }
+    name
+}

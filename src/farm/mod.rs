@@ -1,0 +1,314 @@
+//! `bitsfarm farm`: one farm run on one machine, for development, demos and end-to-end tests.
+//!
+//! Each member is a real `bitsfarm serve` process with its own address (its host id) and its own
+//! data folder; all of them also bind one shared address with SO_REUSEPORT, so the kernel spreads
+//! connections among them the way a Kubernetes Service spreads them among pods. Commands on
+//! standard input kill (SIGKILL), stop (SIGTERM) and restart members.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use crate::config::{ConfigFile, NotifyType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FarmError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("member {index} did not start: {message}")]
+    Start { index: usize, message: String },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FarmPlan {
+    pub replicas: usize,
+    /// The shared address; members listen on the ports right after it.
+    pub shared: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Give each member a host id (its own address). Off: every packet goes through the shared
+    /// address, as with a farm without BITS-Host-Id.
+    pub host_ids: bool,
+    /// The server configuration every member shares (directories, backend, limits).
+    pub server: ConfigFile,
+    /// Run the reference receiver on the port after the members and deliver to it by value.
+    pub receiver: bool,
+}
+
+impl FarmPlan {
+    pub fn member_addr(&self, index: usize) -> Result<SocketAddr, FarmError> {
+        let port = u16::try_from(usize::from(self.shared.port()) + 1 + index).map_err(|_| {
+            FarmError::Invalid(format!(
+                "the shared port {} leaves no room for {} members",
+                self.shared.port(),
+                self.replicas
+            ))
+        })?;
+        Ok(SocketAddr::new(self.shared.ip(), port))
+    }
+
+    pub fn receiver_addr(&self) -> Result<SocketAddr, FarmError> {
+        self.member_addr(self.replicas)
+    }
+
+    /// The configuration file of member `index`: the shared settings, plus its own addresses and
+    /// folders.
+    pub fn member_config(&self, index: usize) -> Result<ConfigFile, FarmError> {
+        let addr = self.member_addr(index)?;
+        let dir = self.data_dir.join(format!("member-{index}"));
+        let mut c = self.server.clone();
+        c.listen = Some(addr);
+        c.shared_listen = Some(self.shared);
+        c.admin_listen = None;
+        c.host_id = self.host_ids.then(|| addr.to_string());
+        if c.directories.is_empty() {
+            c.data_dir = Some(dir.join("data"));
+        } else {
+            for (i, d) in c.directories.iter_mut().enumerate() {
+                d.data_dir = Some(dir.join(format!("dir-{i}")));
+            }
+        }
+        if self.receiver {
+            c.notify_type = Some(NotifyType::ByValue);
+            c.notify_url = Some(format!("http://{}/deliveries", self.receiver_addr()?));
+        }
+        Ok(c)
+    }
+}
+
+struct Member {
+    index: usize,
+    addr: SocketAddr,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// Runs the farm until Ctrl-C or SIGTERM (or the end of standard input with `exit`).
+pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
+    if plan.replicas == 0 {
+        return Err(FarmError::Invalid("a farm needs at least 1 replica".into()));
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FarmError::Io { path, source }
+    };
+    tokio::fs::create_dir_all(&plan.data_dir)
+        .await
+        .map_err(io(&plan.data_dir))?;
+    let mut receiver = None;
+    if plan.receiver {
+        let addr = plan.receiver_addr()?;
+        let dir = plan.data_dir.join("received");
+        let mut child = Command::new(exe)
+            .args(["receiver", "--listen", &addr.to_string(), "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(exe))?;
+        first_line(&mut child, plan.replicas).await?;
+        say(&format!(
+            "receiver http://{addr} (stores in {})",
+            dir.display()
+        ))
+        .await;
+        receiver = Some(child);
+    }
+    let mut members = Vec::new();
+    for index in 0..plan.replicas {
+        let config = plan.data_dir.join(format!("member-{index}.yaml"));
+        let yaml = plan
+            .member_config(index)?
+            .to_yaml()
+            .map_err(FarmError::Invalid)?;
+        tokio::fs::write(&config, yaml).await.map_err(io(&config))?;
+        let mut m = Member {
+            index,
+            addr: plan.member_addr(index)?,
+            config,
+            child: None,
+        };
+        start(&mut m, exe).await?;
+        say(&format!(
+            "member {index} http://{}{}",
+            m.addr,
+            if plan.host_ids { " (its host id)" } else { "" }
+        ))
+        .await;
+        members.push(m);
+    }
+    say(&format!("shared http://{}", plan.shared)).await;
+    say("ready; commands: kill N, stop N, restart N, status, exit").await;
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => {
+                match line {
+                    Ok(Some(l)) => {
+                        if command(&l, &mut members, exe).await {
+                            break;
+                        }
+                    }
+                    _ => stdin_open = false,
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    for m in &mut members {
+        stop(m).await;
+    }
+    if let Some(mut r) = receiver {
+        terminate(&mut r).await;
+    }
+    say("stopped").await;
+    Ok(())
+}
+
+async fn say(line: &str) {
+    let mut out = tokio::io::stdout();
+    let _ = out
+        .write_all(format!("bitsfarm farm: {line}\n").as_bytes())
+        .await;
+    let _ = out.flush().await;
+}
+
+/// Handles one command; true means exit.
+async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
+    let mut words = line.split_whitespace();
+    let (verb, arg) = (words.next().unwrap_or(""), words.next());
+    if verb.is_empty() {
+        return false;
+    }
+    if verb == "exit" || verb == "quit" {
+        return true;
+    }
+    if verb == "status" {
+        for m in members.iter_mut() {
+            let alive = m
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            say(&format!(
+                "member {} http://{} {}",
+                m.index,
+                m.addr,
+                if alive { "running" } else { "down" }
+            ))
+            .await;
+        }
+        return false;
+    }
+    let Some(m) = arg
+        .and_then(|a| a.parse::<usize>().ok())
+        .and_then(|i| members.get_mut(i))
+    else {
+        say(&format!("error: {line:?}: name a member by its number")).await;
+        return false;
+    };
+    match verb {
+        "kill" => {
+            if let Some(c) = m.child.as_mut() {
+                let _ = c.kill().await;
+            }
+            m.child = None;
+            say(&format!("member {} killed", m.index)).await;
+        }
+        "stop" => {
+            stop(m).await;
+            say(&format!("member {} stopped", m.index)).await;
+        }
+        "restart" => {
+            stop(m).await;
+            match start(m, exe).await {
+                Ok(()) => say(&format!("member {} restarted", m.index)).await,
+                Err(e) => say(&format!("error: {e}")).await,
+            }
+        }
+        _ => say(&format!("error: unknown command {verb:?}")).await,
+    }
+    false
+}
+
+async fn start(m: &mut Member, exe: &Path) -> Result<(), FarmError> {
+    let mut child = Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(&m.config)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| FarmError::Start {
+            index: m.index,
+            message: e.to_string(),
+        })?;
+    first_line(&mut child, m.index).await?;
+    // Pass on what the member says later (test hooks announce themselves on stdout).
+    if let Some(out) = child.stdout.take() {
+        let index = m.index;
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                say(&format!("member {index}: {l}")).await;
+            }
+        });
+    }
+    info!(member = m.index, addr = %m.addr, "member started");
+    m.child = Some(child);
+    Ok(())
+}
+
+/// Waits (bounded) for a child's first line on stdout: its "listening" announcement.
+async fn first_line(child: &mut Child, index: usize) -> Result<String, FarmError> {
+    let fail = |message: String| FarmError::Start { index, message };
+    let out = child
+        .stdout
+        .as_mut()
+        .ok_or_else(|| fail("no stdout".into()))?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(out);
+    match tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 && line.contains("listening on") => Ok(line),
+        Ok(_) => Err(fail(
+            "it exited before listening (see its log above)".into(),
+        )),
+        Err(_) => Err(fail("no announcement within 30 s".into())),
+    }
+}
+
+async fn stop(m: &mut Member) {
+    if let Some(mut c) = m.child.take() {
+        terminate(&mut c).await;
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after 10 s.
+async fn terminate(c: &mut Child) {
+    if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        warn!(pid, "did not stop on SIGTERM; killing");
+    }
+    let _ = c.kill().await;
+}

@@ -1,0 +1,557 @@
+//! Reconcile: apply every child of an UploadFarm with server-side apply, remove the per-pod
+//! Services of ordinals that no longer exist, and report through status, conditions and events.
+//! Decisions are made by the pure functions in `resources` and `conditions`; this module only
+//! talks to the API server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::conditions::{self, FailingPod, Observed, Problem, Rollout};
+use super::metrics::Metrics;
+use super::resources::{
+    self, BuildOptions, COMPONENT_HOST_SERVICE, COMPONENT_LABEL, Children, FIELD_MANAGER,
+    INSTANCE_LABEL, Names,
+};
+use crate::api::{HostStatus, InvalidSpec, UploadFarm, UploadFarmStatus};
+
+/// Why a reconcile failed. Each message names the object and the API server's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying {kind} {name} failed: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting the Service {name} of a removed pod failed: {source}")]
+    Delete {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing the farm's {what} failed: {source}")]
+    List {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the status of UploadFarm {name} failed: {source}")]
+    Status {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("UploadFarm {name} has no namespace; UploadFarms are namespaced objects")]
+    NoNamespace { name: String },
+    #[error(transparent)]
+    InvalidSpec(#[from] InvalidSpec),
+}
+
+impl Error {
+    /// A short, bounded label for the failures metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::List { .. } => "list",
+            Error::Status { .. } => "status",
+            Error::NoNamespace { .. } => "no_namespace",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub build: BuildOptions,
+    /// Consecutive failures per farm, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, build: BuildOptions, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            build,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn note_failure(&self, key: &str) -> u32 {
+        let Ok(mut map) = self.failures.lock() else {
+            return 1;
+        };
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn note_success(&self, key: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Delay before retrying after the `n`th consecutive failure: 5 s doubling up to 5 min.
+pub fn backoff(n: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << n.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(300))
+}
+
+fn key(farm: &UploadFarm) -> String {
+    format!(
+        "{}/{}",
+        farm.namespace().unwrap_or_default(),
+        farm.name_any()
+    )
+}
+
+/// The controller's entry point. A farm that does not even deserialize is reported and skipped,
+/// so that it cannot stop the others.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<UploadFarm>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let farm = match &guard.0 {
+        Ok(farm) => farm,
+        Err(invalid) => {
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            tracing::warn!(farm = %name, error = %invalid.error, "UploadFarm cannot be read; skipping it");
+            ctx.metrics.failed("malformed");
+            let reference = ObjectReference {
+                api_version: Some(UploadFarm::api_version(&()).into_owned()),
+                kind: Some(UploadFarm::kind(&()).into_owned()),
+                name: invalid.metadata.name.clone(),
+                namespace: invalid.metadata.namespace.clone(),
+                uid: invalid.metadata.uid.clone(),
+                ..ObjectReference::default()
+            };
+            publish(
+                &ctx,
+                &reference,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                format!("the UploadFarm cannot be read: {}", invalid.error),
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let result = reconcile_farm(farm, &ctx).await;
+    match &result {
+        Ok(_) => ctx.note_success(&key(farm)),
+        Err(e) => ctx.metrics.failed(e.metric_label()),
+    }
+    result
+}
+
+/// Requeues a failed farm with backoff; the failure was already reported in its status.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<UploadFarm>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let n = match &guard.0 {
+        Ok(farm) => ctx.note_failure(&key(farm)),
+        Err(_) => 1,
+    };
+    let delay = backoff(n);
+    tracing::warn!(error = %error, attempt = n, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Error> {
+    let name = farm.name_any();
+    let ns = farm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace { name: name.clone() })?;
+    let farms: Api<UploadFarm> = Api::namespaced(ctx.client.clone(), &ns);
+    let reference = farm.object_ref(&());
+    let old_status = farm.status.clone().unwrap_or_default();
+
+    let children = match resources::children(farm, &ctx.build) {
+        Ok(c) => c,
+        Err(invalid) => {
+            // Nothing is applied: the running pods keep the last good configuration.
+            let problem = Problem::InvalidSpec(invalid.0.clone());
+            let status = status_for(
+                farm,
+                &old_status,
+                None,
+                &[],
+                Some(problem),
+                Timestamp::now(),
+            );
+            patch_status(&farms, &name, &status).await?;
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                invalid.to_string(),
+            )
+            .await;
+            ctx.metrics.set_farm_ready(&key(farm), Some(false));
+            ctx.metrics.failed("invalid_spec");
+            return Ok(Action::await_change());
+        }
+    };
+
+    let applied = match apply_children(farm, &ns, &children, ctx).await {
+        Ok(a) => a,
+        Err(e) => {
+            let problem = Problem::ApplyFailed(e.to_string());
+            let status = status_for(
+                farm,
+                &old_status,
+                None,
+                &[],
+                Some(problem),
+                Timestamp::now(),
+            );
+            // The original error is what matters; a failing status write is only logged.
+            if let Err(se) = patch_status(&farms, &name, &status).await {
+                tracing::warn!(error = %se, "could not record the failure in the status");
+            }
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "ApplyFailed",
+                "Apply",
+                e.to_string(),
+            )
+            .await;
+            ctx.metrics.set_farm_ready(&key(farm), Some(false));
+            return Err(e);
+        }
+    };
+
+    let mut status = status_for(
+        farm,
+        &old_status,
+        Some(&applied.stateful_set),
+        &applied.pods,
+        None,
+        Timestamp::now(),
+    );
+    status.config_hash = Some(children.config_hash.clone());
+    patch_status(&farms, &name, &status).await?;
+    for (reason, note) in transitions(&old_status, &status, farm.spec.replicas) {
+        publish(
+            ctx,
+            &reference,
+            EventType::Normal,
+            reason,
+            "Reconcile",
+            note,
+        )
+        .await;
+    }
+    let ready =
+        conditions::find(&status.conditions, conditions::READY).is_some_and(|c| c.status == "True");
+    ctx.metrics.set_farm_ready(&key(farm), Some(ready));
+    // Owned objects wake us on change; the periodic requeue catches pods that start failing,
+    // which the StatefulSet's status does not show.
+    Ok(Action::requeue(if ready {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(30)
+    }))
+}
+
+struct Applied {
+    stateful_set: StatefulSet,
+    pods: Vec<Pod>,
+}
+
+async fn apply_children(
+    farm: &UploadFarm,
+    ns: &str,
+    children: &Children,
+    ctx: &Context,
+) -> Result<Applied, Error> {
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let names = Names::of(farm);
+
+    let apply_err =
+        |kind: &'static str, name: String| move |source| Error::Apply { kind, name, source };
+    config_maps
+        .patch(
+            &names.config_map(),
+            &pp,
+            &Patch::Apply(&children.config_map),
+        )
+        .await
+        .map_err(apply_err("ConfigMap", names.config_map()))?;
+    // The governing Service must exist before the StatefulSet that names it.
+    services
+        .patch(
+            &names.headless_service(),
+            &pp,
+            &Patch::Apply(&children.headless_service),
+        )
+        .await
+        .map_err(apply_err("Service", names.headless_service()))?;
+    let stateful_set = sets
+        .patch(
+            &names.stateful_set(),
+            &pp,
+            &Patch::Apply(&children.stateful_set),
+        )
+        .await
+        .map_err(apply_err("StatefulSet", names.stateful_set()))?;
+    for svc in &children.host_services {
+        let svc_name = svc.name_any();
+        services
+            .patch(&svc_name, &pp, &Patch::Apply(svc))
+            .await
+            .map_err(apply_err("Service", svc_name.clone()))?;
+    }
+    services
+        .patch(
+            &names.shared_service(),
+            &pp,
+            &Patch::Apply(&children.shared_service),
+        )
+        .await
+        .map_err(apply_err("Service", names.shared_service()))?;
+
+    let host_services = services
+        .list(&ListParams::default().labels(&format!(
+            "{INSTANCE_LABEL}={},{COMPONENT_LABEL}={COMPONENT_HOST_SERVICE}",
+            names.farm
+        )))
+        .await
+        .map_err(|source| Error::List {
+            what: "per-pod Services",
+            source,
+        })?;
+    for svc_name in surplus_host_services(&host_services.items, farm.spec.replicas) {
+        match services.delete(&svc_name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(service = %svc_name, "deleted the Service of a removed pod"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    name: svc_name,
+                    source,
+                });
+            }
+        }
+    }
+    let pods = pods
+        .list(&ListParams::default().labels(&resources::selector_string(&names.farm)))
+        .await
+        .map_err(|source| Error::List {
+            what: "pods",
+            source,
+        })?
+        .items;
+    Ok(Applied { stateful_set, pods })
+}
+
+/// Per-pod Services of ordinals at or above `replicas`, which scale-down left behind.
+pub fn surplus_host_services(services: &[Service], replicas: i32) -> Vec<String> {
+    let mut surplus: Vec<(i32, String)> = services
+        .iter()
+        .filter_map(|s| resources::service_ordinal(s).map(|o| (o, s.name_any())))
+        .filter(|(o, _)| *o >= replicas)
+        .collect();
+    surplus.sort();
+    surplus.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Pods that are failing rather than starting, with the kubelet's reason.
+pub fn failing_pods(pods: &[Pod]) -> Vec<FailingPod> {
+    const FAILING: &[&str] = &[
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    ];
+    let mut out: Vec<FailingPod> = pods
+        .iter()
+        .filter_map(|p| {
+            let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
+            statuses.iter().find_map(|cs| {
+                let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
+                FAILING.contains(&reason.as_str()).then(|| FailingPod {
+                    pod: p.name_any(),
+                    reason,
+                })
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
+    out
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The status for what was observed. `stateful_set` is None when it was not applied.
+pub fn status_for(
+    farm: &UploadFarm,
+    old: &UploadFarmStatus,
+    stateful_set: Option<&StatefulSet>,
+    pods: &[Pod],
+    problem: Option<Problem>,
+    now: Timestamp,
+) -> UploadFarmStatus {
+    let names = Names::of(farm);
+    let rollout = stateful_set.map(Rollout::of);
+    let observed = Observed {
+        generation: farm.metadata.generation,
+        desired_replicas: farm.spec.replicas,
+        rollout: rollout.clone(),
+        failing_pods: failing_pods(pods),
+        problem,
+    };
+    let hosts = (0..farm.spec.replicas.max(0))
+        .map(|i| {
+            let pod = names.pod(i);
+            HostStatus {
+                ordinal: i,
+                ready: pods.iter().any(|p| p.name_any() == pod && pod_ready(p)),
+                host_id: resources::host_id(farm, i),
+                pod,
+            }
+        })
+        .collect();
+    UploadFarmStatus {
+        observed_generation: farm.metadata.generation,
+        replicas: rollout.as_ref().map_or(old.replicas, |r| r.replicas),
+        ready_replicas: rollout
+            .as_ref()
+            .map_or(old.ready_replicas, |r| r.ready_replicas),
+        selector: Some(resources::selector_string(&names.farm)),
+        address: Some(resources::shared_address(farm)),
+        config_hash: old.config_hash.clone(),
+        hosts,
+        conditions: conditions::conditions(&observed, &old.conditions, now),
+    }
+}
+
+/// The events a user should see for the step from `old` to `new`: the farm created, scaled, or
+/// rolled out with a new configuration.
+pub fn transitions(
+    old: &UploadFarmStatus,
+    new: &UploadFarmStatus,
+    replicas: i32,
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    match (&old.config_hash, &new.config_hash) {
+        (None, Some(_)) => out.push((
+            "Created",
+            format!("created the farm's objects for {replicas} upload servers"),
+        )),
+        (Some(a), Some(b)) if a != b => out.push((
+            "ConfigRolledOut",
+            format!("the server configuration changed ({a} -> {b}); rolling it out to the pods"),
+        )),
+        _ => {}
+    }
+    let before = old.hosts.len();
+    if old.config_hash.is_some() && before != new.hosts.len() {
+        out.push((
+            "Scaled",
+            format!("scaled from {before} to {replicas} upload servers"),
+        ));
+    }
+    out
+}
+
+async fn patch_status(
+    farms: &Api<UploadFarm>,
+    name: &str,
+    status: &UploadFarmStatus,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": UploadFarm::api_version(&()),
+        "kind": UploadFarm::kind(&()),
+        "status": status,
+    });
+    farms
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Status {
+            name: name.to_string(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Publishes an event; a failure to do so is logged, never fatal.
+async fn publish(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(note, 1000)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        tracing::warn!(error = %e, reason, "could not publish an event");
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,408 @@
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::operator::fixtures::{ApiServer, Seen, context, list, status_error};
+use crate::operator::resources::CONFIG_HASH_ANNOTATION;
+
+const NS: &str = "uploads";
+
+fn farm(spec: Value, status: Option<Value>) -> UploadFarm {
+    let mut v = json!({
+        "apiVersion": "bitsfarm.io/v1alpha1",
+        "kind": "UploadFarm",
+        "metadata": {"name": "farm", "namespace": NS, "uid": "uid-1", "generation": 2},
+        "spec": spec,
+    });
+    if let Some(s) = status {
+        v["status"] = s;
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn guard(f: &UploadFarm) -> Arc<DeserializeGuard<UploadFarm>> {
+    Arc::new(DeserializeGuard(Ok(f.clone())))
+}
+
+fn svc_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/services/{name}")
+}
+
+fn host_service_json(i: i32) -> Value {
+    serde_json::to_value(resources::host_service(&farm(json!({}), None), i)).unwrap()
+}
+
+/// The status write, answered with the whole farm as the API server does.
+async fn expect_status(api: &mut ApiServer, f: &UploadFarm) -> Seen {
+    let mut whole = serde_json::to_value(f).unwrap();
+    let seen = api
+        .expect(
+            "PATCH",
+            &format!("/apis/bitsfarm.io/v1alpha1/namespaces/{NS}/uploadfarms/farm/status"),
+            200,
+            |b| {
+                whole["status"] = b["status"].clone();
+                whole
+            },
+        )
+        .await;
+    assert!(
+        seen.query.contains("fieldManager=bitsfarm-operator"),
+        "{}",
+        seen.query
+    );
+    seen
+}
+
+async fn expect_event(api: &mut ApiServer) -> Seen {
+    api.expect(
+        "POST",
+        &format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        201,
+        |b| b.clone(),
+    )
+    .await
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("the scenario timed out")
+}
+
+#[tokio::test]
+async fn creating_a_farm_applies_every_child_then_reports() {
+    let (ctx, mut api) = context();
+    let f = farm(json!({"replicas": 3}), None);
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        let cm = api
+            .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        assert!(
+            cm.body["data"]["config.yaml"]
+                .as_str()
+                .unwrap()
+                .contains("host-id")
+        );
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        assert_eq!(sts.body["spec"]["replicas"], 3);
+        assert_eq!(sts.body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        for i in 0..3 {
+            let s = api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
+            assert_eq!(
+                s.body["spec"]["selector"]["statefulset.kubernetes.io/pod-name"],
+                format!("farm-{i}")
+            );
+        }
+        api.expect_apply(&svc_path("farm")).await;
+        let l = api
+            .expect(
+                "GET",
+                &format!("/api/v1/namespaces/{NS}/services"),
+                200,
+                |_| list("ServiceList", (0..3).map(host_service_json).collect()),
+            )
+            .await;
+        assert!(l.query.contains("component%3Dhost-service"), "{}", l.query);
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        let status = &st.body["status"];
+        assert_eq!(status["observedGeneration"], 2);
+        assert_eq!(status["hosts"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            status["hosts"][1]["hostId"],
+            "farm-1.uploads.svc.cluster.local"
+        );
+        assert_eq!(status["address"], "farm.uploads.svc.cluster.local:80");
+        assert_eq!(condition(status, "Ready")["status"], "False");
+        assert_eq!(condition(status, "Progressing")["status"], "True");
+        assert_eq!(condition(status, "Degraded")["status"], "False");
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "Created");
+        assert_eq!(ev.body["type"], "Normal");
+    })
+    .await;
+    let action = reconciler.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    api.done().await;
+}
+
+fn running_status(hash: &str, replicas: i32) -> Value {
+    json!({
+        "observedGeneration": 1,
+        "replicas": replicas,
+        "readyReplicas": replicas,
+        "configHash": hash,
+        "hosts": (0..replicas).map(|i| json!({"ordinal": i, "pod": format!("farm-{i}"), "hostId": "h", "ready": true})).collect::<Vec<_>>(),
+    })
+}
+
+#[tokio::test]
+async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
+    let (ctx, mut api) = context();
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        assert_eq!(sts.body["spec"]["replicas"], 1);
+        api.expect_apply(&svc_path("farm-0")).await;
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
+        )
+        .await;
+        for i in [1, 2] {
+            api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
+                host_service_json(i)
+            })
+            .await;
+        }
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        assert_eq!(st.body["status"]["hosts"].as_array().unwrap().len(), 1);
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "Scaled");
+        assert!(ev.body["note"].as_str().unwrap().contains("from 3 to 1"));
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn a_changed_backend_rolls_the_config_hash() {
+    let (ctx, mut api) = context();
+    let old_hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(
+        json!({"replicas": 1, "backend": {"url": "http://app/in", "notification": "ByValue"}}),
+        Some(running_status(&old_hash, 1)),
+    );
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        let cm = api
+            .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        assert!(
+            cm.body["data"]["config.yaml"]
+                .as_str()
+                .unwrap()
+                .contains("notify-url: http://app/in")
+        );
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        let new_hash = sts.body["spec"]["template"]["metadata"]["annotations"]
+            [CONFIG_HASH_ANNOTATION]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(new_hash, old_hash);
+        api.expect_apply(&svc_path("farm-0")).await;
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", vec![host_service_json(0)]),
+        )
+        .await;
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        assert_eq!(st.body["status"]["configHash"], new_hash);
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "ConfigRolledOut");
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn an_api_error_is_degraded_with_an_event_and_requeued() {
+    let (ctx, mut api) = context();
+    let f = farm(json!({"replicas": 2}), None);
+    let g = guard(&f);
+    let reconciler = tokio::spawn(reconcile(g.clone(), ctx.clone()));
+    with_timeout(async {
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        api.expect(
+            "PATCH",
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"),
+            403,
+            |_| status_error(403, "Forbidden", "statefulsets.apps is forbidden"),
+        )
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        let degraded = condition(&st.body["status"], "Degraded");
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "ApplyFailed");
+        assert!(
+            degraded["message"]
+                .as_str()
+                .unwrap()
+                .contains("StatefulSet farm"),
+            "{degraded}"
+        );
+        assert_eq!(condition(&st.body["status"], "Ready")["status"], "False");
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["type"], "Warning");
+        assert_eq!(ev.body["reason"], "ApplyFailed");
+    })
+    .await;
+    let err = reconciler.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Apply {
+                kind: "StatefulSet",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        error_policy(g.clone(), &err, ctx.clone()),
+        Action::requeue(backoff(1))
+    );
+    assert_eq!(
+        error_policy(g, &err, ctx.clone()),
+        Action::requeue(backoff(2))
+    );
+    assert!(
+        ctx.metrics
+            .encode()
+            .contains("reconcile_failures_total{error=\"apply\"} 1")
+    );
+    api.done().await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_applies_nothing_and_says_why() {
+    let (ctx, mut api) = context();
+    let f = farm(json!({"backend": {"notification": "ByValue"}}), None);
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        let st = expect_status(&mut api, &f).await;
+        let degraded = condition(&st.body["status"], "Degraded");
+        assert_eq!(
+            (degraded["status"].as_str(), degraded["reason"].as_str()),
+            (Some("True"), Some("InvalidSpec"))
+        );
+        assert!(
+            degraded["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.backend.url")
+        );
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "InvalidSpec");
+    })
+    .await;
+    assert_eq!(reconciler.await.unwrap().unwrap(), Action::await_change());
+    api.done().await;
+}
+
+#[tokio::test]
+async fn a_malformed_farm_is_reported_and_skipped() {
+    let (ctx, mut api) = context();
+    let bad: DeserializeGuard<UploadFarm> = serde_json::from_value(json!({
+        "apiVersion": "bitsfarm.io/v1alpha1", "kind": "UploadFarm",
+        "metadata": {"name": "broken", "namespace": NS, "uid": "u2"},
+        "spec": {"replicas": "many"},
+    }))
+    .unwrap();
+    assert!(bad.0.is_err());
+    let reconciler = tokio::spawn(reconcile(Arc::new(bad), ctx.clone()));
+    with_timeout(async {
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "InvalidSpec");
+        assert_eq!(ev.body["regarding"]["name"], "broken");
+    })
+    .await;
+    assert_eq!(reconciler.await.unwrap().unwrap(), Action::await_change());
+    api.done().await;
+}
+
+#[test]
+fn backoff_doubles_up_to_five_minutes() {
+    assert_eq!(backoff(1), Duration::from_secs(5));
+    assert_eq!(backoff(2), Duration::from_secs(10));
+    assert_eq!(backoff(4), Duration::from_secs(40));
+    assert_eq!(backoff(30), Duration::from_secs(300));
+}
+
+#[test]
+fn surplus_services_are_those_at_or_above_replicas() {
+    let svcs: Vec<Service> = (0..4)
+        .map(|i| resources::host_service(&farm(json!({}), None), i))
+        .collect();
+    assert_eq!(surplus_host_services(&svcs, 2), ["farm-2", "farm-3"]);
+    assert!(surplus_host_services(&svcs, 4).is_empty());
+}
+
+#[test]
+fn failing_pods_are_told_from_starting_ones() {
+    let pods: Vec<Pod> = serde_json::from_value(json!([
+        {"metadata": {"name": "farm-0"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}},
+        {"metadata": {"name": "farm-1"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}},
+    ]))
+    .unwrap();
+    let failing = failing_pods(&pods);
+    assert_eq!(failing.len(), 1);
+    assert_eq!(
+        (failing[0].pod.as_str(), failing[0].reason.as_str()),
+        ("farm-0", "CrashLoopBackOff")
+    );
+}
+
+#[test]
+fn events_for_created_scaled_and_rolled_out() {
+    let none = UploadFarmStatus::default();
+    let new = UploadFarmStatus {
+        config_hash: Some("a".into()),
+        ..Default::default()
+    };
+    assert_eq!(transitions(&none, &new, 1)[0].0, "Created");
+    let old = new.clone();
+    assert!(transitions(&old, &new, 0).is_empty());
+    let rolled = UploadFarmStatus {
+        config_hash: Some("b".into()),
+        ..Default::default()
+    };
+    assert_eq!(transitions(&old, &rolled, 0)[0].0, "ConfigRolledOut");
+}

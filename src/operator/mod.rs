@@ -1,0 +1,185 @@
+//! The UploadFarm operator: turns each UploadFarm into a ConfigMap, a headless Service, a
+//! StatefulSet, one Service per pod and a shared Service, and reports how the farm is doing.
+
+pub mod commands;
+pub mod conditions;
+pub mod controller;
+pub mod health;
+pub mod metrics;
+pub mod render;
+pub mod resources;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Client;
+use kube::api::{Api, ListParams};
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::{Controller, watcher};
+
+use crate::api::UploadFarm;
+use controller::{Context, error_policy, reconcile};
+use health::Health;
+use metrics::Metrics;
+use resources::{BuildOptions, MANAGED_BY};
+
+/// How `bitsfarm operator` runs.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// Watch one namespace; all namespaces when None.
+    pub namespace: Option<String>,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+    /// The image farms run when their spec names none (the operator's own, from the chart).
+    pub image: String,
+    /// Farms reconciled at the same time.
+    pub concurrency: u16,
+}
+
+/// Whether the API server knows `persistentVolumeClaimRetentionPolicy` (1.27+).
+pub fn supports_pvc_retention(major: &str, minor: &str) -> bool {
+    let num = |s: &str| {
+        s.chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    (num(major), num(minor)) >= (1, 27)
+}
+
+/// `bitsfarm operator`: serves health and metrics, waits for the CRD, then runs the controller
+/// until SIGINT or SIGTERM.
+pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
+    })?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health {
+        ready: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let health_task = tokio::spawn(health::serve(
+        opts.listen,
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        crate::server::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the API server's version: {e}"))?;
+    let build = BuildOptions {
+        default_image: opts.image.clone(),
+        pvc_retention_policy: supports_pvc_retention(&version.major, &version.minor),
+    };
+    tracing::info!(
+        version = %version.git_version,
+        pvc_retention_policy = build.pvc_retention_policy,
+        namespace = opts.namespace.as_deref().unwrap_or("(all)"),
+        "connected to the API server"
+    );
+
+    let farms: Api<DeserializeGuard<UploadFarm>> = scoped(&client, &opts.namespace);
+    if !wait_for_crd(&client, &opts.namespace, &metrics, stop_rx.clone()).await {
+        return Ok(());
+    }
+
+    let children =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let ctx = Arc::new(Context::new(client.clone(), build, metrics));
+    let controller = Controller::new(farms, watcher::Config::default().any_semantic())
+        .owns(
+            scoped::<StatefulSet>(&client, &opts.namespace),
+            children.clone(),
+        )
+        .owns(
+            scoped::<Service>(&client, &opts.namespace),
+            children.clone(),
+        )
+        .owns(scoped::<ConfigMap>(&client, &opts.namespace), children)
+        .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
+        .graceful_shutdown_on(stopped(stop_rx.clone()));
+    health.ready.store(true, Ordering::Relaxed);
+    tracing::info!("controller started");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(farm = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
+            }
+        })
+        .await;
+    health.ready.store(false, Ordering::Relaxed);
+    tracing::info!("controller stopped");
+    let _ = health_task.await;
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Polls until UploadFarms can be listed: installing the CRD after the operator is a normal
+/// order of events, not a reason to crash-loop. Returns false when asked to stop first.
+async fn wait_for_crd(
+    client: &Client,
+    namespace: &Option<String>,
+    metrics: &Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let api: Api<DeserializeGuard<UploadFarm>> = scoped(client, namespace);
+    loop {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => {
+                metrics.crd_missing.set(0);
+                return true;
+            }
+            Err(e) => {
+                metrics.crd_missing.set(1);
+                tracing::warn!(error = %e, "UploadFarm CRD not usable yet; install it with `bitsfarm crd | kubectl apply --server-side -f -`; retrying in 10 s");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvc_retention_only_from_1_27() {
+        assert!(!supports_pvc_retention("1", "20"));
+        assert!(!supports_pvc_retention("1", "26+"));
+        assert!(supports_pvc_retention("1", "27"));
+        assert!(supports_pvc_retention("1", "33+"));
+    }
+}

@@ -1,0 +1,241 @@
+//! Pure builders of the objects the operator applies for an UploadFarm. No I/O here: the same
+//! functions serve reconcile, `bitsfarm render` and the tests.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::api::{InvalidSpec, UploadFarm, server_config};
+
+mod services;
+mod statefulset;
+
+pub use services::{headless_service, host_service, shared_service};
+pub use statefulset::stateful_set;
+
+/// The one field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "bitsfarm-operator";
+pub const MANAGED_BY: &str = "bitsfarm-operator";
+pub const APP_NAME: &str = "bitsfarm";
+/// Pod-template annotation holding the config hash: changing it rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "bitsfarm.io/config-hash";
+/// Label on per-pod Services naming their ordinal, so scale-down can find the surplus ones.
+pub const ORDINAL_LABEL: &str = "bitsfarm.io/ordinal";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+pub const COMPONENT_SERVER: &str = "upload-server";
+pub const COMPONENT_HOST_SERVICE: &str = "host-service";
+pub const COMPONENT_SHARED_SERVICE: &str = "shared-service";
+pub const COMPONENT_HEADLESS_SERVICE: &str = "headless-service";
+pub const COMPONENT_CONFIG: &str = "config";
+pub const CONFIG_FILE_NAME: &str = "config.yaml";
+pub const CONFIG_MOUNT: &str = "/etc/bitsfarm";
+
+/// What the builders need besides the farm itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Image used when the spec names none: the operator's own.
+    pub default_image: String,
+    /// The API server knows `persistentVolumeClaimRetentionPolicy` (Kubernetes 1.27 and later).
+    pub pvc_retention_policy: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            default_image: default_image(),
+            pvc_retention_policy: false,
+        }
+    }
+}
+
+/// The operator's own image when nothing else says: this build's version.
+pub fn default_image() -> String {
+    format!("bitsfarm:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Names of a farm's children, all derived from the farm's name only, so that the StatefulSet's
+/// immutable fields (selector, serviceName) never change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub farm: String,
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn of(farm: &UploadFarm) -> Self {
+        Names {
+            farm: farm.name_any(),
+            namespace: farm.namespace().unwrap_or_else(|| "default".to_string()),
+        }
+    }
+    pub fn stateful_set(&self) -> String {
+        self.farm.clone()
+    }
+    pub fn config_map(&self) -> String {
+        format!("{}-config", self.farm)
+    }
+    pub fn headless_service(&self) -> String {
+        format!("{}-headless", self.farm)
+    }
+    pub fn shared_service(&self) -> String {
+        self.farm.clone()
+    }
+    /// Per-pod Services are named after their pods, so `{pod}.{namespace}.svc...` resolves to them.
+    pub fn pod(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}", self.farm)
+    }
+}
+
+/// The labels that select a farm's pods. Immutable in the StatefulSet: name-derived only.
+pub fn selector_labels(farm: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
+        (INSTANCE_LABEL.to_string(), farm.to_string()),
+    ])
+}
+
+/// `selector_labels` as the label-selector string of `status.selector` and list calls.
+pub fn selector_string(farm: &str) -> String {
+    selector_labels(farm)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `app.kubernetes.io/*` labels of every child.
+pub fn labels(farm: &str, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(farm);
+    l.insert(COMPONENT_LABEL.into(), component.into());
+    l.insert("app.kubernetes.io/part-of".into(), APP_NAME.into());
+    l.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    l.insert(
+        "app.kubernetes.io/version".into(),
+        env!("CARGO_PKG_VERSION").into(),
+    );
+    l
+}
+
+pub(crate) fn meta(
+    farm: &UploadFarm,
+    name: String,
+    component: &str,
+    annotations: Option<BTreeMap<String, String>>,
+) -> ObjectMeta {
+    let names = Names::of(farm);
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(names.namespace),
+        labels: Some(labels(&names.farm, component)),
+        annotations: annotations.filter(|a| !a.is_empty()),
+        owner_references: owner(farm).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The controller owner reference; absent when the farm has no uid yet (offline `render`),
+/// since the API server rejects an owner reference without one.
+fn owner(farm: &UploadFarm) -> Option<OwnerReference> {
+    farm.controller_owner_ref(&())
+}
+
+/// The server configuration as the ConfigMap's `config.yaml`, and its hash.
+pub fn config_yaml(farm: &UploadFarm) -> Result<(String, String), InvalidSpec> {
+    let file = server_config(&farm.spec)?;
+    let yaml = file
+        .to_yaml()
+        .map_err(|e| InvalidSpec(format!("cannot write the server configuration: {e}")))?;
+    let digest = Sha256::digest(yaml.as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Ok((yaml, hash))
+}
+
+pub fn config_map(farm: &UploadFarm, yaml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(farm, Names::of(farm).config_map(), COMPONENT_CONFIG, None),
+        data: Some(BTreeMap::from([(
+            CONFIG_FILE_NAME.to_string(),
+            yaml.to_string(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+/// Everything the operator applies for one farm, in apply order (the headless Service before
+/// the StatefulSet that names it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Children {
+    pub config_hash: String,
+    pub config_map: ConfigMap,
+    pub headless_service: Service,
+    pub stateful_set: StatefulSet,
+    pub host_services: Vec<Service>,
+    pub shared_service: Service,
+}
+
+pub fn children(farm: &UploadFarm, opts: &BuildOptions) -> Result<Children, InvalidSpec> {
+    let (yaml, config_hash) = config_yaml(farm)?;
+    Ok(Children {
+        config_map: config_map(farm, &yaml),
+        headless_service: headless_service(farm),
+        stateful_set: stateful_set(farm, &config_hash, opts),
+        host_services: (0..farm.spec.replicas.max(0))
+            .map(|i| host_service(farm, i))
+            .collect(),
+        shared_service: shared_service(farm),
+        config_hash,
+    })
+}
+
+impl Children {
+    /// Every object as JSON, in apply order.
+    pub fn to_values(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        let mut out = vec![
+            serde_json::to_value(&self.config_map)?,
+            serde_json::to_value(&self.headless_service)?,
+            serde_json::to_value(&self.stateful_set)?,
+        ];
+        for s in &self.host_services {
+            out.push(serde_json::to_value(s)?);
+        }
+        out.push(serde_json::to_value(&self.shared_service)?);
+        Ok(out)
+    }
+}
+
+/// The ordinal a per-pod Service stands for, from its label.
+pub fn service_ordinal(svc: &Service) -> Option<i32> {
+    svc.labels().get(ORDINAL_LABEL)?.parse().ok()
+}
+
+/// The in-cluster address of the shared Service.
+pub fn shared_address(farm: &UploadFarm) -> String {
+    let n = Names::of(farm);
+    format!(
+        "{}.{}.svc.cluster.local:{}",
+        n.shared_service(),
+        n.namespace,
+        farm.spec.service.port
+    )
+}
+
+/// The host id pod `ordinal` hands out: the template expanded as the server expands it.
+pub fn host_id(farm: &UploadFarm, ordinal: i32) -> String {
+    let n = Names::of(farm);
+    let pod = n.pod(ordinal);
+    let env = |k: &str| match k {
+        "POD_NAME" => Some(pod.clone()),
+        "POD_NAMESPACE" => Some(n.namespace.clone()),
+        _ => None,
+    };
+    crate::config::expand_host_id(&farm.spec.host_ids.template, env)
+        .unwrap_or_else(|_| farm.spec.host_ids.template.clone())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,221 @@
+//! The StatefulSet of upload servers.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT, Names,
+    labels, meta, selector_labels,
+};
+use crate::api::{DATA_ROOT, SERVER_PORT, UploadFarm};
+
+/// The uid the server runs as: not root, and the owner of the session volume (fsGroup).
+const SERVER_UID: i64 = 65532;
+const DATA_VOLUME: &str = "data";
+const CONFIG_VOLUME: &str = "config";
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
+    let spec = &farm.spec;
+    Container {
+        name: "server".into(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| opts.default_image.clone()),
+        ),
+        image_pull_policy: Some(format!("{:?}", spec.image_pull_policy)),
+        command: Some(vec!["bitsfarm".into()]),
+        args: Some(vec![
+            "--log-format".into(),
+            "json".into(),
+            "serve".into(),
+            "--config".into(),
+            format!("{CONFIG_MOUNT}/{CONFIG_FILE_NAME}"),
+        ]),
+        // The server expands {pod}, {ordinal} and {namespace} in its host-id template from these.
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(SERVER_PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: CONFIG_VOLUME.into(),
+                mount_path: CONFIG_MOUNT.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: DATA_VOLUME.into(),
+                mount_path: DATA_ROOT.into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+fn volume_claim(farm: &UploadFarm) -> PersistentVolumeClaim {
+    let s = &farm.spec.storage;
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.into()),
+            labels: Some(selector_labels(&Names::of(farm).farm)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: s.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(s.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -> StatefulSet {
+    let names = Names::of(farm);
+    let spec = &farm.spec;
+    let mut pod_annotations = spec.pod_annotations.clone().unwrap_or_default();
+    pod_annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+    let mut volumes = vec![Volume {
+        name: CONFIG_VOLUME.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names.config_map(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut claims = None;
+    if spec.storage.empty_dir {
+        volumes.push(Volume {
+            name: DATA_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(spec.storage.size.clone())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    } else {
+        claims = Some(vec![volume_claim(farm)]);
+    }
+    // Only servers that know the field get it (1.27+): older API servers reject unknown fields
+    // in strict decoding or silently drop them, and neither is what the user asked for.
+    let retention = (opts.pvc_retention_policy && !spec.storage.empty_dir).then(|| {
+        // Deleting the farm deletes its session data; scaling down keeps it, so scaling back up
+        // lets the clients of those ordinals resume.
+        StatefulSetPersistentVolumeClaimRetentionPolicy {
+            when_deleted: Some("Delete".into()),
+            when_scaled: Some("Retain".into()),
+        }
+    });
+    StatefulSet {
+        metadata: meta(farm, names.stateful_set(), COMPONENT_SERVER, None),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(names.headless_service()),
+            // The servers do not depend on each other: start and stop them all at once.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&names.farm)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&names.farm, COMPONENT_SERVER)),
+                    annotations: Some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![server_container(farm, opts)],
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(SERVER_UID),
+                        run_as_group: Some(SERVER_UID),
+                        fs_group: Some(SERVER_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: spec.affinity.clone(),
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            persistent_volume_claim_retention_policy: retention,
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}

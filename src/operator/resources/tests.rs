@@ -1,0 +1,332 @@
+use k8s_openapi::api::core::v1::Container;
+use serde_json::json;
+
+use super::*;
+
+pub(crate) fn farm_with(name: &str, spec: serde_json::Value) -> UploadFarm {
+    let mut f: UploadFarm = serde_json::from_value(json!({
+        "apiVersion": "bitsfarm.io/v1alpha1",
+        "kind": "UploadFarm",
+        "metadata": {"name": name, "namespace": "uploads", "uid": "uid-1", "generation": 1},
+        "spec": spec,
+    }))
+    .expect("test farm deserializes");
+    f.metadata.generation = Some(1);
+    f
+}
+
+fn opts() -> BuildOptions {
+    BuildOptions {
+        default_image: "bitsfarm:test".into(),
+        pvc_retention_policy: false,
+    }
+}
+
+fn container(sts: &StatefulSet) -> Container {
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone()
+}
+
+#[test]
+fn children_are_named_labelled_and_owned() {
+    let f = farm_with("farm", json!({"replicas": 3}));
+    let c = children(&f, &opts()).unwrap();
+    assert_eq!(c.config_map.metadata.name.as_deref(), Some("farm-config"));
+    assert_eq!(
+        c.headless_service.metadata.name.as_deref(),
+        Some("farm-headless")
+    );
+    assert_eq!(c.stateful_set.metadata.name.as_deref(), Some("farm"));
+    assert_eq!(c.shared_service.metadata.name.as_deref(), Some("farm"));
+    let hosts: Vec<_> = c.host_services.iter().map(|s| s.name_any()).collect();
+    assert_eq!(hosts, ["farm-0", "farm-1", "farm-2"]);
+    for meta in [
+        &c.config_map.metadata,
+        &c.headless_service.metadata,
+        &c.stateful_set.metadata,
+        &c.shared_service.metadata,
+        &c.host_services[2].metadata,
+    ] {
+        assert_eq!(meta.namespace.as_deref(), Some("uploads"));
+        let l = meta.labels.as_ref().unwrap();
+        assert_eq!(l["app.kubernetes.io/managed-by"], MANAGED_BY);
+        assert_eq!(l["app.kubernetes.io/instance"], "farm");
+        assert_eq!(l["app.kubernetes.io/name"], "bitsfarm");
+        let o = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (o.kind.as_str(), o.name.as_str(), o.uid.as_str()),
+            ("UploadFarm", "farm", "uid-1")
+        );
+        assert_eq!(o.controller, Some(true));
+    }
+}
+
+#[test]
+fn render_without_uid_has_no_owner_reference() {
+    let mut f = farm_with("farm", json!({}));
+    f.metadata.uid = None;
+    let c = children(&f, &opts()).unwrap();
+    assert!(c.stateful_set.metadata.owner_references.is_none());
+}
+
+#[test]
+fn headless_service_governs_the_statefulset_and_publishes_not_ready_pods() {
+    let f = farm_with("farm", json!({}));
+    let c = children(&f, &opts()).unwrap();
+    let spec = c.headless_service.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(
+        c.stateful_set.spec.unwrap().service_name.as_deref(),
+        Some("farm-headless")
+    );
+}
+
+#[test]
+fn per_pod_services_select_their_pod_and_carry_type_and_annotations() {
+    let f = farm_with(
+        "farm",
+        json!({"replicas": 2, "service": {"port": 8443},
+               "hostIds": {"serviceType": "LoadBalancer", "template": "up{ordinal}.x",
+                           "serviceAnnotations": {"dns": "up{ordinal}.x", "pod": "{pod}"}}}),
+    );
+    let svc = host_service(&f, 1);
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.selector.as_ref().unwrap()["statefulset.kubernetes.io/pod-name"],
+        "farm-1"
+    );
+    assert_eq!(spec.ports.as_ref().unwrap()[0].port, 8443);
+    let a = svc.metadata.annotations.as_ref().unwrap();
+    assert_eq!((a["dns"].as_str(), a["pod"].as_str()), ("up1.x", "farm-1"));
+    assert_eq!(service_ordinal(&svc), Some(1));
+    assert_eq!(host_id(&f, 1), "up1.x");
+}
+
+#[test]
+fn shared_service_selects_every_pod() {
+    let f = farm_with(
+        "farm",
+        json!({"service": {"type": "NodePort", "annotations": {"a": "b"}}}),
+    );
+    let svc = shared_service(&f);
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(spec.selector.unwrap(), selector_labels("farm"));
+    assert_eq!(spec.ports.unwrap()[0].port, 80);
+    assert_eq!(svc.metadata.annotations.unwrap()["a"], "b");
+    assert_eq!(shared_address(&f), "farm.uploads.svc.cluster.local:80");
+}
+
+#[test]
+fn statefulset_runs_the_server_with_its_config_probes_and_restricted_security() {
+    let f = farm_with("farm", json!({"replicas": 3, "podAnnotations": {"x": "y"}}));
+    let c = children(&f, &opts()).unwrap();
+    let sts = &c.stateful_set;
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(
+        spec.selector.match_labels.as_ref().unwrap(),
+        &selector_labels("farm")
+    );
+    let tmpl = spec.template.metadata.as_ref().unwrap();
+    assert_eq!(
+        tmpl.annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION],
+        c.config_hash
+    );
+    assert_eq!(tmpl.annotations.as_ref().unwrap()["x"], "y");
+    let ct = container(sts);
+    assert_eq!(ct.image.as_deref(), Some("bitsfarm:test"));
+    assert_eq!(
+        ct.args.as_ref().unwrap()[2..],
+        ["serve", "--config", "/etc/bitsfarm/config.yaml"]
+    );
+    let env: Vec<_> = ct
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                e.value_from
+                    .as_ref()
+                    .unwrap()
+                    .field_ref
+                    .as_ref()
+                    .unwrap()
+                    .field_path
+                    .clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("POD_NAME".to_string(), "metadata.name".to_string()),
+            (
+                "POD_NAMESPACE".to_string(),
+                "metadata.namespace".to_string()
+            )
+        ]
+    );
+    assert_eq!(
+        ct.readiness_probe
+            .unwrap()
+            .http_get
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        ct.liveness_probe.unwrap().http_get.unwrap().path.as_deref(),
+        Some("/healthz")
+    );
+    let sc = ct.security_context.unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    let psc = spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .security_context
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let vct = &spec.volume_claim_templates.as_ref().unwrap()[0];
+    assert_eq!(
+        vct.spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "1Gi"
+    );
+    assert!(spec.persistent_volume_claim_retention_policy.is_none());
+}
+
+#[test]
+fn empty_dir_only_when_asked_and_retention_only_on_new_servers() {
+    let f = farm_with("farm", json!({"storage": {"emptyDir": true}}));
+    let sts = stateful_set(&f, "h", &opts());
+    let spec = sts.spec.unwrap();
+    assert!(spec.volume_claim_templates.is_none());
+    assert!(
+        spec.template
+            .spec
+            .unwrap()
+            .volumes
+            .unwrap()
+            .iter()
+            .any(|v| v.empty_dir.is_some())
+    );
+    let f = farm_with("farm", json!({"storage": {"storageClassName": "fast"}}));
+    let new = BuildOptions {
+        pvc_retention_policy: true,
+        ..opts()
+    };
+    let spec = stateful_set(&f, "h", &new).spec.unwrap();
+    assert_eq!(
+        spec.persistent_volume_claim_retention_policy
+            .unwrap()
+            .when_deleted
+            .as_deref(),
+        Some("Delete")
+    );
+    assert_eq!(
+        spec.volume_claim_templates.unwrap()[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .storage_class_name
+            .as_deref(),
+        Some("fast")
+    );
+}
+
+#[test]
+fn scheduling_knobs_and_image_reach_the_pods() {
+    let f = farm_with(
+        "farm",
+        json!({
+            "image": "registry/bitsfarm:1", "imagePullPolicy": "Always",
+            "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "k", "operator": "Exists"}],
+            "resources": {"requests": {"cpu": "100m"}},
+            "affinity": {"podAntiAffinity": {}},
+        }),
+    );
+    let sts = stateful_set(&f, "h", &opts());
+    let pod = sts.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    assert_eq!(pod.node_selector.unwrap()["disk"], "ssd");
+    assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("k"));
+    assert!(pod.affinity.is_some());
+    let ct = container(&sts);
+    assert_eq!(ct.image.as_deref(), Some("registry/bitsfarm:1"));
+    assert_eq!(ct.image_pull_policy.as_deref(), Some("Always"));
+    assert!(ct.resources.is_some());
+}
+
+#[test]
+fn immutable_statefulset_fields_depend_on_the_name_only() {
+    let a = stateful_set(&farm_with("farm", json!({"replicas": 1})), "h1", &opts());
+    let b = stateful_set(
+        &farm_with(
+            "farm",
+            json!({"replicas": 5, "backend": {"url": "http://x", "notification": "ByValue"}}),
+        ),
+        "h2",
+        &opts(),
+    );
+    let (a, b) = (a.spec.unwrap(), b.spec.unwrap());
+    assert_eq!(a.selector, b.selector);
+    assert_eq!(a.service_name, b.service_name);
+    assert_eq!(a.pod_management_policy, b.pod_management_policy);
+    assert_eq!(a.volume_claim_templates, b.volume_claim_templates);
+}
+
+#[test]
+fn a_changed_backend_changes_the_config_hash() {
+    let a = children(&farm_with("farm", json!({})), &opts()).unwrap();
+    let b = children(
+        &farm_with(
+            "farm",
+            json!({"backend": {"url": "http://x", "notification": "ByValue"}}),
+        ),
+        &opts(),
+    )
+    .unwrap();
+    assert_ne!(a.config_hash, b.config_hash);
+    let again = children(&farm_with("farm", json!({})), &opts()).unwrap();
+    assert_eq!(a.config_hash, again.config_hash);
+    // Scaling does not touch the configuration, so it does not roll the pods.
+    let scaled = children(&farm_with("farm", json!({"replicas": 7})), &opts()).unwrap();
+    assert_eq!(a.config_hash, scaled.config_hash);
+}
+
+#[test]
+fn an_invalid_spec_builds_nothing() {
+    let f = farm_with("farm", json!({"backend": {"notification": "ByValue"}}));
+    let e = children(&f, &opts()).unwrap_err();
+    assert!(e.to_string().contains("spec.backend.url"), "{e}");
+}
