@@ -212,9 +212,13 @@ pub async fn upload(args: UploadArgs) -> i32 {
 /// `bitsfarm farm` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FarmArgs {
-    /// Number of members.
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
+    /// An UploadFarm manifest to run: its directories, backends, limits and timeouts [default: a
+    /// farm of 3 members with one upload directory at /].
+    #[arg(long, short = 'f', value_name = "FARM.yaml")]
+    pub file: Option<std::path::PathBuf>,
+    /// Number of members [default: the file's replicas, else 3].
+    #[arg(long)]
+    pub replicas: Option<usize>,
     /// The shared address; members listen on the next ports up (then the receiver).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub shared: std::net::SocketAddr,
@@ -238,13 +242,23 @@ pub struct FarmArgs {
 
 /// `bitsfarm farm`: runs the members and, when asked, the receiver, until Ctrl-C.
 pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
-    let server = crate::config::ConfigFile {
-        host_id_fallback_timeout: args.host_id_fallback_timeout,
-        session_timeout: args.session_timeout,
-        ..Default::default()
+    // The same UploadFarmSpec -> server configuration mapping the operator uses.
+    let (mut server, spec_replicas) = match &args.file {
+        Some(path) => {
+            let farm = crate::operator::render::load_farm(path)?;
+            let config = crate::api::server_config(&farm.spec)?;
+            (config, usize::try_from(farm.spec.replicas).unwrap_or(0))
+        }
+        None => (crate::config::ConfigFile::default(), 3),
     };
+    if args.host_id_fallback_timeout.is_some() {
+        server.host_id_fallback_timeout = args.host_id_fallback_timeout;
+    }
+    if args.session_timeout.is_some() {
+        server.session_timeout = args.session_timeout;
+    }
     let plan = crate::farm::FarmPlan {
-        replicas: args.replicas,
+        replicas: args.replicas.unwrap_or(spec_replicas),
         shared: args.shared,
         data_dir: args.data_dir,
         host_ids: !args.no_host_id,

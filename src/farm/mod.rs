@@ -61,6 +61,37 @@ impl FarmPlan {
         self.member_addr(self.replicas)
     }
 
+    /// Where reference receivers run: the one `receiver` asks for, or every backend of the
+    /// configuration that is on this machine (a loopback address), so that a farm spec whose
+    /// backend is `http://127.0.0.1:PORT/...` runs with its backend.
+    pub fn receivers(&self) -> Result<Vec<SocketAddr>, FarmError> {
+        if self.receiver {
+            return Ok(vec![self.receiver_addr()?]);
+        }
+        let urls = std::iter::once(&self.server.notify_url)
+            .chain(self.server.directories.iter().map(|d| &d.notify_url))
+            .flatten();
+        let mut out = Vec::new();
+        for u in urls {
+            let Ok(url) = reqwest::Url::parse(u) else {
+                continue;
+            };
+            let ip = match url.host() {
+                Some(url::Host::Domain("localhost")) => std::net::IpAddr::from([127, 0, 0, 1]),
+                Some(url::Host::Ipv4(ip)) => ip.into(),
+                Some(url::Host::Ipv6(ip)) => ip.into(),
+                _ => continue,
+            };
+            if let (true, Some(port)) = (ip.is_loopback(), url.port_or_known_default()) {
+                let addr = SocketAddr::new(ip, port);
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The configuration file of member `index`: the shared settings, plus its own addresses and
     /// folders.
     pub fn member_config(&self, index: usize) -> Result<ConfigFile, FarmError> {
@@ -105,10 +136,9 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     tokio::fs::create_dir_all(&plan.data_dir)
         .await
         .map_err(io(&plan.data_dir))?;
-    let mut receiver = None;
-    if plan.receiver {
-        let addr = plan.receiver_addr()?;
-        let dir = plan.data_dir.join("received");
+    let mut receivers = Vec::new();
+    for addr in plan.receivers()? {
+        let dir = plan.data_dir.join(format!("received-{}", addr.port()));
         let mut child = Command::new(exe)
             .args(["receiver", "--listen", &addr.to_string(), "--dir"])
             .arg(&dir)
@@ -122,7 +152,7 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
             dir.display()
         ))
         .await;
-        receiver = Some(child);
+        receivers.push(child);
     }
     let mut members = Vec::new();
     for index in 0..plan.replicas {
@@ -172,8 +202,8 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     for m in &mut members {
         stop(m).await;
     }
-    if let Some(mut r) = receiver {
-        terminate(&mut r).await;
+    for r in &mut receivers {
+        terminate(r).await;
     }
     say("stopped").await;
     Ok(())

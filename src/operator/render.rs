@@ -23,18 +23,10 @@ pub enum RenderError {
 
 /// Renders the farm in `path` as a multi-document YAML stream, ready for `kubectl apply -f -`.
 pub fn render_file(path: &Path, opts: &BuildOptions) -> Result<String, RenderError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| RenderError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    render_str(&text, opts).map_err(|e| match e {
-        RenderError::Parse { message, .. } => RenderError::Parse {
-            path: shown.clone(),
-            message,
-        },
+    let farm = load_farm(path)?;
+    render_farm(&farm, opts).map_err(|e| match e {
         RenderError::Invalid { message, .. } => RenderError::Invalid {
-            path: shown.clone(),
+            path: path.display().to_string(),
             message,
         },
         other => other,
@@ -42,6 +34,28 @@ pub fn render_file(path: &Path, opts: &BuildOptions) -> Result<String, RenderErr
 }
 
 pub fn render_str(text: &str, opts: &BuildOptions) -> Result<String, RenderError> {
+    render_farm(&parse_farm(text)?, opts)
+}
+
+fn render_farm(farm: &UploadFarm, opts: &BuildOptions) -> Result<String, RenderError> {
+    let invalid = |message: String| RenderError::Invalid {
+        path: "<input>".into(),
+        message,
+    };
+    let objects = children(farm, opts)
+        .map_err(|e| invalid(e.to_string()))?
+        .to_values()
+        .map_err(|e| invalid(e.to_string()))?;
+    let mut out = String::new();
+    for o in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&o).map_err(|e| invalid(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+/// Reads an UploadFarm manifest (one YAML document), checking its kind and name.
+pub fn parse_farm(text: &str) -> Result<UploadFarm, RenderError> {
     let parse = |message: String| RenderError::Parse {
         path: "<input>".into(),
         message,
@@ -69,18 +83,21 @@ pub fn render_str(text: &str, opts: &BuildOptions) -> Result<String, RenderError
     if farm.metadata.name.as_deref().is_none_or(str::is_empty) {
         return Err(parse("metadata.name is missing".into()));
     }
-    let invalid = |message: String| RenderError::Invalid {
-        path: "<input>".into(),
-        message,
-    };
-    let objects = children(&farm, opts)
-        .map_err(|e| invalid(e.to_string()))?
-        .to_values()
-        .map_err(|e| invalid(e.to_string()))?;
-    let mut out = String::new();
-    for o in objects {
-        out.push_str("---\n");
-        out.push_str(&serde_saphyr::to_string(&o).map_err(|e| invalid(e.to_string()))?);
-    }
-    Ok(out)
+    Ok(farm)
+}
+
+/// Reads an UploadFarm manifest from a file.
+pub fn load_farm(path: &Path) -> Result<UploadFarm, RenderError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| RenderError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse_farm(&text).map_err(|e| match e {
+        RenderError::Parse { message, .. } => RenderError::Parse {
+            path: shown.clone(),
+            message,
+        },
+        other => other,
+    })
 }
