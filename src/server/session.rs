@@ -527,11 +527,13 @@ impl UploadDir {
         blocking(move || {
             write_json(&dir.join(DELIVERY_FILE), &o, sync).map_err(io_error)?;
             // The ledger is a second copy for later sessions; losing it only costs a re-delivery
-            // with the same key, which the backend can recognise.
-            if let Err(e) = write_json(&ledger, &o, sync) {
+            // with the same key, which the backend can recognise. The reply goes in first, whole,
+            // so an entry is never found without the reply it names.
+            let copied = o.static_reply_url.is_some() || copy_whole(&reply, &ledger_reply, sync);
+            if !copied {
+                warn!("cannot copy the reply into the delivery ledger");
+            } else if let Err(e) = write_json(&ledger, &o, sync) {
                 warn!(error = %e, "cannot write the delivery ledger");
-            } else if reply.exists() {
-                let _ = fs::copy(&reply, &ledger_reply);
             }
             Ok(())
         })
@@ -910,14 +912,32 @@ fn write_json<T: Serialize>(path: &Path, value: &T, sync: bool) -> io::Result<()
 fn load_ledger(ledger: &Path, ledger_reply: &Path, reply: &Path) -> Option<DeliveryOutcome> {
     let outcome: DeliveryOutcome = serde_json::from_slice(&fs::read(ledger).ok()?).ok()?;
     if outcome.static_reply_url.is_none() {
-        fs::create_dir_all(reply.parent()?).ok()?;
-        if ledger_reply.exists() {
-            fs::copy(ledger_reply, reply).ok()?;
-        } else {
-            fs::write(reply, b"").ok()?;
+        // An entry without its reply (torn by a crash) is not trusted: the upload is delivered
+        // again, with the same key, rather than answered with an empty reply.
+        if !ledger_reply.is_file() {
+            return None;
         }
+        fs::create_dir_all(reply.parent()?).ok()?;
+        fs::copy(ledger_reply, reply).ok()?;
     }
     Some(outcome)
+}
+
+/// Copies `from` to `to` through a temporary file and a rename, so `to` is whole or absent.
+fn copy_whole(from: &Path, to: &Path, sync: bool) -> bool {
+    let mut tmp = to.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let copied = fs::copy(from, &tmp).and_then(|_| {
+        if sync {
+            File::open(&tmp)?.sync_data()?;
+        }
+        fs::rename(&tmp, to)
+    });
+    if copied.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    copied.is_ok()
 }
 
 /// Forgets deliveries older than the session timeout: by then no client can still be retrying.

@@ -12,7 +12,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,10 @@ pub struct Server {
     pub scratch: TempDir,
     args: Vec<String>,
     starts: usize,
+    /// Extra environment variables for the next starts (see `start_with_env`, `set_env`).
+    env: Vec<(String, String)>,
+    /// Every stdout line of the latest start (the first included), as it arrives.
+    stdout_lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -89,6 +94,8 @@ impl Server {
             scratch,
             args: extra.iter().map(|s| s.to_string()).collect(),
             starts: 0,
+            env: Vec::new(),
+            stdout_lines: Arc::default(),
         };
         server.spawn();
         server
@@ -133,6 +140,8 @@ impl Server {
             scratch,
             args,
             starts: 0,
+            env: Vec::new(),
+            stdout_lines: Arc::default(),
         };
         server.try_spawn()?;
         Ok(server)
@@ -164,22 +173,36 @@ impl Server {
             .env("RUST_LOG", "bitsfarm=debug")
             .env("NO_COLOR", "1")
             .env_remove("BITSFARM_HOST_ID")
+            .env_remove("BITSFARM_TEST_PAUSE_AT")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("starting the bitsfarm binary");
         let stdout = child.stdout.take().expect("the child's stdout");
         let (tx, rx) = mpsc::channel::<String>();
-        // Reads the first line for us, then keeps draining stdout so the child never blocks on it.
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        self.stdout_lines = lines.clone();
+        // Reads the first line for us, then keeps draining stdout (so the child never blocks on
+        // it), keeping every line for `wait_stdout`.
         thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut first = String::new();
             let _ = reader.read_line(&mut first);
+            lines.lock().unwrap().push(first.trim_end().to_string());
             let _ = tx.send(first);
-            let mut sink = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut sink) {
-                if n == 0 {
-                    break;
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                        let mut all = lines.lock().unwrap();
+                        if all.len() < 10_000 {
+                            all.push(text);
+                        }
+                    }
                 }
             }
         });
@@ -382,6 +405,50 @@ impl Server {
             .join("BITS-Sessions")
             .join("Requests")
             .join(id)
+    }
+
+    // -- environment and stdout ---------------------------------------------------------------
+
+    /// Like `start`, with extra environment variables (e.g. `BITSFARM_TEST_PAUSE_AT`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut s = Self::start(extra);
+        s.set_env(env);
+        s.restart();
+        s
+    }
+
+    /// Replaces the extra environment variables used from the next start on.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Every stdout line the latest start printed so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout_lines.lock().unwrap().clone()
+    }
+
+    /// Waits up to `limit` for a stdout line of the latest start containing `needle`.
+    pub fn wait_stdout(&self, needle: &str, limit: Duration) -> Option<String> {
+        let mut found = None;
+        wait_until(limit, || {
+            found = self
+                .stdout_lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned();
+            found.is_some()
+        });
+        found
+    }
+
+    /// A counter or gauge from /metrics (summed over its label sets); 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics(), name)
     }
 }
 
@@ -880,4 +947,483 @@ pub fn is_hresult(v: &str) -> bool {
         && v[2..]
             .chars()
             .all(|c| c.is_ascii_digit() || matches!(c, 'A'..='F'))
+}
+
+/// The value of metric `name` in a Prometheus/OpenMetrics text exposition, summed over its label
+/// sets; 0 when it is absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if let Some(labelled) = rest.strip_prefix('{') {
+                labelled.split_once('}')?.1
+            } else {
+                rest
+            };
+            if !rest.starts_with(' ') {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference server application (`bitsfarm receiver`)
+// ---------------------------------------------------------------------------------------------
+
+/// One delivery the receiver stored: `<dir>/<key>/{content,delivery.json}`.
+#[derive(Debug, Clone)]
+pub struct StoredDelivery {
+    pub key: String,
+    pub content_sha256: String,
+    pub record: serde_json::Value,
+}
+
+impl StoredDelivery {
+    /// The reply the receiver gave (and gives again to any repeat).
+    pub fn reply(&self) -> String {
+        self.record["reply"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A running `bitsfarm receiver` on 127.0.0.1 with its own temporary folder. SIGKILLed on drop.
+pub struct ReceiverProcess {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _root: TempDir,
+}
+
+impl ReceiverProcess {
+    pub fn start() -> ReceiverProcess {
+        let root = tempfile::Builder::new()
+            .prefix("bitsfarm-it-receiver-")
+            .tempdir()
+            .expect("creating the receiver's folder");
+        let dir = root.path().join("deliveries");
+        let log = fs::File::create(root.path().join("receiver.log")).expect("receiver log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
+            .arg("receiver")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--dir")
+            .arg(&dir)
+            .env("RUST_LOG", "bitsfarm=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting bitsfarm receiver");
+        let stdout = child.stdout.take().expect("the receiver's stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let _ = tx.send(first);
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let line = rx.recv_timeout(STARTUP_TIMEOUT).unwrap_or_default();
+        let addr = line
+            .trim_end()
+            .strip_prefix("bitsfarm receiver: listening on http://")
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the receiver did not start: first stdout line {line:?}; log:\n{}",
+                fs::read_to_string(root.path().join("receiver.log")).unwrap_or_default()
+            );
+        };
+        ReceiverProcess {
+            child: Some(child),
+            addr,
+            dir,
+            _root: root,
+        }
+    }
+
+    /// `http://ADDR<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn metrics(&self) -> String {
+        let r = Conn::open(self.addr)
+            .send(&Request::new("GET", "/metrics"))
+            .expect("GET the receiver's /metrics");
+        assert_eq!(r.status, 200, "receiver /metrics: {r:?}");
+        r.text()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics(), name)
+    }
+
+    /// Every delivery stored, sorted by key (the `.incoming` staging folder is not one).
+    pub fn deliveries(&self) -> Vec<StoredDelivery> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            let record: serde_json::Value = serde_json::from_slice(
+                &fs::read(p.join("delivery.json"))
+                    .unwrap_or_else(|e| panic!("{}/delivery.json: {e}", p.display())),
+            )
+            .expect("delivery.json is JSON");
+            out.push(StoredDelivery {
+                key: name,
+                content_sha256: file_sha256(&p.join("content")),
+                record,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// SIGKILLs the receiver.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ReceiverProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scripted server application
+// ---------------------------------------------------------------------------------------------
+
+/// A request the scripted backend received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the scripted backend does with a request (after reading all of it).
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// Answers with this status, headers and body (and closes the connection).
+    Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Holds the connection open without answering for this long, then closes it.
+    Stall(Duration),
+    /// Sends a 200 head promising a longer body than it sends, then stalls like `Stall`.
+    HeadThenStall(Duration),
+}
+
+impl Answer {
+    pub fn ok(body: &[u8]) -> Answer {
+        Answer::status(200, body)
+    }
+
+    pub fn status(status: u16, body: &[u8]) -> Answer {
+        Answer::Reply {
+            status,
+            headers: Vec::new(),
+            body: body.to_vec(),
+        }
+    }
+
+    pub fn with_header(self, name: &str, value: &str) -> Answer {
+        match self {
+            Answer::Reply {
+                status,
+                mut headers,
+                body,
+            } => {
+                headers.push((name.to_string(), value.to_string()));
+                Answer::Reply {
+                    status,
+                    headers,
+                    body,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+type Script = Box<dyn FnMut(usize, &Recorded) -> Answer + Send>;
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 that records every request and answers what the test's
+/// script says (the script gets the request's index, counting from 0, and the request). One
+/// thread per connection; every answer closes its connection.
+pub struct Backend {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    script: Arc<Mutex<Script>>,
+    stop: Arc<AtomicBool>,
+    /// Connections accepted (including ones that sent no complete request).
+    connections: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub fn start(script: impl FnMut(usize, &Recorded) -> Answer + Send + 'static) -> Backend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), script)
+    }
+
+    /// Starts on a given address (to take over a port that refused connections before).
+    pub fn start_on(
+        addr: SocketAddr,
+        script: impl FnMut(usize, &Recorded) -> Answer + Send + 'static,
+    ) -> Backend {
+        assert!(addr.ip().is_loopback(), "tests only listen on 127.0.0.1");
+        let listener = std::net::TcpListener::bind(addr)
+            .unwrap_or_else(|e| panic!("binding the scripted backend on {addr}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let script: Arc<Mutex<Script>> = Arc::new(Mutex::new(Box::new(script)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        {
+            let (requests, script, stop, connections) = (
+                requests.clone(),
+                script.clone(),
+                stop.clone(),
+                connections.clone(),
+            );
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let (requests, script, stop) = (requests.clone(), script.clone(), stop.clone());
+                    thread::spawn(move || serve_scripted(stream, &requests, &script, &stop));
+                }
+            });
+        }
+        Backend {
+            addr,
+            requests,
+            script,
+            stop,
+            connections,
+        }
+    }
+
+    /// `http://ADDR<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the script for the requests still to come.
+    pub fn set_script(&self, script: impl FnMut(usize, &Recorded) -> Answer + Send + 'static) {
+        *self.script.lock().unwrap() = Box::new(script);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn serve_scripted(
+    mut stream: TcpStream,
+    requests: &Mutex<Vec<Recorded>>,
+    script: &Mutex<Script>,
+    stop: &AtomicBool,
+) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let Ok(rec) = read_request(&mut stream) else {
+        return;
+    };
+    let answer = {
+        let mut all = requests.lock().unwrap();
+        all.push(rec.clone());
+        let index = all.len() - 1;
+        drop(all);
+        (script.lock().unwrap())(index, &rec)
+    };
+    match answer {
+        Answer::Reply {
+            status,
+            headers,
+            body,
+        } => {
+            let mut out = format!("HTTP/1.1 {status} Scripted\r\n");
+            for (n, v) in &headers {
+                out.push_str(&format!("{n}: {v}\r\n"));
+            }
+            out.push_str(&format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ));
+            let mut bytes = out.into_bytes();
+            bytes.extend_from_slice(&body);
+            let _ = stream.write_all(&bytes);
+            let _ = stream.flush();
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            // Lets the peer read the answer before the socket goes away.
+            let mut sink = [0u8; 1024];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.read(&mut sink);
+        }
+        Answer::HeadThenStall(d) => {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
+            let _ = stream.flush();
+            let deadline = Instant::now() + d;
+            while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Answer::Stall(d) => {
+            let deadline = Instant::now() + d;
+            while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Reads one request: head, then a body framed by Content-Length or chunked coding.
+fn read_request(stream: &mut TcpStream) -> io::Result<Recorded> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let fill = |stream: &mut TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]| -> io::Result<()> {
+        let n = stream.read(chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_RESPONSE {
+            return Err(io::Error::other("request too large"));
+        }
+        Ok(())
+    };
+    let (method, target, headers, head_len) = loop {
+        let mut hdrs = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut hdrs);
+        match req
+            .parse(&buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        {
+            httparse::Status::Complete(n) => {
+                let headers: Vec<(String, String)> = req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                    headers,
+                    n,
+                );
+            }
+            httparse::Status::Partial => fill(stream, &mut buf, &mut chunk)?,
+        }
+    };
+    buf.drain(..head_len);
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body =
+        if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            let mut body = Vec::new();
+            let mut done = false;
+            for _ in 0..1_000_000 {
+                let Some(i) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    fill(stream, &mut buf, &mut chunk)?;
+                    continue;
+                };
+                let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "chunk size"))?;
+                while buf.len() < i + 2 + size + 2 {
+                    fill(stream, &mut buf, &mut chunk)?;
+                }
+                body.extend_from_slice(&buf[i + 2..i + 2 + size]);
+                buf.drain(..i + 2 + size + 2);
+                if size == 0 {
+                    done = true;
+                    break;
+                }
+            }
+            if !done {
+                return Err(io::Error::other("too many chunks"));
+            }
+            body
+        } else {
+            let len: usize = find("content-length")
+                .map(|v| v.trim().parse().unwrap_or(0))
+                .unwrap_or(0);
+            while buf.len() < len {
+                fill(stream, &mut buf, &mut chunk)?;
+            }
+            buf.truncate(len);
+            buf
+        };
+    Ok(Recorded {
+        method,
+        target,
+        headers,
+        body,
+    })
 }
