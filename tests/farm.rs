@@ -1,0 +1,577 @@
+//! End-to-end tests of a farm's promises with real processes on 127.0.0.1: `bitsfarm farm` (members
+//! behind one SO_REUSEPORT address), `bitsfarm upload` (the client) and `bitsfarm receiver`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Conn, Request, metric_value, random_bytes, sha256_hex};
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitsfarm");
+
+/// `n` consecutive free ports on 127.0.0.1 (the farm puts its shared address, members and
+/// receiver on consecutive ports).
+fn free_port_block(n: u16) -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(7);
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 30_000) as u16;
+        let held: Vec<_> = (0..n)
+            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports on 127.0.0.1");
+}
+
+/// Lines a child prints on stdout, collected by a thread.
+fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `needle`; returns every line seen up to it.
+fn wait_line(rx: &Receiver<String>, needle: &str, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no line containing {needle:?} within {limit:?}; saw {seen:#?}");
+}
+
+/// A running `bitsfarm farm`; told to exit (and killed if it will not) on drop.
+struct Farm {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    shared: SocketAddr,
+    data: TempDir,
+    replicas: u16,
+}
+
+impl Farm {
+    fn start(replicas: u16, extra: &[&str]) -> Farm {
+        let base = free_port_block(replicas + 2);
+        let shared: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
+        let data = tempfile::Builder::new()
+            .prefix("bitsfarm-farm-")
+            .tempdir()
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["farm", "--replicas", &replicas.to_string(), "--shared"])
+            .arg(shared.to_string())
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env_remove("BITSFARM_TEST_PAUSE_AT")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting bitsfarm farm");
+        let stdin = child.stdin.take().unwrap();
+        let lines = line_channel(child.stdout.take().unwrap());
+        wait_line(&lines, "ready", Duration::from_secs(60));
+        Farm {
+            child,
+            stdin,
+            lines,
+            shared,
+            data,
+            replicas,
+        }
+    }
+
+    fn member(&self, i: u16) -> SocketAddr {
+        SocketAddr::new(self.shared.ip(), self.shared.port() + 1 + i)
+    }
+
+    fn member_of(&self, host_id: &str) -> u16 {
+        let addr: SocketAddr = host_id.parse().expect("host id is an address");
+        addr.port() - self.shared.port() - 1
+    }
+
+    fn command(&mut self, cmd: &str, expect: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        wait_line(&self.lines, expect, Duration::from_secs(30));
+    }
+
+    fn member_metrics(&self, i: u16) -> String {
+        let r = Conn::open(self.member(i))
+            .send(&Request::new("GET", "/metrics"))
+            .expect("GET /metrics of a member");
+        r.text()
+    }
+
+    fn fragments_per_member(&self) -> Vec<f64> {
+        (0..self.replicas)
+            .map(|i| {
+                metric_value(
+                    &self.member_metrics(i),
+                    "bitsfarm_packets_total{packet=\"Fragment\"}",
+                )
+            })
+            .collect()
+    }
+
+    /// Deliveries the farm's receiver stored: (key, SHA-256 of the content).
+    fn received(&self) -> Vec<(String, String)> {
+        stored_deliveries(&self.data.path().join(format!(
+            "received-{}",
+            self.shared.port() + 1 + self.replicas
+        )))
+    }
+
+    fn receiver_metrics(&self) -> String {
+        let addr = SocketAddr::new(self.shared.ip(), self.shared.port() + 1 + self.replicas);
+        Conn::open(addr)
+            .send(&Request::new("GET", "/metrics"))
+            .expect("GET receiver /metrics")
+            .text()
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stored_deliveries(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let content = std::fs::read(e.path().join("content")).unwrap_or_default();
+        out.push((name, sha256_hex(&content)));
+    }
+    out.sort();
+    out
+}
+
+/// A `bitsfarm upload --json` run in the background.
+struct Upload {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Upload {
+    fn start(file: &Path, url: &str, extra: &[&str]) -> Upload {
+        let mut child = Command::new(BIN)
+            .arg("upload")
+            .arg(file)
+            .arg(url)
+            .args(["--json", "--no-resume"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting bitsfarm upload");
+        let lines = line_channel(child.stdout.take().unwrap());
+        Upload {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn wait_event(&mut self, needle: &str) -> serde_json::Value {
+        let lines = wait_line(&self.lines, needle, Duration::from_secs(60));
+        self.seen.extend(lines.iter().cloned());
+        serde_json::from_str(lines.last().unwrap()).expect("a JSON event")
+    }
+
+    /// Waits for the end; returns the exit code and the final report.
+    fn finish(mut self, limit: Duration) -> (i32, serde_json::Value) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "the upload did not finish within {limit:?}; saw {:#?}",
+                    self.seen
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        let mut last = serde_json::Value::Null;
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                last = v;
+            }
+            self.seen.push(l);
+        }
+        (status.code().unwrap_or(-1), last)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn data_file(dir: &Path, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
+    let data = random_bytes(len, seed);
+    let path = dir.join(format!("upload-{seed}.bin"));
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+fn report_u64(report: &serde_json::Value, key: &str) -> u64 {
+    report["report"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("report.{key} in {report}"))
+}
+
+#[test]
+fn with_host_ids_every_packet_after_create_session_lands_on_one_member() {
+    let farm = Farm::start(3, &["--receiver"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 2 << 20, 1);
+    // A new connection per packet: without host ids these would spread over the members.
+    let mut up = Upload::start(
+        &file,
+        &format!("http://{}/up/a.bin", farm.shared),
+        &[
+            "--fragment-size",
+            "262144",
+            "--no-keep-alive",
+            "--retry-delay",
+            "1",
+        ],
+    );
+    let session = up.wait_event("\"session\"");
+    let owner = farm.member_of(session["host_id"].as_str().expect("a host id"));
+    let (code, report) = up.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report_u64(&report, "restarts"), 0);
+    assert_eq!(report_u64(&report, "bytes_sent"), data.len() as u64);
+    let per_member = farm.fragments_per_member();
+    for (i, n) in per_member.iter().enumerate() {
+        let expected = if i as u16 == owner { 8.0 } else { 0.0 };
+        assert_eq!(
+            *n, expected,
+            "Fragments per member: {per_member:?}, owner {owner}"
+        );
+    }
+    let got = farm.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, sha256_hex(&data));
+}
+
+#[test]
+fn without_host_ids_sessions_break_and_restart_from_zero() {
+    // The number this project exists to improve: bytes resent and restarts when a farm has no
+    // affinity (every connection may land on another member).
+    let farm = Farm::start(2, &["--receiver", "--no-host-id"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 128 << 10, 2);
+    let (mut restarts, mut sent) = (0, 0);
+    for round in 0..5 {
+        let up = Upload::start(
+            &file,
+            &format!("http://{}/up/r{round}.bin", farm.shared),
+            &[
+                "--fragment-size",
+                "65536",
+                "--no-keep-alive",
+                "--retry-delay",
+                "0",
+            ],
+        );
+        let (code, report) = up.finish(Duration::from_secs(60));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report["report"]["host_id"], serde_json::Value::Null);
+        restarts += report_u64(&report, "restarts");
+        sent += report_u64(&report, "bytes_sent");
+    }
+    let size = 5 * data.len() as u64;
+    println!(
+        "without host ids: 5 uploads of {} bytes, {restarts} restarts from zero, {} bytes resent ({:.1}x the data)",
+        data.len(),
+        sent - size,
+        sent as f64 / size as f64
+    );
+    // Each upload needs its 2 fragments and Close to reach the member of its session by chance:
+    // with 2 members all 5 uploads avoiding a restart has a probability of (1/8)^5.
+    assert!(restarts > 0, "no session ever broke");
+    assert!(sent > size);
+    let got = farm.received();
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert!(got.iter().all(|(_, sha)| *sha == sha256_hex(&data)));
+}
+
+#[test]
+fn a_killed_member_is_left_after_the_fallback_timeout_and_the_upload_finishes_elsewhere() {
+    let mut farm = Farm::start(2, &["--receiver", "--host-id-fallback-timeout", "2"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 3 << 20, 3);
+    let mut up = Upload::start(
+        &file,
+        &format!("http://{}/up/k.bin", farm.shared),
+        &[
+            "--fragment-size",
+            "65536",
+            "--retry-delay",
+            "1",
+            "--no-progress-timeout",
+            "60",
+        ],
+    );
+    let session = up.wait_event("\"session\"");
+    let owner = farm.member_of(session["host_id"].as_str().unwrap());
+    up.wait_event("\"progress\"");
+    farm.command(&format!("kill {owner}"), "killed");
+    let started = Instant::now();
+    let (code, report) = up.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{report}");
+    assert!(report_u64(&report, "fallbacks") >= 1, "{report}");
+    assert!(report_u64(&report, "restarts") >= 1, "{report}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "fell back before the fallback timeout"
+    );
+    let got = farm.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].1,
+        sha256_hex(&data),
+        "the file at the backend is complete"
+    );
+}
+
+#[test]
+fn a_restarted_member_resumes_the_upload_without_resending() {
+    let mut farm = Farm::start(2, &["--receiver", "--host-id-fallback-timeout", "60"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 4 << 20, 4);
+    let fragment = 131_072u64;
+    let mut up = Upload::start(
+        &file,
+        &format!("http://{}/up/s.bin", farm.shared),
+        &[
+            "--fragment-size",
+            &fragment.to_string(),
+            "--retry-delay",
+            "1",
+        ],
+    );
+    let session = up.wait_event("\"session\"");
+    let owner = farm.member_of(session["host_id"].as_str().unwrap());
+    up.wait_event("\"progress\"");
+    farm.command(&format!("kill {owner}"), "killed");
+    farm.command(&format!("restart {owner}"), "restarted");
+    let (code, report) = up.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report_u64(&report, "restarts"), 0, "{report}");
+    assert_eq!(report_u64(&report, "sessions"), 1, "{report}");
+    let resent = report_u64(&report, "bytes_sent") - data.len() as u64;
+    assert!(resent <= fragment, "resent {resent} bytes: {report}");
+    let got = farm.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, sha256_hex(&data));
+}
+
+/// The seed's duplicate: a member dies after the backend took the file and before the client got
+/// its Ack; after the fallback another member receives the whole file and delivers it again. The
+/// receiver stores it once, because both deliveries carry the same Idempotency-Key.
+#[test]
+fn a_duplicate_delivery_after_fallback_is_stored_once() {
+    let base = free_port_block(4);
+    let shared = format!("127.0.0.1:{base}");
+    let (a_addr, b_addr) = (
+        format!("127.0.0.1:{}", base + 1),
+        format!("127.0.0.1:{}", base + 2),
+    );
+    let root = TempDir::new().unwrap();
+    let mut receiver = Command::new(BIN)
+        .args([
+            "receiver",
+            "--listen",
+            &format!("127.0.0.1:{}", base + 3),
+            "--dir",
+        ])
+        .arg(root.path().join("received"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx_lines = line_channel(receiver.stdout.take().unwrap());
+    wait_line(&rx_lines, "listening", Duration::from_secs(30));
+    let member = |addr: &str, dir: &str, pause: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "serve",
+            "--listen",
+            addr,
+            "--shared-listen",
+            &shared,
+            "--host-id",
+            addr,
+        ])
+        .args([
+            "--host-id-fallback-timeout",
+            "2",
+            "--notify-type",
+            "by-value",
+        ])
+        .arg("--notify-url")
+        .arg(format!("http://127.0.0.1:{}/deliveries", base + 3))
+        .arg("--data-dir")
+        .arg(root.path().join(dir))
+        .env("RUST_LOG", "warn")
+        .env_remove("BITSFARM_TEST_PAUSE_AT")
+        .stdout(Stdio::piped());
+        if let Some(p) = pause {
+            c.env("BITSFARM_TEST_PAUSE_AT", p);
+        }
+        let mut child = c.spawn().unwrap();
+        let lines = line_channel(child.stdout.take().unwrap());
+        wait_line(&lines, "listening", Duration::from_secs(30));
+        (child, lines)
+    };
+    // Only A is up when the upload starts, so A holds the session.
+    let (mut a, a_lines) = member(&a_addr, "a", Some("after-notify"));
+    let (file, data) = data_file(root.path(), 1 << 20, 5);
+    let up = Upload::start(
+        &file,
+        &format!("http://{shared}/up/dup.bin"),
+        &["--fragment-size", "262144", "--retry-delay", "1"],
+    );
+    wait_line(&a_lines, "paused at after-notify", Duration::from_secs(60));
+    let (mut b, _b_lines) = member(&b_addr, "b", None);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let (code, report) = up.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{report}");
+    assert!(report_u64(&report, "fallbacks") >= 1, "{report}");
+    assert_eq!(report["report"]["host_id"], b_addr.as_str(), "{report}");
+    let stored = stored_deliveries(&root.path().join("received"));
+    assert_eq!(stored.len(), 1, "stored once: {stored:?}");
+    assert_eq!(stored[0].1, sha256_hex(&data));
+    let metrics = Conn::open(format!("127.0.0.1:{}", base + 3).parse().unwrap())
+        .send(&Request::new("GET", "/metrics"))
+        .unwrap()
+        .text();
+    assert_eq!(
+        metric_value(&metrics, "bitsfarm_receiver_deliveries_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "bitsfarm_receiver_duplicates_suppressed_total"),
+        1.0,
+        "the second delivery carried the same Idempotency-Key: {metrics}"
+    );
+    let _ = b.kill();
+    let _ = b.wait();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
+
+#[test]
+fn farm_runs_an_uploadfarm_manifest_with_its_local_backend() {
+    let base = free_port_block(5);
+    let manifest = TempDir::new().unwrap();
+    let path = manifest.path().join("farm.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: bitsfarm.io/v1alpha1\nkind: UploadFarm\nmetadata:\n  name: t\nspec:\n  replicas: 2\n  uploadPath: /in\n  backend:\n    url: http://127.0.0.1:{}/deliveries\n    notification: ByValue\n",
+            base + 4
+        ),
+    )
+    .unwrap();
+    let data = TempDir::new().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["farm", "-f"])
+        .arg(&path)
+        .args(["--shared", &format!("127.0.0.1:{base}"), "--data-dir"])
+        .arg(data.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = line_channel(child.stdout.take().unwrap());
+    let seen = wait_line(&lines, "ready", Duration::from_secs(60));
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&format!("receiver http://127.0.0.1:{}", base + 4))),
+        "{seen:#?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|l| l.contains("member ")).count(),
+        2,
+        "{seen:#?}"
+    );
+    let (file, bytes) = data_file(manifest.path(), 100_000, 6);
+    let reply = manifest.path().join("reply.txt");
+    let up = Upload::start(
+        &file,
+        &format!("http://127.0.0.1:{base}/in/x.bin"),
+        &["--reply", reply.to_str().unwrap()],
+    );
+    let (code, report) = up.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{report}");
+    let reply = std::fs::read_to_string(&reply).unwrap();
+    assert!(
+        reply.contains(&sha256_hex(&bytes)),
+        "the reply is the receiver's: {reply}"
+    );
+    let stored = stored_deliveries(&data.path().join(format!("received-{}", base + 4)));
+    assert_eq!(stored.len(), 1);
+    let _ = writeln!(stdin, "exit");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+}
