@@ -29,7 +29,7 @@ fn report(out: &Output) -> serde_json::Value {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .last()
+        .next_back()
         .unwrap_or_default()
 }
 

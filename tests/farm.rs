@@ -150,14 +150,6 @@ impl Farm {
             self.shared.port() + 1 + self.replicas
         )))
     }
-
-    fn receiver_metrics(&self) -> String {
-        let addr = SocketAddr::new(self.shared.ip(), self.shared.port() + 1 + self.replicas);
-        Conn::open(addr)
-            .send(&Request::new("GET", "/metrics"))
-            .expect("GET receiver /metrics")
-            .text()
-    }
 }
 
 impl Drop for Farm {
@@ -574,4 +566,50 @@ fn farm_runs_an_uploadfarm_manifest_with_its_local_backend() {
         thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+}
+
+/// A member told to drain finishes its session, takes no new one (the shared address sends new
+/// sessions to the others), and exits when done.
+#[test]
+fn a_drained_member_finishes_its_session_takes_no_new_one_and_exits() {
+    let mut farm = Farm::start(2, &["--receiver"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 16 << 20, 7);
+    let mut up = Upload::start(
+        &file,
+        &format!("http://{}/up/long.bin", farm.shared),
+        &["--fragment-size", "65536", "--retry-delay", "1"],
+    );
+    let session = up.wait_event("\"session\"");
+    let owner = farm.member_of(session["host_id"].as_str().unwrap());
+    up.wait_event("\"progress\"");
+    farm.command(&format!("drain {owner}"), "draining");
+    // New sessions through the shared address all land on the other member.
+    let (small, _) = data_file(work.path(), 1000, 8);
+    for i in 0..6 {
+        let (code, report) = Upload::start(
+            &small,
+            &format!("http://{}/up/new{i}.bin", farm.shared),
+            &["--retry-delay", "1", "--no-keep-alive"],
+        )
+        .finish(Duration::from_secs(60));
+        assert_eq!(code, 0, "{report}");
+        let host = report["report"]["host_id"].as_str().unwrap().to_string();
+        assert_ne!(
+            farm.member_of(&host),
+            owner,
+            "a new session landed on the draining member"
+        );
+    }
+    let (code, report) = up.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report_u64(&report, "restarts"), 0, "{report}");
+    let got = farm.received();
+    assert!(got.iter().any(|(_, sha)| *sha == sha256_hex(&data)));
+    // Its session done, the drained member exits.
+    let gone = common::wait_until(Duration::from_secs(15), || {
+        std::net::TcpStream::connect_timeout(&farm.member(owner), Duration::from_millis(200))
+            .is_err()
+    });
+    assert!(gone, "the drained member is still listening");
 }

@@ -238,7 +238,7 @@ fn run_upload(args: &[&str]) -> (i32, serde_json::Value) {
     let last = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .last()
+        .next_back()
         .unwrap_or_default();
     (out.status.code().unwrap_or(-1), last)
 }

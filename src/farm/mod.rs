@@ -178,7 +178,7 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
         members.push(m);
     }
     say(&format!("shared http://{}", plan.shared)).await;
-    say("ready; commands: kill N, stop N, restart N, status, exit").await;
+    say("ready; commands: kill N, stop N, restart N, drain N, status, exit").await;
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -261,6 +261,18 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
         "stop" => {
             stop(m).await;
             say(&format!("member {} stopped", m.index)).await;
+        }
+        "drain" => {
+            // The member stops taking new sessions, leaves the shared address, and exits once
+            // its sessions are done.
+            let url = format!("http://{}/drain", m.addr);
+            match reqwest::Client::new().post(&url).send().await {
+                Ok(r) => {
+                    let body = r.text().await.unwrap_or_default();
+                    say(&format!("member {} draining {}", m.index, body.trim())).await;
+                }
+                Err(e) => say(&format!("error: member {}: {e}", m.index)).await,
+            }
         }
         "restart" => {
             stop(m).await;

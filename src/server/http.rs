@@ -51,12 +51,15 @@ pub async fn handle(
         match req.uri().path() {
             "/healthz" => return Ok(text(StatusCode::OK, "ok\n")),
             "/readyz" => {
-                return Ok(if state.ready.load(Ordering::Relaxed) {
+                return Ok(if state.draining.load(Ordering::Relaxed) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if state.ready.load(Ordering::Relaxed) {
                     text(StatusCode::OK, "ready\n")
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
                 });
             }
+            "/drain" => return Ok(drain_status(&state)),
             "/metrics" => {
                 let mut r = text(StatusCode::OK, state.metrics.encode());
                 r.headers_mut().insert(
@@ -69,6 +72,10 @@ pub async fn handle(
             }
             _ => {}
         }
+    }
+    if admin_here && req.method() == Method::POST && req.uri().path() == "/drain" {
+        state.start_drain();
+        return Ok(drain_status(&state));
     }
     if role == Role::Admin {
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
@@ -98,6 +105,23 @@ fn is_bits_post<B>(req: &Request<B>) -> bool {
                 .get(header::METHOD_OVERRIDE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case(BITS_POST)))
+}
+
+/// `{"draining": true, "sessions": N}`: how many sessions a draining server still waits for.
+fn drain_status(state: &AppState) -> Response<Body> {
+    let mut r = text(
+        StatusCode::OK,
+        format!(
+            "{{\"draining\":{},\"sessions\":{}}}\n",
+            state.draining.load(Ordering::Relaxed),
+            state.open_sessions()
+        ),
+    );
+    r.headers_mut().insert(
+        h::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -303,6 +327,9 @@ async fn create_session(
     destination: std::path::PathBuf,
     headers: &HeaderMap,
 ) -> Result<Ack, BitsError> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(BitsError::draining());
+    }
     let supported = required(
         headers,
         header::SUPPORTED_PROTOCOLS,

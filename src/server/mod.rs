@@ -47,9 +47,29 @@ pub struct AppState {
     /// Upload directories, longest URL prefix first.
     pub dirs: Vec<Arc<UploadDir>>,
     pub ready: AtomicBool,
+    /// Set by a drain request: no new sessions, off the shared address, exit when sessions end.
+    pub draining: AtomicBool,
+    drain_started: tokio::sync::Notify,
 }
 
 impl AppState {
+    /// Starts draining (idempotent): Create-Session is refused, readiness fails, the shared
+    /// address is given up, and the server exits once no session is open.
+    pub fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            info!(
+                sessions = self.open_sessions(),
+                "draining: no new sessions; finishing open ones"
+            );
+            self.drain_started.notify_one();
+        }
+    }
+
+    /// Sessions still receiving (not closed, cancelled or expired).
+    pub fn open_sessions(&self) -> i64 {
+        self.metrics.sessions_active.get()
+    }
+
     /// The upload directory a URL path belongs to (the longest matching prefix) and the path below it.
     pub fn directory_for<'a>(&self, path: &'a str) -> Option<(&UploadDir, &'a str)> {
         self.dirs.iter().find_map(|d| {
@@ -99,6 +119,8 @@ impl Server {
             metrics,
             dirs,
             ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            drain_started: tokio::sync::Notify::new(),
         });
         Ok(Server {
             state,
@@ -128,19 +150,19 @@ impl Server {
         let main_role = Role::Main {
             with_admin: self.admin.is_none(),
         };
-        let mut accepts = vec![(self.listener, main_role)];
+        let mut accepts = vec![(self.listener, main_role, false)];
         if let Some(s) = self.shared {
-            accepts.push((s, main_role));
+            accepts.push((s, main_role, true));
         }
         if let Some(a) = self.admin {
-            accepts.push((a, Role::Admin));
+            accepts.push((a, Role::Admin, false));
         }
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
         let acceptors: Vec<_> = accepts
             .into_iter()
-            .map(|(listener, role)| {
+            .map(|(listener, role, shared)| {
                 let tx = conn_tx.clone();
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     loop {
                         match listener.accept().await {
                             Ok((stream, peer)) => {
@@ -155,10 +177,30 @@ impl Server {
                             }
                         }
                     }
-                })
+                });
+                (task, shared)
             })
             .collect();
         drop(conn_tx);
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+        let shared_acceptors: Vec<_> = acceptors
+            .iter()
+            .filter(|(_, shared)| *shared)
+            .map(|(task, _)| task.abort_handle())
+            .collect();
+        let drained = async {
+            state.drain_started.notified().await;
+            // Leaving the shared address: the kernel sends new connections to the other members.
+            for task in &shared_acceptors {
+                task.abort();
+            }
+            while state.open_sessions() > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            info!("drained: every session has ended");
+        };
+        tokio::pin!(drained);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -180,11 +222,15 @@ impl Server {
                     });
                 }
                 _ = &mut shutdown => break,
+                _ = &mut drained => break,
+                Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    state.start_drain();
+                }
             }
         }
         info!("shutting down: no new connections; waiting for requests in flight");
         state.ready.store(false, Ordering::Relaxed);
-        for a in acceptors {
+        for (a, _) in acceptors {
             a.abort();
         }
         sweeper.abort();

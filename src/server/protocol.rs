@@ -186,6 +186,16 @@ impl BitsError {
         )
     }
 
+    /// The server is draining: it finishes its sessions but takes no new ones. A 5xx is transient
+    /// for BITS clients, so they retry (through the shared address, on another member).
+    pub fn draining() -> Self {
+        Self::new(
+            503,
+            0x8019_01F7,
+            "this server is draining and takes no new sessions; retry",
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, hresult::E_FAIL, message)
     }
