@@ -28,14 +28,17 @@ use crate::api::{HostStatus, InvalidSpec, UploadFarm, UploadFarmStatus};
 /// Why a reconcile failed. Each message names the object and the API server's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("applying {kind} {name} failed: {source}")]
+    #[error("applying {kind} {name} failed: {}", api_message(source))]
     Apply {
         kind: &'static str,
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("deleting the Service {name} of a removed pod failed: {source}")]
+    #[error(
+        "deleting the Service {name} of a removed pod failed: {}",
+        api_message(source)
+    )]
     Delete {
         name: String,
         #[source]
@@ -57,6 +60,16 @@ pub enum Error {
     NoNamespace { name: String },
     #[error(transparent)]
     InvalidSpec(#[from] InvalidSpec),
+}
+
+/// The API server's own words for a refusal (`Service "x" is invalid: metadata.name: ...`),
+/// without the debug dump of the whole Status that `kube::Error`'s Display appends: this text
+/// ends up in the farm's conditions and events.
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => format!("{} ({})", s.message, s.code),
+        other => other.to_string(),
+    }
 }
 
 impl Error {
@@ -322,12 +335,14 @@ async fn apply_children(
         )
         .await
         .map_err(apply_err("Service", names.headless_service()))?;
+    let sts_body =
+        resources::stateful_set_apply_body(&children.stateful_set).map_err(|e| Error::Apply {
+            kind: "StatefulSet",
+            name: names.stateful_set(),
+            source: kube::Error::SerdeError(e),
+        })?;
     let stateful_set = sets
-        .patch(
-            &names.stateful_set(),
-            &pp,
-            &Patch::Apply(&children.stateful_set),
-        )
+        .patch(&names.stateful_set(), &pp, &Patch::Apply(&sts_body))
         .await
         .map_err(apply_err("StatefulSet", names.stateful_set()))?;
     for svc in &children.host_services {

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod controller;
 pub mod health;
 pub mod metrics;
+pub mod rbac;
 pub mod render;
 pub mod resources;
 

@@ -15,7 +15,7 @@ mod services;
 mod statefulset;
 
 pub use services::{headless_service, host_service, shared_service};
-pub use statefulset::stateful_set;
+pub use statefulset::{apply_body as stateful_set_apply_body, stateful_set};
 
 /// The one field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "bitsfarm-operator";
@@ -178,7 +178,35 @@ pub struct Children {
     pub shared_service: Service,
 }
 
+/// The longest farm name: its per-pod Services are named `{name}-{ordinal}` and must stay DNS
+/// labels (63 characters), and the StatefulSet's pods carry `{name}-{hash}` as a label value.
+pub const MAX_NAME_LEN: usize = 52;
+
+/// The name rule of the CRD's CEL validation, checked again here because API servers before 1.25
+/// drop CEL rules: a name that cannot name the farm's Services is refused before anything is
+/// applied, instead of half a farm and an API error.
+pub fn check_name(name: &str) -> Result<(), InvalidSpec> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_NAME_LEN
+        && bytes[0].is_ascii_lowercase()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.last() != Some(&b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidSpec(format!(
+            "metadata.name {name:?} cannot name the farm's Services: it must start with a letter, \
+             hold only lower-case letters, digits and '-', and be at most {MAX_NAME_LEN} characters; \
+             create the farm under another name"
+        )))
+    }
+}
+
 pub fn children(farm: &UploadFarm, opts: &BuildOptions) -> Result<Children, InvalidSpec> {
+    check_name(&farm.name_any())?;
     let (yaml, config_hash) = config_yaml(farm)?;
     Ok(Children {
         config_map: config_map(farm, &yaml),

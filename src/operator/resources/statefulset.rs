@@ -8,8 +8,9 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -113,6 +114,11 @@ fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
     }
 }
 
+/// The volume claim template, written out as the API server stores it (with its defaults
+/// `volumeMode: Filesystem` and `status.phase: Pending`). `volumeClaimTemplates` is an atomic list
+/// for server-side apply: a template that leaves the defaults out differs from the stored one, and
+/// every re-apply then rewrites the StatefulSet's managed fields (a new resourceVersion and a
+/// wake-up of every watcher) although nothing changed. Seen on Kubernetes 1.20.
 fn volume_claim(farm: &UploadFarm) -> PersistentVolumeClaim {
     let s = &farm.spec.storage;
     PersistentVolumeClaim {
@@ -131,9 +137,13 @@ fn volume_claim(farm: &UploadFarm) -> PersistentVolumeClaim {
                 )])),
                 ..VolumeResourceRequirements::default()
             }),
+            volume_mode: Some("Filesystem".into()),
             ..PersistentVolumeClaimSpec::default()
         }),
-        ..PersistentVolumeClaim::default()
+        status: Some(PersistentVolumeClaimStatus {
+            phase: Some("Pending".into()),
+            ..PersistentVolumeClaimStatus::default()
+        }),
     }
 }
 
@@ -218,4 +228,26 @@ pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -
         }),
         ..StatefulSet::default()
     }
+}
+
+/// The StatefulSet as the body of a server-side apply. Each volume claim template carries
+/// `metadata.creationTimestamp: null`, as the API server stores it: `volumeClaimTemplates` is an
+/// atomic list, so a template that differs from the stored one in anything, even an absent
+/// versus a null field, makes every apply a change to the managed fields (Kubernetes 1.20 then
+/// writes a new resourceVersion on every reconcile). k8s-openapi leaves unset fields out, hence
+/// this step.
+pub fn apply_body(sts: &StatefulSet) -> Result<serde_json::Value, serde_json::Error> {
+    let mut body = serde_json::to_value(sts)?;
+    if let Some(templates) = body
+        .pointer_mut("/spec/volumeClaimTemplates")
+        .and_then(|t| t.as_array_mut())
+    {
+        for t in templates {
+            if let Some(meta) = t.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                meta.entry("creationTimestamp")
+                    .or_insert(serde_json::Value::Null);
+            }
+        }
+    }
+    Ok(body)
 }

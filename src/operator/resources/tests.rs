@@ -330,3 +330,56 @@ fn an_invalid_spec_builds_nothing() {
     let e = children(&f, &opts()).unwrap_err();
     assert!(e.to_string().contains("spec.backend.url"), "{e}");
 }
+
+#[test]
+fn volume_claim_templates_are_applied_as_the_api_server_stores_them() {
+    // volumeClaimTemplates is an atomic list for server-side apply: anything that differs from
+    // the stored template (defaults, a null creationTimestamp) turns each re-apply into a write.
+    let f = farm_with("farm", json!({}));
+    let sts = stateful_set(&f, "h", &opts());
+    let body = stateful_set_apply_body(&sts).unwrap();
+    let t = &body["spec"]["volumeClaimTemplates"][0];
+    assert!(t["metadata"]["creationTimestamp"].is_null());
+    assert!(
+        t["metadata"]
+            .as_object()
+            .unwrap()
+            .contains_key("creationTimestamp")
+    );
+    assert_eq!(t["spec"]["volumeMode"], "Filesystem");
+    assert_eq!(t["status"]["phase"], "Pending");
+    assert_eq!(t["apiVersion"], "v1");
+    assert_eq!(t["kind"], "PersistentVolumeClaim");
+    // Nothing else changes, and the emptyDir form has no templates to touch.
+    let mut plain = serde_json::to_value(&sts).unwrap();
+    plain["spec"]["volumeClaimTemplates"][0]["metadata"]["creationTimestamp"] =
+        serde_json::Value::Null;
+    assert_eq!(body, plain);
+    let e = stateful_set(
+        &farm_with("farm", json!({"storage": {"emptyDir": true}})),
+        "h",
+        &opts(),
+    );
+    assert_eq!(
+        stateful_set_apply_body(&e).unwrap(),
+        serde_json::to_value(&e).unwrap()
+    );
+}
+
+#[test]
+fn names_that_cannot_name_services_build_nothing() {
+    // The CRD's CEL rule says the same; API servers before 1.25 drop it.
+    for bad in [
+        "l".repeat(MAX_NAME_LEN + 1).as_str(),
+        "9lives",
+        "ends-",
+        "has.dot",
+        "Upper",
+    ] {
+        let e = children(&farm_with(bad, json!({})), &opts()).expect_err(bad);
+        assert!(e.0.contains("metadata.name"), "{bad}: {e}");
+    }
+    for good in ["a", "uploads", "crash-reports-2", &"l".repeat(MAX_NAME_LEN)] {
+        children(&farm_with(good, json!({})), &opts()).expect(good);
+    }
+}
