@@ -13,7 +13,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
     let server = Server::bind(config.clone()).await?;
     let addr = server.local_addr().context("reading the bound address")?;
-    let mut line = format!("bitsfarm: listening on http://{addr}");
+    let scheme = if config.security.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut line = format!("bitsfarm: listening on {scheme}://{addr}");
     if let Some(admin) = server.admin_addr() {
         line.push_str(&format!(" admin http://{admin}"));
     }
@@ -267,5 +272,19 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe().context("finding the bitsfarm executable")?;
     crate::farm::run(plan, &exe).await?;
+    Ok(())
+}
+
+/// `bitsfarm passwd USER`: reads a password (first line of stdin) and prints the users-file entry.
+pub fn passwd(user: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    let entry = crate::server::auth::passwd_entry(user, password).map_err(anyhow::Error::msg)?;
+    println!("{entry}");
     Ok(())
 }

@@ -100,6 +100,53 @@ pub struct ServeArgs {
     /// Seconds between sweeps that remove expired sessions [default: session timeout / 10, 1 to 3600].
     #[arg(long, value_name = "SECS")]
     pub cleanup_interval: Option<u64>,
+    /// Trades crash safety for speed: Acks are sent before the bytes and session state are flushed
+    /// to disk (no fdatasync/fsync), so a power loss or kernel crash can lose acknowledged
+    /// fragments. Only for benchmarks, or data you can upload again.
+    #[arg(long)]
+    pub unsafe_no_sync: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// Authentication, TLS, backend credentials and resource limits (`bitsfarm serve` flags).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// HTTP Basic users: one `user:$argon2id$...` per line (`bitsfarm passwd USER` prints one).
+    /// Re-read when it changes. Without this and --tokens-file, uploads need no credentials.
+    #[arg(long, value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Bearer tokens: one `user:token` per line. Re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Open sessions one authenticated user may have (BITSNumberOfSessionsLimit); 0 = no limit [default: 50].
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_user: Option<usize>,
+    /// Open sessions the whole server may have; 0 = no limit [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Largest fragment accepted, in bytes; larger ones get 413 [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub max_fragment_size: Option<u64>,
+    /// Connections served at once on the upload listener(s); more wait to be accepted [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds a keep-alive connection may sit idle between requests [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// PEM certificate chain for https on the upload listener; re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert; re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A header sent with every call to the server application, as `Name: value` (for example
+    /// `Authorization: Bearer ...`); read at each call, never logged.
+    #[arg(long, value_name = "FILE")]
+    pub notify_header_file: Option<PathBuf>,
+    /// PEM CA bundle trusted for https calls to the server application (instead of the system's).
+    #[arg(long, value_name = "FILE")]
+    pub notify_ca_file: Option<PathBuf>,
 }
 
 /// The YAML file. Top-level keys mirror the flags; `directories` entries inherit what they omit.
@@ -142,6 +189,31 @@ pub struct ConfigFile {
     pub allow_downloads: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub directories: Vec<DirectorySettings>,
+    /// `--unsafe-no-sync`: Ack without flushing to disk (crash safety traded for speed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsafe_no_sync: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_user: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fragment_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_header_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_ca_file: Option<PathBuf>,
 }
 
 /// The settings of one upload directory, each optional so that it can inherit.
@@ -227,6 +299,83 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     pub cleanup_interval: Option<Duration>,
     pub directories: Vec<UploadDirConfig>,
+    /// Flush (fdatasync) each fragment and every session-state change before answering: the
+    /// default. False only with `--unsafe-no-sync`, which trades crash safety for speed.
+    pub sync: bool,
+    /// Authentication, TLS, backend credentials and limits.
+    pub security: SecurityConfig,
+}
+
+pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 50;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+
+/// The resolved security settings (see `SecurityArgs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityConfig {
+    pub users_file: Option<PathBuf>,
+    pub tokens_file: Option<PathBuf>,
+    pub max_sessions_per_user: Option<usize>,
+    pub max_sessions: Option<usize>,
+    pub max_fragment_size: Option<u64>,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub notify_header_file: Option<PathBuf>,
+    pub notify_ca_file: Option<PathBuf>,
+}
+
+impl SecurityConfig {
+    fn resolve(a: &SecurityArgs, f: &ConfigFile) -> Result<Self, ConfigError> {
+        let limit = |v: Option<usize>| v.filter(|n| *n > 0);
+        let c = SecurityConfig {
+            users_file: a.users_file.clone().or(f.users_file.clone()),
+            tokens_file: a.tokens_file.clone().or(f.tokens_file.clone()),
+            max_sessions_per_user: limit(Some(
+                a.max_sessions_per_user
+                    .or(f.max_sessions_per_user)
+                    .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
+            )),
+            max_sessions: limit(a.max_sessions.or(f.max_sessions)),
+            max_fragment_size: a.max_fragment_size.or(f.max_fragment_size),
+            max_connections: a
+                .max_connections
+                .or(f.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            idle_timeout: Duration::from_secs(
+                a.idle_timeout
+                    .or(f.idle_timeout)
+                    .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            ),
+            tls_cert: a.tls_cert.clone().or(f.tls_cert.clone()),
+            tls_key: a.tls_key.clone().or(f.tls_key.clone()),
+            notify_header_file: a
+                .notify_header_file
+                .clone()
+                .or(f.notify_header_file.clone()),
+            notify_ca_file: a.notify_ca_file.clone().or(f.notify_ca_file.clone()),
+        };
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            return invalid("tls-cert and tls-key go together: give both or neither");
+        }
+        if c.max_fragment_size == Some(0) {
+            return invalid("max-fragment-size must be greater than 0");
+        }
+        if c.max_connections == 0 {
+            return invalid("max-connections must be at least 1");
+        }
+        if c.idle_timeout.is_zero() {
+            return invalid("idle-timeout must be at least 1 second");
+        }
+        Ok(c)
+    }
+
+    /// True when uploads need credentials.
+    pub fn auth_enabled(&self) -> bool {
+        self.users_file.is_some() || self.tokens_file.is_some()
+    }
 }
 
 impl ServerConfig {
@@ -271,6 +420,7 @@ impl ServerConfig {
             .iter()
             .map(UploadDirConfig::resolve)
             .collect::<Result<Vec<_>, _>>()?;
+        let security = SecurityConfig::resolve(&args.security, &file)?;
         let config = ServerConfig {
             listen,
             admin_listen: args.admin_listen.or(file.admin_listen),
@@ -296,6 +446,8 @@ impl ServerConfig {
                 .or(file.cleanup_interval)
                 .map(Duration::from_secs),
             directories,
+            sync: !(args.unsafe_no_sync || file.unsafe_no_sync.unwrap_or(false)),
+            security,
         };
         config.validate()?;
         Ok(config)

@@ -29,6 +29,12 @@ enum Command {
     Render(bitsfarm::operator::commands::RenderArgs),
     /// Run the UploadFarm operator.
     Operator(bitsfarm::operator::commands::OperatorArgs),
+    /// Print a --users-file line (`USER:$argon2id$...`) for USER; the password is read from stdin
+    /// (the first line), so it stays out of the shell history and the process list.
+    Passwd {
+        /// The user name (no `:`).
+        user: String,
+    },
     /// Run the reference server application: stores each delivery once per Idempotency-Key.
     Receiver {
         /// Address to listen on.
@@ -43,12 +49,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // rustls (server TLS, and reqwest's https) uses the `ring` provider.
+    bitsfarm::server::tls::install_ring_provider();
     let quiet = matches!(cli.command, Command::Upload(_));
     telemetry::init(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
         Command::Upload(args) => std::process::exit(bitsfarm::cli::upload(*args).await),
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
         Command::Farm(args) => bitsfarm::cli::farm(*args).await,
+        Command::Passwd { user } => bitsfarm::cli::passwd(&user),
         Command::Crd => bitsfarm::operator::commands::crd(),
         Command::Render(args) => bitsfarm::operator::commands::render(args),
         Command::Operator(args) => bitsfarm::operator::commands::operator(args).await,

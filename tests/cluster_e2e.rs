@@ -339,6 +339,8 @@ impl Operator {
 
 async fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     let url = format!("http://127.0.0.1:{port}{path}");
+    // reqwest is built without a default rustls provider; bitsfarm uses ring.
+    bitsfarm::server::tls::install_ring_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

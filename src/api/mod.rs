@@ -10,7 +10,7 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 mod server_config;
-pub use server_config::{DATA_ROOT, InvalidSpec, SERVER_PORT, server_config};
+pub use server_config::{DATA_ROOT, InvalidSpec, SECRETS_ROOT, SERVER_PORT, server_config};
 
 pub const GROUP: &str = "bitsfarm.io";
 pub const DEFAULT_HOST_ID_TEMPLATE: &str = "{pod}.{namespace}.svc.cluster.local";
@@ -127,6 +127,35 @@ pub struct UploadFarmSpec {
     /// Extra annotations on every pod (e.g. for a service mesh or a log shipper).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_annotations: Option<BTreeMap<String, String>>,
+
+    /// Authentication, TLS and credentials for the backend, each from a Secret in the farm's
+    /// namespace, mounted into the servers (and re-read there when the Secret changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<FarmSecurity>,
+}
+
+/// Secrets the upload servers use. Their contents never appear in the UploadFarm, its status,
+/// events or rendered objects: only their names do.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FarmSecurity {
+    /// Secret whose key `users` holds HTTP Basic users, one `user:$argon2id$...` per line (made
+    /// by `bitsfarm passwd USER`). With it, every packet needs credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub auth_secret_name: Option<String>,
+
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`, as cert-manager writes them): the
+    /// servers then speak https, and pick up a renewed certificate without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret_name: Option<String>,
+
+    /// Secret whose key `header` holds one `Name: value` header (such as
+    /// `Authorization: Bearer ...`) sent with every call to the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub backend_credentials_secret_name: Option<String>,
 }
 
 fn default_replicas() -> i32 {

@@ -10,6 +10,8 @@ use super::{Backend, Limits, Notification, UploadFarmSpec};
 
 /// Where each pod's session volume is mounted.
 pub const DATA_ROOT: &str = "/var/lib/bitsfarm";
+/// Where the Secrets named in `spec.security` are mounted: `<root>/{auth,tls,backend}`.
+pub const SECRETS_ROOT: &str = "/var/run/secrets/bitsfarm";
 /// The port the server listens on inside the pod, for uploads and its health endpoints.
 pub const SERVER_PORT: u16 = 8080;
 
@@ -48,6 +50,20 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
         )?),
         ..ConfigFile::default()
     };
+    if let Some(sec) = &spec.security {
+        let secret_file =
+            |dir: &str, key: &str| Some(PathBuf::from(SECRETS_ROOT).join(dir).join(key));
+        if sec.auth_secret_name.is_some() {
+            file.users_file = secret_file("auth", "users");
+        }
+        if sec.tls_secret_name.is_some() {
+            file.tls_cert = secret_file("tls", "tls.crt");
+            file.tls_key = secret_file("tls", "tls.key");
+        }
+        if sec.backend_credentials_secret_name.is_some() {
+            file.notify_header_file = secret_file("backend", "header");
+        }
+    }
     if let Some(b) = &spec.backend {
         apply_backend(&mut DirFields::Top(&mut file), b, "spec.backend")?;
     }

@@ -230,6 +230,7 @@ struct Session {
 
 impl Uploader {
     pub fn new(opts: UploadOptions) -> Result<Self, ClientError> {
+        crate::server::tls::install_ring_provider();
         let mut builder = reqwest::Client::builder();
         if !opts.keep_alive {
             builder = builder.pool_max_idle_per_host(0);

@@ -266,6 +266,7 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
             // The member stops taking new sessions, leaves the shared address, and exits once
             // its sessions are done.
             let url = format!("http://{}/drain", m.addr);
+            crate::server::tls::install_ring_provider();
             match reqwest::Client::new().post(&url).send().await {
                 Ok(r) => {
                     let body = r.text().await.unwrap_or_default();

@@ -18,10 +18,10 @@ use tracing::{debug, warn};
 
 use super::AppState;
 use super::metrics::{ErrorLabels, PacketLabels};
+use super::packet::{Packet, header_str, parse_packet, required};
 use super::paths::{SESSION_DIR, destination_path};
 use super::protocol::{
-    Ack, BITS_POST, BitsError, FragmentRange, MAX_HEADER_VALUE_LEN, PacketType, SessionId, header,
-    negotiate_protocol, parse_content_length, validate_content_name,
+    Ack, BITS_POST, BitsError, FragmentRange, PacketType, SessionId, header, negotiate_protocol,
 };
 use super::session::{CreateRequest, Origin, REPLIES_DIR, REPLY_FILE, UploadDir};
 
@@ -73,18 +73,29 @@ pub async fn handle(
             _ => {}
         }
     }
-    if admin_here && req.method() == Method::POST && req.uri().path() == "/drain" {
+    // With authentication on, draining is only offered on a separate admin listener: on the
+    // upload address it would let any client (or any uploader) take the server out of service.
+    if admin_here
+        && (role == Role::Admin || state.auth.is_none())
+        && req.method() == Method::POST
+        && req.uri().path() == "/drain"
+    {
         state.start_drain();
         return Ok(drain_status(&state));
     }
     if role == Role::Admin {
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
     }
+    // Every request to the upload side is authenticated on its own (see protocol-decisions.md).
+    let user = match authenticate(&state, &req) {
+        Ok(user) => user,
+        Err(denied) => return Ok(*denied),
+    };
     if is_bits_post(&req) {
-        return Ok(bits_post(&state, req).await);
+        return Ok(bits_post(&state, req, user.as_deref()).await);
     }
     if is_get {
-        return Ok(download(&state, req).await);
+        return Ok(download(&state, req, user.as_deref()).await);
     }
     let mut r = text(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -124,6 +135,51 @@ fn drain_status(state: &AppState) -> Response<Body> {
     r
 }
 
+/// The authenticated user (`None` when authentication is off), or the 401 to answer with.
+fn authenticate<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<Option<String>, Box<Response<Body>>> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    let presented = req
+        .headers()
+        .get(h::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("?"));
+    match auth.authenticate(presented) {
+        Ok(user) => Ok(Some(user)),
+        Err(why) => {
+            debug!(path = %req.uri().path(), reason = ?why, "request not authenticated");
+            let with_body = req
+                .headers()
+                .get(h::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0")
+                || req.headers().contains_key(h::TRANSFER_ENCODING);
+            let mut r = if is_bits_post(req) {
+                ack_response(
+                    Ack::from(super::auth_error()),
+                    // An unread body cannot stay on the connection.
+                    !with_body,
+                )
+            } else {
+                let mut r = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+                if with_body {
+                    r.headers_mut()
+                        .insert(h::CONNECTION, HeaderValue::from_static("close"));
+                }
+                r
+            };
+            for c in auth.challenges() {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    r.headers_mut().append(h::WWW_AUTHENTICATE, v);
+                }
+            }
+            Err(Box::new(r))
+        }
+    }
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
         Full::new(body.into())
@@ -138,69 +194,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, BitsError> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(Some)
-            .map_err(|_| BitsError::invalid(format!("header {name} is not visible ASCII"))),
-    }
-}
-
-fn required<'a>(
-    headers: &'a HeaderMap,
-    name: &str,
-    packet: PacketType,
-) -> Result<&'a str, BitsError> {
-    header_str(headers, name)?
-        .ok_or_else(|| BitsError::invalid(format!("{packet} requires the {name} header")))
-}
-
-/// The parts of a BITS request that every packet shares, checked before any packet logic runs.
-struct Packet<'a> {
-    kind: PacketType,
-    headers: &'a HeaderMap,
-    content_length: u64,
-}
-
-fn parse_packet(headers: &HeaderMap) -> Result<Packet<'_>, BitsError> {
-    if let Some((name, _)) = headers.iter().find(|(_, v)| v.len() > MAX_HEADER_VALUE_LEN) {
-        return Err(BitsError::invalid(format!(
-            "header {name} is longer than {MAX_HEADER_VALUE_LEN} bytes"
-        )));
-    }
-    let kind = match header_str(headers, header::PACKET_TYPE)? {
-        None => {
-            return Err(BitsError::invalid(
-                "BITS-Packet-Type is missing; every BITS_POST names its packet",
-            ));
-        }
-        Some(v) => PacketType::parse(v)
-            .ok_or_else(|| BitsError::invalid(format!("unknown BITS-Packet-Type {v:?}")))?,
-    };
-    if headers.contains_key(h::TRANSFER_ENCODING) {
-        return Err(BitsError::invalid(format!(
-            "{kind} must be sent with Content-Length, not Transfer-Encoding"
-        )));
-    }
-    let content_length = parse_content_length(required(headers, "content-length", kind)?)?;
-    if !kind.takes_body() && content_length != 0 {
-        return Err(BitsError::invalid(format!(
-            "{kind} takes no body, but Content-Length is {content_length}"
-        )));
-    }
-    if let Some(name) = header_str(headers, header::CONTENT_NAME)? {
-        validate_content_name(name)?;
-    }
-    Ok(Packet {
-        kind,
-        headers,
-        content_length,
-    })
-}
-
-async fn bits_post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+async fn bits_post(state: &AppState, req: Request<Incoming>, user: Option<&str>) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
@@ -228,7 +222,7 @@ async fn bits_post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let result = match packet {
-        Ok(packet) => dispatch(state, &origin, &path, &packet, &mut body).await,
+        Ok(packet) => dispatch(state, &origin, &path, &packet, &mut body, user).await,
         Err(e) => Err(e),
     };
     let ack = match result {
@@ -278,6 +272,7 @@ async fn dispatch<S>(
     path: &str,
     packet: &Packet<'_>,
     body: &mut S,
+    user: Option<&str>,
 ) -> Result<Ack, BitsError>
 where
     S: Stream<Item = Result<Bytes, String>> + Unpin,
@@ -291,13 +286,20 @@ where
     let destination = destination_path(below)?;
     let headers = packet.headers;
     if packet.kind == PacketType::CreateSession {
-        return create_session(state, dir, path, destination, headers).await;
+        return create_session(state, dir, path, destination, headers, user).await;
     }
     let raw_id = required(headers, header::SESSION_ID, packet.kind)?;
     let id = SessionId::parse(raw_id).ok_or_else(BitsError::session_not_found)?;
+    // Another user's session is answered exactly like an unknown one.
+    dir.check_owner(&id, user).await?;
     match packet.kind {
         PacketType::Fragment => {
             let range = FragmentRange::parse(required(headers, "content-range", packet.kind)?)?;
+            if let Some(max) = state.config.security.max_fragment_size
+                && range.len() > max
+            {
+                return Err(super::limits::fragment_too_large(range.len(), max));
+            }
             if let Some(enc) = header_str(headers, "content-encoding")?
                 && !enc.trim().eq_ignore_ascii_case("identity")
             {
@@ -326,6 +328,7 @@ async fn create_session(
     path: &str,
     destination: std::path::PathBuf,
     headers: &HeaderMap,
+    user: Option<&str>,
 ) -> Result<Ack, BitsError> {
     if state.draining.load(Ordering::Relaxed) {
         return Err(BitsError::draining());
@@ -339,6 +342,7 @@ async fn create_session(
     let content_name = header_str(headers, header::CONTENT_NAME)?.map(str::to_string);
     let id = dir
         .create_session(CreateRequest {
+            owner: user.map(str::to_string),
             url_path: path.to_string(),
             destination: destination.clone(),
             content_name,
@@ -435,12 +439,18 @@ where
 }
 
 /// GET and HEAD of completed files, with Range, when a directory allows downloads.
-async fn download(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+async fn download(state: &AppState, req: Request<Incoming>, user: Option<&str>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some((dir, below)) = state.directory_for(&path) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
     if let Some(id) = reply_session(below) {
+        if dir.check_owner(&id, user).await.is_err() {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no reply here: the session is closed, cancelled, expired or has no reply yet\n",
+            );
+        }
         return match dir.reply_file(&id).await {
             Some(file) => serve_file(file, req).await,
             None => text(

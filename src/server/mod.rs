@@ -1,12 +1,17 @@
 //! The BITS upload server (`bitsfarm serve`).
 
+pub mod auth;
+pub mod conn;
 pub mod hooks;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
+pub mod packet;
 pub mod paths;
 pub mod protocol;
 pub mod session;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,12 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::ServerConfig;
 use http::Role;
@@ -38,6 +40,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Users or tokens file, TLS certificate, backend credentials: unusable at start-up.
+    #[error("{0}")]
+    Security(String),
 }
 
 /// What every request handler shares.
@@ -50,6 +55,13 @@ pub struct AppState {
     /// Set by a drain request: no new sessions, off the shared address, exit when sessions end.
     pub draining: AtomicBool,
     drain_started: tokio::sync::Notify,
+    /// Credentials, when authentication is on.
+    pub auth: Option<Arc<auth::Authenticator>>,
+    /// Open sessions per user and in all, for the session limits.
+    pub sessions: Arc<limits::SessionCounter>,
+    /// TLS for the upload listener(s), when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_cert: Option<Arc<tls::ReloadingCert>>,
 }
 
 impl AppState {
@@ -92,9 +104,41 @@ impl Server {
     /// Opens every data folder (recovering the sessions in it) and binds the listeners.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::new());
+        let sec = &config.security;
+        let security = |e: String| ServerError::Security(e);
+        let auth = if sec.auth_enabled() {
+            let a = auth::Authenticator::new(sec.users_file.clone(), sec.tokens_file.clone())
+                .map_err(|e| security(e.to_string()))?;
+            Some(Arc::new(a))
+        } else {
+            None
+        };
+        let (tls_acceptor, tls_cert) = match (&sec.tls_cert, &sec.tls_key) {
+            (Some(cert), Some(key)) => {
+                tls::install_ring_provider();
+                let resolver =
+                    tls::ReloadingCert::load(cert.clone(), key.clone()).map_err(security)?;
+                (
+                    Some(tls::acceptor(resolver.clone()).map_err(security)?),
+                    Some(resolver),
+                )
+            }
+            _ => (None, None),
+        };
+        let notifier = notify::Notifier::with_credentials(
+            sec.notify_header_file.clone(),
+            sec.notify_ca_file.as_deref(),
+        )
+        .map_err(security)?;
+        let sessions = Arc::new(limits::SessionCounter::new(
+            sec.max_sessions_per_user,
+            sec.max_sessions,
+        ));
         let mut dirs = Vec::new();
         for d in &config.directories {
-            let dir = UploadDir::open(d.clone(), metrics.clone(), true)?;
+            let mut dir = UploadDir::open(d.clone(), metrics.clone(), config.sync)?;
+            dir.set_session_counter(sessions.clone());
+            dir.set_notifier(notifier.clone());
             dirs.push(Arc::new(dir));
         }
         dirs.sort_by_key(|d| std::cmp::Reverse(d.config.upload_path.depth()));
@@ -114,6 +158,16 @@ impl Server {
             }
             None => None,
         };
+        if config.security.auth_enabled() && config.security.tls_cert.is_none() {
+            warn!(
+                "authentication is on without --tls-cert: Basic passwords and tokens travel in clear text unless TLS ends in front of this server"
+            );
+        }
+        if !config.sync {
+            warn!(
+                "--unsafe-no-sync: fragments are acknowledged before they are flushed to disk; a crash can lose acknowledged uploads"
+            );
+        }
         let state = Arc::new(AppState {
             config,
             metrics,
@@ -121,6 +175,10 @@ impl Server {
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
+            auth,
+            sessions,
+            tls: tls_acceptor,
+            tls_cert,
         });
         Ok(Server {
             state,
@@ -158,15 +216,28 @@ impl Server {
             accepts.push((a, Role::Admin, false));
         }
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
+        // The cap on open upload connections: past it, connections wait in the listen backlog.
+        let conn_cap = Arc::new(tokio::sync::Semaphore::new(
+            state.config.security.max_connections,
+        ));
+        let cert_watch = state.tls_cert.clone().map(|c| tokio::spawn(c.watch()));
         let acceptors: Vec<_> = accepts
             .into_iter()
             .map(|(listener, role, shared)| {
                 let tx = conn_tx.clone();
+                let cap = conn_cap.clone();
                 let task = tokio::spawn(async move {
                     loop {
+                        let permit = match role {
+                            Role::Admin => None,
+                            Role::Main { .. } => match cap.clone().acquire_owned().await {
+                                Ok(p) => Some(p),
+                                Err(_) => return,
+                            },
+                        };
                         match listener.accept().await {
                             Ok((stream, peer)) => {
-                                if tx.send((stream, peer, role)).await.is_err() {
+                                if tx.send((stream, peer, role, permit)).await.is_err() {
                                     return;
                                 }
                             }
@@ -205,21 +276,8 @@ impl Server {
         loop {
             tokio::select! {
                 conn = conn_rx.recv() => {
-                    let Some((stream, peer, role)) = conn else { break };
-                    let _ = stream.set_nodelay(true);
-                    let st = state.clone();
-                    let svc = service_fn(move |req| http::handle(st.clone(), role, req));
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(state.config.read_timeout)
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
+                    let Some((stream, peer, role, permit)) = conn else { break };
+                    conn::spawn(state.clone(), &graceful, stream, peer, role, permit);
                 }
                 _ = &mut shutdown => break,
                 _ = &mut drained => break,
@@ -234,6 +292,9 @@ impl Server {
             a.abort();
         }
         sweeper.abort();
+        if let Some(w) = cert_watch {
+            w.abort();
+        }
         if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
             .await
             .is_err()
@@ -291,5 +352,17 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// The 401 Ack: BG_E_HTTP_ERROR_401; the client answers the `WWW-Authenticate` challenge and
+/// sends the packet again.
+pub fn auth_error() -> protocol::BitsError {
+    protocol::BitsError {
+        status: 401,
+        code: 0x8019_0191,
+        context: protocol::ErrorContext::RemoteFile,
+        message: "authentication required".into(),
+        received_content_range: None,
     }
 }

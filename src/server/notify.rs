@@ -71,6 +71,33 @@ pub fn notification_url(notify_url: &str, upload_url: &str) -> Result<Url, BitsE
     Ok(url)
 }
 
+/// The `Name: value` header in `path` (the first line that is not empty or a `#` comment), with
+/// the value marked sensitive. Errors never include the value.
+pub fn read_header_file(
+    path: &Path,
+) -> Result<(reqwest::header::HeaderName, reqwest::header::HeaderValue), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the header file {}: {e}", path.display()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| format!("the header file {} is empty", path.display()))?;
+    let (name, value) = line
+        .split_once(':')
+        .ok_or_else(|| format!("the header file {} must hold `Name: value`", path.display()))?;
+    let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+        format!(
+            "the header file {} has an invalid header name",
+            path.display()
+        )
+    })?;
+    let mut value = reqwest::header::HeaderValue::from_str(value.trim())
+        .map_err(|_| format!("the header file {} has an invalid value", path.display()))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
 /// What the backend answered, once it answered 200.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -108,6 +135,8 @@ pub struct Delivery<'a> {
 #[derive(Clone)]
 pub struct Notifier {
     client: reqwest::Client,
+    /// `Name: value` sent with every call (backend credentials); read at each call, never logged.
+    header_file: Option<PathBuf>,
 }
 
 impl Default for Notifier {
@@ -118,13 +147,52 @@ impl Default for Notifier {
 
 impl Notifier {
     pub fn new() -> Self {
+        super::tls::install_ring_provider();
         let client = reqwest::Client::builder()
             .user_agent(concat!("bitsfarm/", env!("CARGO_PKG_VERSION")))
             // The backend is named by configuration; its redirects are not followed blindly.
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        Notifier { client }
+        Notifier {
+            client,
+            header_file: None,
+        }
+    }
+
+    /// A notifier that sends the header in `header_file` with every call and, with `ca_file`,
+    /// trusts only the CAs in that PEM bundle for https. Both files are checked now.
+    pub fn with_credentials(
+        header_file: Option<PathBuf>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, String> {
+        super::tls::install_ring_provider();
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("bitsfarm/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("cannot read the CA bundle {}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("the CA bundle {} is not valid PEM: {e}", ca.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "the CA bundle {} holds no certificate",
+                    ca.display()
+                ));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the backend client: {e}"))?;
+        if let Some(f) = &header_file {
+            read_header_file(f)?;
+        }
+        Ok(Notifier {
+            client,
+            header_file,
+        })
     }
 
     /// Sends one notification and stores the reply. A non-200 answer is relayed to the client as
@@ -154,6 +222,17 @@ impl Notifier {
             .header("bits-session-id", d.session.as_str())
             .header(IDEMPOTENCY_KEY, d.key)
             .header(REPR_DIGEST, repr_digest(d.sha256));
+        if let Some(f) = &self.header_file {
+            let (name, value) = read_header_file(f).map_err(|e| {
+                warn!(error = %e, "backend credentials unavailable");
+                BitsError::application(
+                    500,
+                    hresult::E_FAIL,
+                    "the backend credentials cannot be read; retry later",
+                )
+            })?;
+            req = req.header(name, value);
+        }
         if let Some(parent) = d.reply.parent() {
             tokio::fs::create_dir_all(parent)
                 .await

@@ -101,6 +101,34 @@ impl Server {
         server
     }
 
+    /// Starts the server with `--data-dir data_dir` (a folder the test made, such as a small
+    /// mount) plus `extra` flags.
+    pub fn start_at(data_dir: &Path, extra: &[&str]) -> Server {
+        let root = tempfile::Builder::new()
+            .prefix("bitsfarm-it-")
+            .tempdir()
+            .expect("creating a temporary root");
+        let scratch = tempfile::Builder::new()
+            .prefix("bitsfarm-it-scratch-")
+            .tempdir()
+            .expect("creating a temporary scratch folder");
+        let mut server = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: None,
+            first_line: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            root,
+            scratch,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+            env: Vec::new(),
+            stdout_lines: Arc::default(),
+        };
+        server.spawn();
+        server
+    }
+
     /// Writes `text` to a file in the scratch folder and returns its path (for `--config`).
     pub fn write_scratch(scratch: &Path, name: &str, text: &str) -> PathBuf {
         let p = scratch.join(name);
@@ -463,9 +491,10 @@ impl Drop for Server {
 
 /// `bitsfarm: listening on http://A[ admin http://B]`.
 fn parse_listen_line(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    let line = line.trim_end();
     let rest = line
-        .trim_end()
-        .strip_prefix("bitsfarm: listening on http://")?;
+        .strip_prefix("bitsfarm: listening on http://")
+        .or_else(|| line.strip_prefix("bitsfarm: listening on https://"))?;
     let (main, admin) = match rest.split_once(" admin http://") {
         Some((m, a)) => (m, Some(a.parse().ok()?)),
         None => (rest, None),

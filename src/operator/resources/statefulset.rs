@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -20,7 +20,7 @@ use super::{
     BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT, Names,
     labels, meta, selector_labels,
 };
-use crate::api::{DATA_ROOT, SERVER_PORT, UploadFarm};
+use crate::api::{DATA_ROOT, SECRETS_ROOT, SERVER_PORT, UploadFarm};
 
 /// The uid the server runs as: not root, and the owner of the session volume (fsGroup).
 const SERVER_UID: i64 = 65532;
@@ -147,6 +147,51 @@ fn volume_claim(farm: &UploadFarm) -> PersistentVolumeClaim {
     }
 }
 
+/// Mounts the Secrets named in `spec.security` read-only under `SECRETS_ROOT` (where the config
+/// points), and probes over https when the servers speak it.
+fn with_secrets(farm: &UploadFarm, mut server: Container, volumes: &mut Vec<Volume>) -> Container {
+    let Some(sec) = &farm.spec.security else {
+        return server;
+    };
+    let mounts = [
+        ("auth", &sec.auth_secret_name),
+        ("tls", &sec.tls_secret_name),
+        ("backend", &sec.backend_credentials_secret_name),
+    ];
+    for (dir, secret) in mounts {
+        let Some(secret) = secret else { continue };
+        let name = format!("secret-{dir}");
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        server
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name,
+                mount_path: format!("{SECRETS_ROOT}/{dir}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+    }
+    if sec.tls_secret_name.is_some() {
+        for probe in [&mut server.readiness_probe, &mut server.liveness_probe]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(get) = &mut probe.http_get {
+                get.scheme = Some("HTTPS".into());
+            }
+        }
+    }
+    server
+}
+
 pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -> StatefulSet {
     let names = Names::of(farm);
     let spec = &farm.spec;
@@ -183,6 +228,7 @@ pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -
             when_scaled: Some("Retain".into()),
         }
     });
+    let server = with_secrets(farm, server_container(farm, opts), &mut volumes);
     StatefulSet {
         metadata: meta(farm, names.stateful_set(), COMPONENT_SERVER, None),
         spec: Some(StatefulSetSpec {
@@ -201,7 +247,7 @@ pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![server_container(farm, opts)],
+                    containers: vec![server],
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {

@@ -1,0 +1,1348 @@
+//! `cargo bench --bench throughput`: the upload server against the baselines of the same machine,
+//! measured in the same run, printed as one table (see BENCHMARKS.md).
+//!
+//! - 1 GiB through BITS (the `bitsfarm` client library, our release server, 8 MiB fragments,
+//!   loopback, data folder on the normal disk), with and without `--unsafe-no-sync`, against
+//!   `curl -T` to nginx's WebDAV module and `dd oflag=dsync bs=8M`;
+//! - 64 KiB fragments on one keep-alive connection against 64 KiB PUTs to the same nginx;
+//! - 1,000 sessions x 1 MiB from 50 connections (time, p50/p99 Ack latency, peak RSS), against
+//!   1,000 PUTs x 1 MiB to nginx from 50 connections;
+//! - 10,000 open idle sessions: RSS per session;
+//! - the operator: every child object for 1,000 farms with the pure builders, and the real
+//!   `bitsfarm operator` process's RSS with 1,000 UploadFarms served by a mocked API server.
+//!
+//! Only correctness is asserted (the SHA-256 of what landed), never a speed. Without `--bench`
+//! (as `cargo test --all-targets` runs it) it prints a note and exits: the point of building it
+//! there is that it cannot rot.
+//!
+//! `cargo bench --bench throughput -- large small many idle operator` runs only the named parts.
+//! `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp folder).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const GIB: u64 = 1 << 30;
+const MIB: usize = 1 << 20;
+const FRAGMENT: u64 = 8 << 20;
+const SMALL: usize = 64 << 10;
+const SMALL_COUNT: usize = 2000;
+const MANY_SESSIONS: usize = 1000;
+const MANY_CONNS: usize = 50;
+const IDLE_SESSIONS: usize = 10_000;
+const FARMS: usize = 1000;
+const PROTOCOL: &str = "{7df0354d-249b-430f-820d-3d2a9bef4931}";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "throughput: not run (it takes minutes and installs nginx); run `cargo bench --bench throughput`"
+        );
+        return;
+    }
+    let only: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let want = |part: &str| only.is_empty() || only.contains(&part);
+
+    let base = std::env::var_os("BITSFARM_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("bitsfarm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base).expect("creating the bench folder");
+    let bench = Bench {
+        base: base.clone(),
+        rows: Vec::new(),
+    };
+    let mut bench = bench;
+    let started = Instant::now();
+    machine_note(&base);
+
+    let nginx = if want("large") || want("small") || want("many") {
+        Some(Nginx::start(&base.join("nginx")))
+    } else {
+        None
+    };
+    if want("large") {
+        large(&mut bench, nginx.as_ref().unwrap());
+    }
+    if want("small") {
+        small(&mut bench, nginx.as_ref().unwrap());
+    }
+    if want("many") {
+        many(&mut bench, nginx.as_ref().unwrap());
+    }
+    drop(nginx);
+    if want("idle") {
+        idle(&mut bench);
+    }
+    if want("operator") {
+        operator(&mut bench);
+    }
+    bench.print();
+    println!("total bench time: {:.0} s", started.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table.
+
+struct Row {
+    measure: String,
+    ours: String,
+    baseline: String,
+    base_value: String,
+    ratio: String,
+}
+
+struct Bench {
+    base: PathBuf,
+    rows: Vec<Row>,
+}
+
+impl Bench {
+    fn row(&mut self, measure: &str, ours: String, baseline: &str, base_value: String, ratio: f64) {
+        let r = Row {
+            measure: measure.into(),
+            ours,
+            baseline: baseline.into(),
+            base_value,
+            ratio: if ratio.is_finite() {
+                format!("{ratio:.2}x")
+            } else {
+                "-".into()
+            },
+        };
+        eprintln!(
+            "  {} | {} | {} {} | {}",
+            r.measure, r.ours, r.baseline, r.base_value, r.ratio
+        );
+        self.rows.push(r);
+    }
+
+    fn print(&self) {
+        let headers = ["measure", "bitsfarm", "baseline", "baseline value", "ratio"];
+        let cells: Vec<[&str; 5]> = self
+            .rows
+            .iter()
+            .map(|r| {
+                [
+                    r.measure.as_str(),
+                    r.ours.as_str(),
+                    r.baseline.as_str(),
+                    r.base_value.as_str(),
+                    r.ratio.as_str(),
+                ]
+            })
+            .collect();
+        let mut w = [0usize; 5];
+        for row in std::iter::once(&headers).chain(cells.iter()) {
+            for (i, c) in row.iter().enumerate() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let line = |row: &[&str; 5]| {
+            let mut s = String::from("|");
+            for (i, c) in row.iter().enumerate() {
+                let pad = w[i] - c.chars().count();
+                let _ = write!(s, " {c}{} |", " ".repeat(pad));
+            }
+            s
+        };
+        println!();
+        println!("{}", line(&headers));
+        let mut sep = String::from("|");
+        for x in w {
+            let _ = write!(sep, "{}|", "-".repeat(x + 2));
+        }
+        println!("{sep}");
+        for c in &cells {
+            println!("{}", line(c));
+        }
+        println!();
+    }
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+fn machine_note(base: &Path) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let df = Command::new("df")
+        .arg("-h")
+        .arg(base)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    eprintln!("machine: {cores} cores; load {}", load.trim());
+    eprintln!("bench folder {}: {df}", base.display());
+}
+
+/// Flushes dirty pages so one measurement does not pay for the previous one's writeback.
+fn settle() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 * MIB];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+fn check(what: &str, got: &str, want: &str) {
+    assert_eq!(
+        got, want,
+        "{what}: the stored bytes differ from what was sent"
+    );
+}
+
+/// Reproducible incompressible bytes.
+fn fill(buf: &mut [u8], seed: &mut u64) {
+    for c in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+fn make_source(path: &Path, size: u64) -> String {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 8 * MIB];
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], &mut seed);
+        f.write_all(&buf[..n]).unwrap();
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+    hex(&h.finalize())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: our server and nginx.
+
+/// The `bitsfarm` binary built with this bench; `BITSFARM_BENCH_EXE` names another one (to
+/// compare two builds on the same machine at the same time).
+fn bitsfarm_exe() -> String {
+    std::env::var("BITSFARM_BENCH_EXE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bitsfarm").to_string())
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(data: &Path, log: &Path, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(data).unwrap();
+        let mut child = Command::new(bitsfarm_exe())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-overwrites",
+                "--data-dir",
+            ])
+            .arg(data)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting bitsfarm serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("bitsfarm: listening on http://")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from bitsfarm serve: {line:?}"));
+        Server { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `VmRSS` / `VmHWM` of a process, in bytes.
+fn proc_mem(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    root: PathBuf,
+}
+
+fn nginx_exe() -> PathBuf {
+    for p in ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    eprintln!("nginx is missing: installing Debian's nginx package (apt-get)");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "nginx"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success())
+        || (Command::new("apt-get").arg("update").status().is_ok()
+            && Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "nginx"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success()));
+    assert!(
+        ok,
+        "could not install nginx with apt-get; install it and run again"
+    );
+    "/usr/sbin/nginx".into()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Nginx {
+        let exe = nginx_exe();
+        if Command::new("curl").arg("--version").output().is_err() {
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "curl"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+        }
+        let root = dir.join("dav");
+        let tmp = dir.join("body-temp");
+        for d in [&root, &tmp] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let port = free_port();
+        // As root, the workers would run as nobody and could not write into our folder.
+        let user = {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata("/proc/self").map(|m| m.uid()) {
+                Ok(0) => "user root root;",
+                _ => "",
+            }
+        };
+        let conf = format!(
+            r#"daemon off;
+{user}
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp};
+    proxy_temp_path {dir}/proxy-temp;
+    fastcgi_temp_path {dir}/fastcgi-temp;
+    uwsgi_temp_path {dir}/uwsgi-temp;
+    scgi_temp_path {dir}/scgi-temp;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        client_max_body_size 0;
+        client_body_buffer_size 1m;
+        location / {{
+            dav_methods PUT;
+            create_full_put_path on;
+            dav_access user:rw;
+        }}
+    }}
+}}
+"#,
+            dir = dir.display(),
+            tmp = tmp.display(),
+            root = root.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nginx");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { child, addr, root }
+    }
+
+    /// Peak RSS of the master and its workers together.
+    fn peak_rss(&self) -> u64 {
+        let master = self.child.id();
+        let mut total = proc_mem(master, "VmHWM");
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if ppid == Some(master) {
+                    total += proc_mem(pid, "VmHWM");
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: a fast shutdown that also stops the workers.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tight HTTP/1.1 client (blocking, keep-alive), the same for BITS and for nginx.
+
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    head: Vec<u8>,
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl Resp {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        Conn {
+            s,
+            buf: Vec::with_capacity(16 << 10),
+            head: Vec::with_capacity(1024),
+        }
+    }
+
+    fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.head.clear();
+        let _ = write!(
+            self.head,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            let _ = write!(self.head, "{k}: {v}\r\n");
+        }
+        self.head.extend_from_slice(b"\r\n");
+        if body.len() <= 256 << 10 {
+            // One write for small requests, as a real client's buffered writer would.
+            self.head.extend_from_slice(body);
+            self.s.write_all(&self.head).unwrap();
+        } else {
+            self.s.write_all(&self.head).unwrap();
+            self.s.write_all(body).unwrap();
+        }
+        self.response()
+    }
+
+    fn response(&mut self) -> Resp {
+        loop {
+            let mut hs = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut hs);
+            if let httparse::Status::Complete(n) = r.parse(&self.buf).expect("bad HTTP response") {
+                let status = r.code.unwrap_or(0);
+                let headers: Vec<(String, String)> = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let resp = Resp { status, headers };
+                let len: usize = resp
+                    .get("content-length")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                self.buf.drain(..n);
+                while self.buf.len() < len {
+                    self.fill();
+                }
+                self.buf.drain(..len);
+                return resp;
+            }
+            self.fill();
+        }
+    }
+
+    fn fill(&mut self) {
+        let mut tmp = [0u8; 16 << 10];
+        let n = self.s.read(&mut tmp).unwrap();
+        assert!(n > 0, "the server closed the connection");
+        self.buf.extend_from_slice(&tmp[..n]);
+    }
+
+    fn create_session(&mut self, path: &str) -> String {
+        let r = self.request(
+            "BITS_POST",
+            path,
+            &[
+                ("BITS-Packet-Type", "Create-Session"),
+                ("BITS-Supported-Protocols", PROTOCOL),
+            ],
+            &[],
+        );
+        assert_eq!(r.status, 200, "Create-Session: {:?}", r.headers);
+        r.get("bits-session-id").unwrap().to_string()
+    }
+
+    fn fragment(&mut self, path: &str, id: &str, start: u64, total: u64, body: &[u8]) {
+        let range = format!(
+            "bytes {}-{}/{}",
+            start,
+            start + body.len() as u64 - 1,
+            total
+        );
+        let r = self.request(
+            "BITS_POST",
+            path,
+            &[
+                ("BITS-Packet-Type", "Fragment"),
+                ("BITS-Session-Id", id),
+                ("Content-Range", &range),
+            ],
+            body,
+        );
+        assert_eq!(r.status, 200, "Fragment {range}: {:?}", r.headers);
+        let next: u64 = r
+            .get("bits-received-content-range")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(next, start + body.len() as u64);
+    }
+
+    fn close_session(&mut self, path: &str, id: &str) {
+        let r = self.request(
+            "BITS_POST",
+            path,
+            &[
+                ("BITS-Packet-Type", "Close-Session"),
+                ("BITS-Session-Id", id),
+            ],
+            &[],
+        );
+        assert_eq!(r.status, 200, "Close-Session: {:?}", r.headers);
+    }
+
+    fn put(&mut self, path: &str, body: &[u8]) {
+        let r = self.request("PUT", path, &[], body);
+        assert!(
+            r.status == 201 || r.status == 204,
+            "PUT {path}: HTTP {}",
+            r.status
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1 GiB.
+
+fn bits_upload_with_client(addr: SocketAddr, file: &Path, name: &str) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let up = bitsfarm::client::Uploader::new(bitsfarm::client::UploadOptions {
+            fragment_size: FRAGMENT,
+            ..Default::default()
+        })
+        .unwrap();
+        let url = reqwest::Url::parse(&format!("http://{addr}/{name}")).unwrap();
+        let t = Instant::now();
+        let report = up.upload(file, &url, |_| {}, || false).await.unwrap();
+        let d = t.elapsed();
+        assert_eq!(report.bytes, GIB);
+        assert_eq!(report.restarts + report.retries, 0, "{report:?}");
+        d
+    })
+}
+
+/// The same protocol from the tight client: the file read in 8 MiB pieces and written out.
+fn bits_upload_tight(addr: SocketAddr, file: &Path, name: &str) -> Duration {
+    let path = format!("/{name}");
+    let mut f = std::fs::File::open(file).unwrap();
+    let mut buf = vec![0u8; FRAGMENT as usize];
+    let t = Instant::now();
+    let mut c = Conn::open(addr);
+    let id = c.create_session(&path);
+    let mut at = 0;
+    while at < GIB {
+        let n = (GIB - at).min(FRAGMENT) as usize;
+        f.read_exact(&mut buf[..n]).unwrap();
+        c.fragment(&path, &id, at, GIB, &buf[..n]);
+        at += n as u64;
+    }
+    c.close_session(&path, &id);
+    t.elapsed()
+}
+
+fn large(b: &mut Bench, nginx: &Nginx) {
+    eprintln!("== 1 GiB upload");
+    let src = b.base.join("source-1g.bin");
+    let want = make_source(&src, GIB);
+    settle();
+
+    // dd with oflag=dsync: the disk's rate for bytes that are durable when acknowledged.
+    let dd_out = b.base.join("dd.out");
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dd_out.display()))
+        .args(["bs=8M", "oflag=dsync", "status=none"])
+        .status()
+        .unwrap()
+        .success();
+    let dd = mbps(GIB, t.elapsed());
+    assert!(ok, "dd failed");
+    check("dd", &sha_file(&dd_out), &want);
+    let _ = std::fs::remove_file(&dd_out);
+    settle();
+
+    // curl -T: one PUT to nginx's WebDAV module (which does not sync).
+    let t = Instant::now();
+    let ok = Command::new("curl")
+        .args(["-sS", "-f", "-o", "/dev/null", "-T"])
+        .arg(&src)
+        .arg(format!("http://{}/large.bin", nginx.addr))
+        .status()
+        .unwrap()
+        .success();
+    let ng = mbps(GIB, t.elapsed());
+    assert!(ok, "curl -T to nginx failed");
+    let landed = nginx.root.join("large.bin");
+    check("nginx PUT", &sha_file(&landed), &want);
+    let _ = std::fs::remove_file(&landed);
+    settle();
+
+    let run = |label: &str, extra: &[&str], tight: bool| -> f64 {
+        let data = b.base.join(format!("data-{label}"));
+        let srv = Server::start(&data, &b.base.join(format!("server-{label}.log")), extra);
+        let d = if tight {
+            bits_upload_tight(srv.addr, &src, "large.bin")
+        } else {
+            bits_upload_with_client(srv.addr, &src, "large.bin")
+        };
+        let landed = data.join("large.bin");
+        check(label, &sha_file(&landed), &want);
+        drop(srv);
+        let _ = std::fs::remove_dir_all(&data);
+        settle();
+        mbps(GIB, d)
+    };
+    let sync = run("sync", &[], false);
+    let nosync = run("nosync", &["--unsafe-no-sync"], false);
+    let sync_tight = run("sync-tight", &[], true);
+    let nosync_tight = run("nosync-tight", &["--unsafe-no-sync"], true);
+    let _ = std::fs::remove_file(&src);
+
+    let f = |v: f64| format!("{v:.0} MB/s");
+    b.row(
+        "1 GiB, flush before Ack (bitsfarm client)",
+        f(sync),
+        "dd oflag=dsync bs=8M",
+        f(dd),
+        sync / dd,
+    );
+    b.row(
+        "1 GiB, flush before Ack (tight client)",
+        f(sync_tight),
+        "dd oflag=dsync bs=8M",
+        f(dd),
+        sync_tight / dd,
+    );
+    b.row(
+        "1 GiB, --unsafe-no-sync (bitsfarm client)",
+        f(nosync),
+        "nginx PUT, curl -T",
+        f(ng),
+        nosync / ng,
+    );
+    b.row(
+        "1 GiB, --unsafe-no-sync (tight client)",
+        f(nosync_tight),
+        "nginx PUT, curl -T",
+        f(ng),
+        nosync_tight / ng,
+    );
+    b.row(
+        "1 GiB, price of durability (tight client)",
+        f(sync_tight),
+        "same, --unsafe-no-sync",
+        f(nosync_tight),
+        sync_tight / nosync_tight,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 64 KiB fragments on one connection.
+
+fn small(b: &mut Bench, nginx: &Nginx) {
+    eprintln!("== 64 KiB fragments on one keep-alive connection");
+    let total = (SMALL * SMALL_COUNT) as u64;
+    let mut data = vec![0u8; SMALL * SMALL_COUNT];
+    let mut seed = 7u64;
+    fill(&mut data, &mut seed);
+    let want = hex(&Sha256::digest(&data));
+
+    // nginx: one PUT per 64 KiB piece, each to its own file.
+    let mut c = Conn::open(nginx.addr);
+    let t = Instant::now();
+    for (i, piece) in data.chunks(SMALL).enumerate() {
+        c.put(&format!("/small/{i:05}"), piece);
+    }
+    let ng = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
+    drop(c);
+    let mut h = Sha256::new();
+    for i in 0..SMALL_COUNT {
+        h.update(std::fs::read(nginx.root.join(format!("small/{i:05}"))).unwrap());
+    }
+    check("nginx 64 KiB PUTs", &hex(&h.finalize()), &want);
+    let _ = std::fs::remove_dir_all(nginx.root.join("small"));
+    settle();
+
+    let run = |label: &str, extra: &[&str]| -> f64 {
+        let dir = b.base.join(format!("small-{label}"));
+        let srv = Server::start(&dir, &b.base.join(format!("small-{label}.log")), extra);
+        let mut c = Conn::open(srv.addr);
+        let id = c.create_session("/small.bin");
+        let t = Instant::now();
+        for (i, piece) in data.chunks(SMALL).enumerate() {
+            c.fragment("/small.bin", &id, (i * SMALL) as u64, total, piece);
+        }
+        let rate = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
+        c.close_session("/small.bin", &id);
+        check(label, &sha_file(&dir.join("small.bin")), &want);
+        drop(srv);
+        let _ = std::fs::remove_dir_all(&dir);
+        settle();
+        rate
+    };
+    let sync = run("sync", &[]);
+    let nosync = run("nosync", &["--unsafe-no-sync"]);
+
+    // The disk's rate for 64 KiB pieces that are durable when acknowledged.
+    let src = b.base.join("small-source.bin");
+    std::fs::write(&src, &data).unwrap();
+    let dd_out = b.base.join("small-dd.out");
+    settle();
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dd_out.display()))
+        .args(["bs=64K", "oflag=dsync", "status=none"])
+        .status()
+        .unwrap()
+        .success();
+    let dd = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
+    assert!(ok, "dd failed");
+    check("dd 64 KiB", &sha_file(&dd_out), &want);
+    let _ = std::fs::remove_file(&dd_out);
+    let _ = std::fs::remove_file(&src);
+
+    let f = |v: f64| format!("{v:.0} fragments/s");
+    b.row(
+        "64 KiB fragments, flush before Ack",
+        f(sync),
+        "dd oflag=dsync bs=64K",
+        format!("{dd:.0} writes/s"),
+        sync / dd,
+    );
+    b.row(
+        "64 KiB fragments, flush before Ack",
+        f(sync),
+        "nginx 64 KiB PUTs",
+        format!("{ng:.0} PUTs/s"),
+        sync / ng,
+    );
+    b.row(
+        "64 KiB fragments, --unsafe-no-sync",
+        f(nosync),
+        "nginx 64 KiB PUTs",
+        format!("{ng:.0} PUTs/s"),
+        nosync / ng,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1,000 sessions x 1 MiB from 50 connections.
+
+struct ManyResult {
+    total: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs `work(conn, index)` for every index from `MANY_CONNS` threads; `work` returns the latency
+/// of the request that matters.
+fn fan_out(
+    addr: SocketAddr,
+    work: impl Fn(&mut Conn, usize) -> Duration + Send + Sync + 'static,
+) -> ManyResult {
+    let next = Arc::new(AtomicUsize::new(0));
+    let work = Arc::new(work);
+    let t = Instant::now();
+    let threads: Vec<_> = (0..MANY_CONNS)
+        .map(|_| {
+            let (next, work) = (next.clone(), work.clone());
+            std::thread::spawn(move || {
+                let mut c = Conn::open(addr);
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= MANY_SESSIONS {
+                        return lat;
+                    }
+                    lat.push(work(&mut c, i));
+                }
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let total = t.elapsed();
+    lat.sort();
+    ManyResult {
+        total,
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+    }
+}
+
+/// The 1 MiB body of upload `i`: shared random bytes with `i` in the first eight.
+fn body_for(shared: &[u8], i: usize) -> Vec<u8> {
+    let mut v = shared.to_vec();
+    v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    v
+}
+
+fn many(b: &mut Bench, nginx: &Nginx) {
+    eprintln!("== {MANY_SESSIONS} sessions x 1 MiB from {MANY_CONNS} connections");
+    let mut shared = vec![0u8; MIB];
+    let mut seed = 11u64;
+    fill(&mut shared, &mut seed);
+    let shared = Arc::new(shared);
+
+    let s = shared.clone();
+    let ng = fan_out(nginx.addr, move |c, i| {
+        let body = body_for(&s, i);
+        let t = Instant::now();
+        c.put(&format!("/many/{i:04}.bin"), &body);
+        t.elapsed()
+    });
+    let ng_rss = nginx.peak_rss();
+    verify_many(&shared, &nginx.root.join("many"));
+    let _ = std::fs::remove_dir_all(nginx.root.join("many"));
+    settle();
+
+    let dir = b.base.join("many");
+    let srv = Server::start(&dir, &b.base.join("many.log"), &[]);
+    let s = shared.clone();
+    let ours = fan_out(srv.addr, move |c, i| {
+        let body = body_for(&s, i);
+        let path = format!("/many/{i:04}.bin");
+        let id = c.create_session(&path);
+        let t = Instant::now();
+        c.fragment(&path, &id, 0, MIB as u64, &body);
+        let lat = t.elapsed();
+        c.close_session(&path, &id);
+        lat
+    });
+    let rss = proc_mem(srv.pid(), "VmHWM");
+    drop(srv);
+    verify_many(&shared, &dir.join("many"));
+    let _ = std::fs::remove_dir_all(&dir);
+    settle();
+
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+    let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    b.row(
+        "1,000 x 1 MiB / 50 conns: total time (lower is better)",
+        format!("{:.2} s", ours.total.as_secs_f64()),
+        "nginx, 1,000 PUTs",
+        format!("{:.2} s", ng.total.as_secs_f64()),
+        r(ours.total, ng.total),
+    );
+    b.row(
+        "1,000 x 1 MiB: p50 Ack latency (lower is better)",
+        ms(ours.p50),
+        "nginx PUT p50",
+        ms(ng.p50),
+        r(ours.p50, ng.p50),
+    );
+    b.row(
+        "1,000 x 1 MiB: p99 Ack latency (lower is better)",
+        ms(ours.p99),
+        "nginx PUT p99",
+        ms(ng.p99),
+        r(ours.p99, ng.p99),
+    );
+    b.row(
+        "1,000 x 1 MiB: server peak RSS (lower is better)",
+        format!("{:.1} MiB", rss as f64 / MIB as f64),
+        "nginx peak RSS (all)",
+        format!("{:.1} MiB", ng_rss as f64 / MIB as f64),
+        rss as f64 / ng_rss as f64,
+    );
+}
+
+fn verify_many(shared: &[u8], dir: &Path) {
+    for i in 0..MANY_SESSIONS {
+        let want = hex(&Sha256::digest(body_for(shared, i)));
+        check(
+            "1 MiB upload",
+            &sha_file(&dir.join(format!("{i:04}.bin"))),
+            &want,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10,000 idle sessions.
+
+fn idle(b: &mut Bench) {
+    eprintln!("== {IDLE_SESSIONS} open idle sessions");
+    let dir = b.base.join("idle");
+    // Memory per session does not depend on syncing; not syncing keeps the setup short.
+    let srv = Server::start(&dir, &b.base.join("idle.log"), &["--unsafe-no-sync"]);
+    let addr = srv.addr;
+    let open = |from: usize, to: usize| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut c = Conn::open(addr);
+                    let mut i = from + t;
+                    while i < to {
+                        let id = c.create_session(&format!("/idle/{i:05}.bin"));
+                        // One byte of a two-byte upload: the session is open and has data.
+                        c.fragment(&format!("/idle/{i:05}.bin"), &id, 0, 2, b"x");
+                        i += 4;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    // Warm up the runtime, the pools and the allocator first.
+    open(0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = proc_mem(srv.pid(), "VmRSS");
+    open(200, 200 + IDLE_SESSIONS);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = proc_mem(srv.pid(), "VmRSS");
+    let per = after.saturating_sub(before) as f64 / IDLE_SESSIONS as f64;
+    drop(srv);
+    let _ = std::fs::remove_dir_all(&dir);
+    b.row(
+        "10,000 idle sessions: RSS per session (vs target)",
+        format!("{per:.0} B"),
+        "target",
+        "4096 B".into(),
+        per / 4096.0,
+    );
+    b.row(
+        "10,000 idle sessions: server RSS",
+        format!("{:.1} MiB", after as f64 / MIB as f64),
+        "before them",
+        format!("{:.1} MiB", before as f64 / MIB as f64),
+        after as f64 / before as f64,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator.
+
+fn farm_json(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "bitsfarm.io/v1alpha1",
+        "kind": "UploadFarm",
+        "metadata": {
+            "name": format!("farm-{i:04}"),
+            "namespace": format!("ns-{:02}", i % 20),
+            "uid": format!("00000000-0000-4000-8000-{i:012}"),
+            "resourceVersion": "1",
+            "generation": 1,
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+        },
+        "spec": { "replicas": 3 },
+    })
+}
+
+fn operator(b: &mut Bench) {
+    eprintln!("== the operator with {FARMS} UploadFarms");
+    let farms: Vec<bitsfarm::api::UploadFarm> = (0..FARMS)
+        .map(|i| serde_json::from_value(farm_json(i)).expect("an UploadFarm"))
+        .collect();
+    let opts = bitsfarm::operator::resources::BuildOptions::default();
+    // Best of three: the first run also pays for warming caches.
+    let mut best = Duration::MAX;
+    let mut objects = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        objects = 0;
+        for f in &farms {
+            let c = bitsfarm::operator::resources::children(f, &opts).expect("valid farm");
+            objects += 4 + c.host_services.len();
+            std::hint::black_box(&c);
+        }
+        best = best.min(t.elapsed());
+    }
+    b.row(
+        &format!("operator: build all {objects} children of 1,000 farms"),
+        format!("{:.1} ms", best.as_secs_f64() * 1e3),
+        "-",
+        "-".into(),
+        f64::NAN,
+    );
+
+    match operator_rss(&b.base.join("operator")) {
+        Ok((rss, hwm, reconciled, settle_s)) => {
+            b.row(
+                &format!(
+                    "operator: idle RSS, 1,000 farms ({reconciled} reconciled in {settle_s:.1} s)"
+                ),
+                format!("{:.1} MiB", rss as f64 / MIB as f64),
+                "target",
+                "64 MiB".into(),
+                rss as f64 / (64.0 * MIB as f64),
+            );
+            b.row(
+                "operator: peak RSS while reconciling",
+                format!("{:.1} MiB", hwm as f64 / MIB as f64),
+                "target",
+                "64 MiB".into(),
+                hwm as f64 / (64.0 * MIB as f64),
+            );
+        }
+        Err(e) => {
+            eprintln!("operator RSS not measured: {e}");
+            b.row(
+                "operator: idle RSS, 1,000 farms",
+                format!("not measured: {e}"),
+                "target",
+                "64 MiB".into(),
+                f64::NAN,
+            );
+        }
+    }
+}
+
+/// Counters the mock API keeps.
+#[derive(Default)]
+struct MockStats {
+    status_patches: AtomicUsize,
+    requests: AtomicUsize,
+    unknown: AtomicUsize,
+}
+
+/// Runs the real `bitsfarm operator` against a mocked API server holding `FARMS` UploadFarms and
+/// no children; waits until every farm's status was written, then lets it settle and reads RSS.
+fn operator_rss(dir: &Path) -> Result<(u64, u64, usize, f64), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let farms: Vec<serde_json::Value> = (0..FARMS).map(farm_json).collect();
+    let by_name: HashMap<String, serde_json::Value> = farms
+        .iter()
+        .map(|f| {
+            (
+                f["metadata"]["name"].as_str().unwrap().to_string(),
+                f.clone(),
+            )
+        })
+        .collect();
+    let list = serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "bitsfarm.io/v1alpha1",
+        "kind": "UploadFarmList",
+        "metadata": { "resourceVersion": "1" },
+        "items": farms,
+    }))
+    .unwrap();
+    let stats = Arc::new(MockStats::default());
+    let state = Arc::new((bytes::Bytes::from(list), by_name, stats.clone()));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .map_err(|e| e.to_string())?;
+    let api = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(mock_api(&state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{api}\ncontexts:\n- name: mock\n  context:\n    cluster: mock\n    user: mock\n    namespace: default\ncurrent-context: mock\nusers:\n- name: mock\n  user: {{}}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let health = free_port();
+    let mut child = Command::new(bitsfarm_exe())
+        .args(["operator", "--listen", &format!("127.0.0.1:{health}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("operator.log")).unwrap())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let pid = child.id();
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(120);
+    let result = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Err(format!("the operator exited: {st}; see its log"));
+        }
+        let done = stats.status_patches.load(Ordering::Relaxed);
+        if done >= FARMS {
+            let settle_s = t.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_secs(3));
+            let rss = proc_mem(pid, "VmRSS");
+            let hwm = proc_mem(pid, "VmHWM");
+            eprintln!(
+                "  mock API: {} requests, {} unanswered kinds",
+                stats.requests.load(Ordering::Relaxed),
+                stats.unknown.load(Ordering::Relaxed)
+            );
+            break Ok((rss, hwm, done, settle_s));
+        }
+        if Instant::now() > deadline {
+            break Err(format!(
+                "only {done} of {FARMS} farms reconciled within 120 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if result.is_err() {
+        let log = std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        eprintln!(
+            "operator log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    drop(rt);
+    result
+}
+
+type MockState = (
+    bytes::Bytes,
+    HashMap<String, serde_json::Value>,
+    Arc<MockStats>,
+);
+
+async fn mock_api(
+    state: &MockState,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>> {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    let (list, by_name, stats) = state;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let json = |status: u16, v: bytes::Bytes| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(v).boxed())
+            .unwrap()
+    };
+    let empty_list = |kind: &str| {
+        bytes::Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": []
+            }))
+            .unwrap(),
+        )
+    };
+    if query.contains("watch=true") || query.contains("watch=1") {
+        // A watch that never sees a change: the connection stays open and quiet.
+        let never = futures_util::stream::pending::<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >();
+        return hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(never).boxed())
+            .unwrap();
+    }
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), segs.as_slice()) {
+        ("GET", ["version"]) => json(
+            200,
+            bytes::Bytes::from_static(
+                br#"{"major":"1","minor":"33","gitVersion":"v1.33.0","gitCommit":"","gitTreeState":"clean","buildDate":"2025-01-01T00:00:00Z","goVersion":"go1.24","compiler":"gc","platform":"linux/amd64"}"#,
+            ),
+        ),
+        ("GET", ["apis", "bitsfarm.io", "v1alpha1", "uploadfarms"]) => json(200, list.clone()),
+        ("GET", [.., kind]) if kind.ends_with('s') => {
+            json(200, empty_list(&format!("{}List", kind.trim_end_matches('s'))))
+        }
+        ("PATCH", [.., "uploadfarms", name, "status"]) => {
+            stats.status_patches.fetch_add(1, Ordering::Relaxed);
+            let mut farm = by_name.get(*name).cloned().unwrap_or_default();
+            if let Ok(p) = serde_json::from_slice::<serde_json::Value>(&body) {
+                farm["status"] = p["status"].clone();
+            }
+            json(200, serde_json::to_vec(&farm).unwrap().into())
+        }
+        ("PATCH", _) | ("POST", _) | ("PUT", _) => {
+            // Server-side apply and events: answered with what was sent, as if applied.
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or(serde_json::json!({}));
+            if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                m.entry("resourceVersion").or_insert("1".into());
+                m.entry("uid")
+                    .or_insert("11111111-1111-4111-8111-111111111111".into());
+            }
+            let status = if method == "POST" { 201 } else { 200 };
+            json(status, serde_json::to_vec(&v).unwrap().into())
+        }
+        _ => {
+            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            json(
+                404,
+                bytes::Bytes::from_static(
+                    br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
+                ),
+            )
+        }
+    }
+}

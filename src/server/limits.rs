@@ -1,0 +1,194 @@
+//! Resource limits: open sessions per user and per server, and what a connection may cost.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use super::protocol::{BitsError, ErrorContext, hresult};
+
+/// `BITSNumberOfSessionsLimit`'s default.
+pub const DEFAULT_SESSIONS_PER_USER: usize = 50;
+/// BG_E_HTTP_ERROR_503: what a client sees when a session limit is reached.
+pub const BG_E_HTTP_ERROR_503: u32 = 0x8019_01F7;
+
+/// The refusal of a new session over a limit: 503, which a Windows client retries later.
+pub fn session_limit(message: String) -> BitsError {
+    BitsError {
+        status: 503,
+        code: BG_E_HTTP_ERROR_503,
+        context: ErrorContext::RemoteFile,
+        message,
+        received_content_range: None,
+    }
+}
+
+/// A fragment larger than the server accepts: 413 (the client halves its fragments) with the
+/// spec's BG_E_TOO_LARGE.
+pub fn fragment_too_large(len: u64, max: u64) -> BitsError {
+    BitsError {
+        status: 413,
+        code: hresult::BG_E_TOO_LARGE,
+        context: ErrorContext::RemoteFile,
+        message: format!(
+            "the fragment is {len} bytes; this server accepts at most {max} per fragment"
+        ),
+        received_content_range: None,
+    }
+}
+
+/// Counts the sessions that are receiving (created, not closed, cancelled or expired), per owner
+/// and in all, across every upload directory of the server.
+#[derive(Debug, Default)]
+pub struct SessionCounter {
+    per_user: Option<usize>,
+    per_server: Option<usize>,
+    state: Mutex<CounterState>,
+}
+
+#[derive(Debug, Default)]
+struct CounterState {
+    total: usize,
+    by_user: HashMap<String, usize>,
+}
+
+impl SessionCounter {
+    /// `per_user` applies to authenticated users only (anonymous clients are indistinguishable).
+    pub fn new(per_user: Option<usize>, per_server: Option<usize>) -> Self {
+        SessionCounter {
+            per_user,
+            per_server,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CounterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a new session, unless that would go over a limit.
+    pub fn try_acquire(&self, owner: Option<&str>) -> Result<(), BitsError> {
+        let mut s = self.lock();
+        if let Some(max) = self.per_server
+            && s.total >= max
+        {
+            return Err(session_limit(format!(
+                "the server already has {max} open sessions; retry later"
+            )));
+        }
+        if let (Some(max), Some(user)) = (self.per_user, owner)
+            && s.by_user.get(user).copied().unwrap_or(0) >= max
+        {
+            return Err(session_limit(format!(
+                "user {user:?} already has {max} open sessions; close or cancel some, or retry later"
+            )));
+        }
+        s.total += 1;
+        if let Some(user) = owner {
+            *s.by_user.entry(user.to_string()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Counts a session found on disk at start-up (limits are not applied to it).
+    pub fn add(&self, owner: Option<&str>) {
+        let mut s = self.lock();
+        s.total += 1;
+        if let Some(user) = owner {
+            *s.by_user.entry(user.to_string()).or_default() += 1;
+        }
+    }
+
+    /// A session stopped receiving.
+    pub fn release(&self, owner: Option<&str>) {
+        let mut s = self.lock();
+        s.total = s.total.saturating_sub(1);
+        if let Some(user) = owner
+            && let Some(n) = s.by_user.get_mut(user)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.by_user.remove(user);
+            }
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+
+    pub fn of_user(&self, user: &str) -> usize {
+        self.lock().by_user.get(user).copied().unwrap_or(0)
+    }
+}
+
+/// What one connection is doing, for the idle keep-alive timeout: requests in flight (a response
+/// body still streaming counts) and when the last one ended.
+#[derive(Debug)]
+pub struct ConnActivity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        ConnActivity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ConnActivity {
+    pub fn begin(self: &std::sync::Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    /// How long the connection has been idle, or None while a request is in flight.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        Some(self.start.elapsed().saturating_sub(last))
+    }
+}
+
+/// Ends a request's activity when dropped.
+pub struct ActivityGuard(std::sync::Arc<ConnActivity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let now = self.0.start.elapsed().as_millis() as u64;
+        self.0.last_ms.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_user_and_per_server_limits() {
+        let c = SessionCounter::new(Some(2), Some(3));
+        c.try_acquire(Some("a")).unwrap();
+        c.try_acquire(Some("a")).unwrap();
+        let e = c.try_acquire(Some("a")).unwrap_err();
+        assert_eq!((e.status, e.code), (503, BG_E_HTTP_ERROR_503));
+        c.try_acquire(Some("b")).unwrap();
+        assert!(c.try_acquire(None).is_err(), "server limit");
+        c.release(Some("a"));
+        c.try_acquire(None).unwrap();
+        assert_eq!(c.of_user("a"), 1);
+        assert_eq!(c.total(), 3);
+        // Anonymous sessions only count against the server limit.
+        let open = SessionCounter::new(Some(1), None);
+        for _ in 0..5 {
+            open.try_acquire(None).unwrap();
+        }
+    }
+}
