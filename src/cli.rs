@@ -288,3 +288,24 @@ pub fn passwd(user: &str) -> anyhow::Result<()> {
     println!("{entry}");
     Ok(())
 }
+
+/// `bitsfarm drain`: asks the server `pid` to drain (SIGUSR1) and waits, at most `wait` seconds,
+/// until it has exited. A server exits on its own once its last session is done.
+pub async fn drain(pid: i32, wait: u64) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).with_context(|| {
+        format!("cannot signal process {pid}; is it a bitsfarm server of yours?")
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    // Signal 0 only checks that the process is still there.
+    while kill(Pid::from_raw(pid), None).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            eprintln!("bitsfarm drain: process {pid} still has sessions after {wait} s; giving up");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("bitsfarm drain: process {pid} drained and exited");
+    Ok(())
+}

@@ -31,6 +31,16 @@ enum Command {
     Operator(bitsfarm::operator::commands::OperatorArgs),
     /// Print a --users-file line (`USER:$argon2id$...`) for USER; the password is read from stdin
     /// (the first line), so it stays out of the shell history and the process list.
+    /// Drain a running server (SIGUSR1) and wait until it has exited: its sessions are done.
+    /// The farm's pods run this as their preStop hook.
+    Drain {
+        /// The server's process id (1 inside its container).
+        #[arg(long, default_value_t = 1)]
+        pid: i32,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+        wait: u64,
+    },
     Passwd {
         /// The user name (no `:`).
         user: String,
@@ -58,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
         Command::Farm(args) => bitsfarm::cli::farm(*args).await,
         Command::Passwd { user } => bitsfarm::cli::passwd(&user),
+        Command::Drain { pid, wait } => bitsfarm::cli::drain(pid, wait).await,
         Command::Crd => bitsfarm::operator::commands::crd(),
         Command::Render(args) => bitsfarm::operator::commands::render(args),
         Command::Operator(args) => bitsfarm::operator::commands::operator(args).await,

@@ -613,3 +613,48 @@ fn a_drained_member_finishes_its_session_takes_no_new_one_and_exits() {
     });
     assert!(gone, "the drained member is still listening");
 }
+
+/// `bitsfarm drain --pid` (the farm pods' preStop hook): the server stops taking sessions, its
+/// open session completes, it exits, and the drain command returns.
+#[test]
+fn drain_by_signal_waits_for_the_open_session_and_the_server_exits() {
+    let mut s = common::Server::start(&[]);
+    let id = s.create_session("/d/open.bin");
+    assert_eq!(s.fragment(&id, "/d/open.bin", 0, b"0123", 8).status, 200);
+    let pid = s.pid().expect("server pid");
+    let mut drain = Command::new(BIN)
+        .args(["drain", "--pid", &pid.to_string(), "--wait", "60"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || s.get("/readyz").status == 503),
+        "readiness fails while draining"
+    );
+    let r = s.send(&common::create_request("/d/new.bin"));
+    assert_eq!((r.status, r.error_code()), (503, Some("0x801901F7")));
+    assert_eq!(s.fragment(&id, "/d/open.bin", 4, b"4567", 8).status, 200);
+    assert!(
+        matches!(drain.try_wait(), Ok(None)),
+        "drain returned with a session open"
+    );
+    assert_eq!(s.close(&id, "/d/open.bin").status, 200);
+    // The server exits on its own once the session is done; the drain command then returns.
+    assert!(
+        common::wait_until(Duration::from_secs(15), || !s.is_running()),
+        "the drained server did not exit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Ok(Some(st)) = drain.try_wait() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "bitsfarm drain did not return");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read(s.data_dir.join("d/open.bin")).unwrap(),
+        b"01234567"
+    );
+}

@@ -78,6 +78,13 @@ pub struct UploadFarmSpec {
     #[schemars(range(min = 1))]
     pub session_timeout_seconds: i64,
 
+    /// Seconds a stopping server (scale-down, node drain, rolling update) keeps serving its open
+    /// sessions, while it takes no new ones, before it is stopped anyway. Defaults to
+    /// `hostIds.fallbackTimeoutSeconds`: after that long the clients have fallen back anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub drain_timeout_seconds: Option<i64>,
+
     /// Where finished uploads go (BITSServerNotificationType and URL). Directories without a
     /// backend of their own use this one. Without any, files are kept on the pod's volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]

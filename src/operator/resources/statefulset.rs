@@ -7,10 +7,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    EnvVarSource, ExecAction, HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -84,6 +84,24 @@ fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
+        // A stopping pod first drains: no new sessions, the open ones finish (up to the drain
+        // timeout), then the server exits by itself.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "bitsfarm".into(),
+                        "drain".into(),
+                        "--pid".into(),
+                        "1".into(),
+                        "--wait".into(),
+                        drain_timeout(spec).to_string(),
+                    ]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
@@ -192,6 +210,13 @@ fn with_secrets(farm: &UploadFarm, mut server: Container, volumes: &mut Vec<Volu
     server
 }
 
+/// How long a stopping server may drain: the spec's drain timeout, else the fallback timeout.
+pub fn drain_timeout(spec: &crate::api::UploadFarmSpec) -> i64 {
+    spec.drain_timeout_seconds
+        .unwrap_or(spec.host_ids.fallback_timeout_seconds)
+        .max(1)
+}
+
 pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -> StatefulSet {
     let names = Names::of(farm);
     let spec = &farm.spec;
@@ -248,6 +273,8 @@ pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -
                 }),
                 spec: Some(PodSpec {
                     containers: vec![server],
+                    // The drain, then the 30 s the server gives requests in flight after SIGTERM.
+                    termination_grace_period_seconds: Some(drain_timeout(spec) + 30),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {

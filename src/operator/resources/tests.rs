@@ -383,3 +383,38 @@ fn names_that_cannot_name_services_build_nothing() {
         children(&farm_with(good, json!({})), &opts()).expect(good);
     }
 }
+
+#[test]
+fn stopping_pods_drain_for_the_drain_timeout_then_the_fallback_timeout() {
+    let pre_stop = |f: &UploadFarm| {
+        let sts = children(f, &opts()).unwrap().stateful_set;
+        let grace = sts
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .termination_grace_period_seconds;
+        let cmd = container(&sts)
+            .lifecycle
+            .and_then(|l| l.pre_stop)
+            .and_then(|h| h.exec)
+            .and_then(|e| e.command)
+            .unwrap();
+        (cmd, grace)
+    };
+    let f = farm_with("farm", json!({"hostIds": {"fallbackTimeoutSeconds": 110}}));
+    let (cmd, grace) = pre_stop(&f);
+    assert_eq!(cmd, ["bitsfarm", "drain", "--pid", "1", "--wait", "110"]);
+    assert_eq!(
+        grace,
+        Some(140),
+        "the drain plus the server's 30 s shutdown grace"
+    );
+    let f = farm_with("farm", json!({"drainTimeoutSeconds": 600}));
+    let (cmd, grace) = pre_stop(&f);
+    assert_eq!(cmd.last().map(String::as_str), Some("600"));
+    assert_eq!(grace, Some(630));
+}
