@@ -727,29 +727,10 @@ impl UploadDir {
                 .delivery
                 .as_ref()
                 .is_some_and(|d| d.copy_to_destination);
-        let reply_dir = self.replies.join(id.as_str());
-        let dest = self.root.join(&session.record.destination);
-        let data = session.data_path();
-        let dir = session.dir.clone();
-        let mut record = session.record.clone();
-        record.state = SessionState::Closed;
-        let (sync, allow_overwrites) = (self.sync, self.config.allow_overwrites);
-        let rec = record.clone();
-        blocking(move || {
-            if complete && to_destination {
-                commit(&data, &dest, allow_overwrites, sync)?;
-            }
-            write_record(&dir, &rec, sync).map_err(io_error)?;
-            let _ = fs::remove_file(&data);
-            let _ = fs::remove_file(dir.join(HASH_STATE_FILE));
-            let _ = fs::remove_dir_all(&reply_dir);
-            Ok(())
-        })
-        .await?;
-        session.record = record;
-        session.last_activity = SystemTime::now();
-        self.metrics.sessions_active.dec();
-        self.counter.release(session.record.owner.as_deref());
+        let commit_to =
+            (complete && to_destination).then(|| self.root.join(&session.record.destination));
+        self.end_session(&mut session, SessionState::Closed, commit_to)
+            .await?;
         if complete {
             self.metrics.sessions_completed.inc();
             info!(session = %id, destination = %session.record.destination.display(), bytes = session.offset, committed = to_destination, "session closed; upload complete");
@@ -757,7 +738,6 @@ impl UploadDir {
             self.metrics.sessions_cancelled.inc();
             info!(session = %id, bytes = session.offset, total = ?session.record.total, "session closed before the upload was complete; data discarded");
         }
-        session.hasher = None;
         Ok(Ack::ok())
     }
 
@@ -770,12 +750,32 @@ impl UploadDir {
             // The file is already committed; cancelling cannot take it back (as with IIS).
             return Ok(Ack::ok());
         }
+        self.end_session(&mut session, SessionState::Cancelled, None)
+            .await?;
+        self.metrics.sessions_cancelled.inc();
+        info!(session = %id, "session cancelled; data discarded");
+        Ok(Ack::ok())
+    }
+
+    /// Ends a receiving session as a tombstone in `state` (so a retried Close or Cancel is answered
+    /// 200): commits the upload to `commit_to` first when given, then drops its data, hash
+    /// checkpoint and reply. The session no longer counts as open.
+    async fn end_session(
+        &self,
+        session: &mut Session,
+        state: SessionState,
+        commit_to: Option<PathBuf>,
+    ) -> Result<(), BitsError> {
         let mut record = session.record.clone();
-        record.state = SessionState::Cancelled;
+        record.state = state;
         let (dir, data, sync) = (session.dir.clone(), session.data_path(), self.sync);
-        let reply_dir = self.replies.join(id.as_str());
+        let allow_overwrites = self.config.allow_overwrites;
+        let reply_dir = self.replies.join(record.id.as_str());
         let rec = record.clone();
         blocking(move || {
+            if let Some(dest) = commit_to {
+                commit(&data, &dest, allow_overwrites, sync)?;
+            }
             write_record(&dir, &rec, sync).map_err(io_error)?;
             let _ = fs::remove_file(&data);
             let _ = fs::remove_file(dir.join(HASH_STATE_FILE));
@@ -788,9 +788,7 @@ impl UploadDir {
         session.hasher = None;
         self.metrics.sessions_active.dec();
         self.counter.release(session.record.owner.as_deref());
-        self.metrics.sessions_cancelled.inc();
-        info!(session = %id, "session cancelled; data discarded");
-        Ok(Ack::ok())
+        Ok(())
     }
 
     /// Removes every session idle for longer than the session timeout. Sessions busy with a packet
