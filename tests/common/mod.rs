@@ -739,16 +739,7 @@ impl Conn {
             {
                 httparse::Status::Complete(n) => {
                     let status = resp.code.unwrap_or(0);
-                    let headers: Vec<(String, String)> = resp
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_string(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect();
+                    let headers: Vec<(String, String)> = owned_headers(resp.headers);
                     break (status, headers, n);
                 }
                 httparse::Status::Partial => {
@@ -1391,16 +1382,7 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Recorded> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
         {
             httparse::Status::Complete(n) => {
-                let headers: Vec<(String, String)> = req
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers: Vec<(String, String)> = owned_headers(req.headers);
                 break (
                     req.method.unwrap_or("").to_string(),
                     req.path.unwrap_or("").to_string(),
@@ -1460,4 +1442,17 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Recorded> {
         headers,
         body,
     })
+}
+
+/// Parsed header lines as owned (name, value) pairs; values that are not UTF-8 are kept lossily.
+pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
 }
