@@ -237,6 +237,10 @@ pub struct FarmArgs {
     /// BITSHostId behave like this).
     #[arg(long)]
     pub no_host_id: bool,
+    /// Turn off session handoff: a packet that reaches a member other than the one holding its
+    /// session gets "session not found" and the client restarts from zero, as with IIS.
+    #[arg(long)]
+    pub no_handoff: bool,
     /// Run the reference receiver and deliver every upload to it by value.
     #[arg(long)]
     pub receiver: bool,
@@ -267,6 +271,7 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
         shared: args.shared,
         data_dir: args.data_dir,
         host_ids: !args.no_host_id,
+        handoff: !args.no_handoff,
         server,
         receiver: args.receiver,
     };

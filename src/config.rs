@@ -214,6 +214,103 @@ pub struct ConfigFile {
     pub notify_header_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_ca_file: Option<PathBuf>,
+    /// Session handoff between the members of a farm (see `server::handoff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffSettings>,
+}
+
+/// `handoff:` in the YAML file: who this member is, where the others are, and the farm's secret.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HandoffSettings {
+    /// File holding the secret every member shares (at least 32 bytes).
+    pub secret_file: PathBuf,
+    /// This member's ordinal; by default the number at the end of `POD_NAME` (a StatefulSet pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordinal: Option<u16>,
+    /// Each member's base URL, by ordinal (a farm of fixed size, such as `bitsfarm farm`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// A base URL with `{ordinal}` (and optionally `{namespace}`), for a farm whose size changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_url_template: Option<String>,
+    /// PEM bundle that https peers' certificates must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The resolved `handoff:` settings; the secret itself is read when the server starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandoffConfig {
+    pub secret_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub ordinal: u16,
+    pub peers: crate::server::handoff::Peers,
+}
+
+impl HandoffSettings {
+    fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<HandoffConfig, ConfigError> {
+        use crate::server::handoff::Peers;
+        let invalid = |m: String| ConfigError::Invalid(format!("handoff: {m}"));
+        let ordinal = match self.ordinal {
+            Some(o) => o,
+            None => {
+                let pod = env("POD_NAME").filter(|p| !p.is_empty()).ok_or_else(|| {
+                    invalid("set ordinal, or POD_NAME to a name ending in -<number>".into())
+                })?;
+                pod_ordinal(&pod)
+                    .and_then(|n| n.parse::<u16>().ok())
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "POD_NAME {pod:?} does not end in -<number> (0 to 65535); set ordinal"
+                        ))
+                    })?
+            }
+        };
+        let peers = match (&self.peers[..], &self.peer_url_template) {
+            ([], Some(t)) => {
+                let mut t = t.clone();
+                if t.contains("{namespace}") {
+                    let ns = env("POD_NAMESPACE")
+                        .filter(|n| !n.is_empty())
+                        .ok_or_else(|| {
+                            invalid(
+                                "peer-url-template uses {namespace} but POD_NAMESPACE is not set"
+                                    .into(),
+                            )
+                        })?;
+                    t = t.replace("{namespace}", &ns);
+                }
+                Peers::template(&t).map_err(|e| invalid(e.to_string()))?
+            }
+            ([_, ..], None) => Peers::list(&self.peers).map_err(|e| invalid(e.to_string()))?,
+            ([], None) => return Err(invalid("give peers or peer-url-template".into())),
+            ([_, ..], Some(_)) => {
+                return Err(invalid("give peers or peer-url-template, not both".into()));
+            }
+        };
+        if let Peers::List(l) = &peers
+            && usize::from(ordinal) >= l.len()
+        {
+            return Err(invalid(format!(
+                "ordinal {ordinal} has no entry in peers (it lists {})",
+                l.len()
+            )));
+        }
+        Ok(HandoffConfig {
+            secret_file: self.secret_file.clone(),
+            ca_file: self.ca_file.clone(),
+            ordinal,
+            peers,
+        })
+    }
+}
+
+/// The number after a StatefulSet pod name's last `-`.
+fn pod_ordinal(pod: &str) -> Option<&str> {
+    pod.rsplit_once('-')
+        .map(|(_, n)| n)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The settings of one upload directory, each optional so that it can inherit.
@@ -304,6 +401,8 @@ pub struct ServerConfig {
     pub sync: bool,
     /// Authentication, TLS, backend credentials and limits.
     pub security: SecurityConfig,
+    /// Session handoff between farm members, when configured.
+    pub handoff: Option<HandoffConfig>,
 }
 
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 50;
@@ -421,6 +520,11 @@ impl ServerConfig {
             .map(UploadDirConfig::resolve)
             .collect::<Result<Vec<_>, _>>()?;
         let security = SecurityConfig::resolve(&args.security, &file)?;
+        let handoff = file
+            .handoff
+            .as_ref()
+            .map(|h| h.resolve(|k| std::env::var(k).ok()))
+            .transpose()?;
         let config = ServerConfig {
             listen,
             admin_listen: args.admin_listen.or(file.admin_listen),
@@ -448,6 +552,7 @@ impl ServerConfig {
             directories,
             sync: !(args.unsafe_no_sync || file.unsafe_no_sync.unwrap_or(false)),
             security,
+            handoff,
         };
         config.validate()?;
         Ok(config)
@@ -555,15 +660,11 @@ pub fn expand_host_id(
     if out.contains("{pod}") || out.contains("{ordinal}") {
         let pod = need("POD_NAME", "{pod}/{ordinal}")?;
         if out.contains("{ordinal}") {
-            let ordinal = pod
-                .rsplit_once('-')
-                .map(|(_, n)| n)
-                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| {
-                    ConfigError::Invalid(format!(
-                        "host-id uses {{ordinal}} but POD_NAME {pod:?} does not end in -<number>"
-                    ))
-                })?;
+            let ordinal = pod_ordinal(&pod).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "host-id uses {{ordinal}} but POD_NAME {pod:?} does not end in -<number>"
+                ))
+            })?;
             out = out.replace("{ordinal}", ordinal);
         }
         out = out.replace("{pod}", &pod);
@@ -736,6 +837,65 @@ mod tests {
             ..Default::default()
         };
         assert!(ServerConfig::from_parts(ConfigFile::default(), &args).is_err());
+    }
+
+    #[test]
+    fn handoff_settings_name_the_member_and_its_peers() {
+        use crate::server::handoff::Peers;
+        let env = |k: &str| match k {
+            "POD_NAME" => Some("web-3".to_string()),
+            "POD_NAMESPACE" => Some("uploads".to_string()),
+            _ => None,
+        };
+        let t = HandoffSettings {
+            secret_file: "/s".into(),
+            peer_url_template: Some("http://web-{ordinal}.{namespace}.svc:8080".into()),
+            ..Default::default()
+        };
+        let c = t.resolve(env).unwrap();
+        assert_eq!(c.ordinal, 3);
+        assert_eq!(
+            c.peers.address(5).map(|u| u.to_string()),
+            Some("http://web-5.uploads.svc:8080/".into())
+        );
+        let l = HandoffSettings {
+            secret_file: "/s".into(),
+            ordinal: Some(1),
+            peers: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            ..Default::default()
+        };
+        assert!(matches!(l.resolve(|_| None).unwrap().peers, Peers::List(v) if v.len() == 2));
+        let bad = [
+            HandoffSettings {
+                ordinal: Some(2),
+                ..l.clone()
+            },
+            HandoffSettings {
+                peer_url_template: t.peer_url_template.clone(),
+                ..l.clone()
+            },
+            HandoffSettings {
+                peers: vec![],
+                ..l.clone()
+            },
+            HandoffSettings {
+                peer_url_template: Some("http://web.svc".into()),
+                ..t.clone()
+            },
+            HandoffSettings {
+                peers: vec!["http://x/path".into()],
+                ..l.clone()
+            },
+        ];
+        for b in bad {
+            assert!(b.resolve(env).is_err(), "{b:?}");
+        }
+        // Without an ordinal, the pod's name must give one.
+        assert!(t.resolve(|_| None).is_err());
+        assert!(
+            t.resolve(|k| (k == "POD_NAME").then(|| "web".into()))
+                .is_err()
+        );
     }
 
     #[test]

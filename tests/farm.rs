@@ -301,8 +301,8 @@ fn with_host_ids_every_packet_after_create_session_lands_on_one_member() {
 #[test]
 fn without_host_ids_sessions_break_and_restart_from_zero() {
     // The number this project exists to improve: bytes resent and restarts when a farm has no
-    // affinity (every connection may land on another member).
-    let farm = Farm::start(2, &["--receiver", "--no-host-id"]);
+    // affinity (every connection may land on another member) and, as with IIS, no handoff.
+    let farm = Farm::start(2, &["--receiver", "--no-host-id", "--no-handoff"]);
     let work = TempDir::new().unwrap();
     let (file, data) = data_file(work.path(), 128 << 10, 2);
     let (mut restarts, mut sent) = (0, 0);
@@ -338,6 +338,118 @@ fn without_host_ids_sessions_break_and_restart_from_zero() {
     let got = farm.received();
     assert_eq!(got.len(), 5, "{got:?}");
     assert!(got.iter().all(|(_, sha)| *sha == sha256_hex(&data)));
+}
+
+/// The same farm and uploads as `without_host_ids_sessions_break_and_restart_from_zero`, with
+/// handoff on (the default): a packet that lands on the wrong member is handed to the owner.
+#[test]
+fn with_handoff_a_farm_without_host_ids_never_restarts_and_resends_nothing() {
+    let farm = Farm::start(3, &["--receiver", "--no-host-id"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 128 << 10, 2);
+    let (mut restarts, mut sent) = (0, 0);
+    for round in 0..5 {
+        let up = Upload::start(
+            &file,
+            &format!("http://{}/up/h{round}.bin?tag={round}", farm.shared),
+            &[
+                "--fragment-size",
+                "65536",
+                "--no-keep-alive",
+                "--retry-delay",
+                "0",
+            ],
+        );
+        let (code, report) = up.finish(Duration::from_secs(60));
+        assert_eq!(code, 0, "{report}");
+        restarts += report_u64(&report, "restarts");
+        sent += report_u64(&report, "bytes_sent");
+    }
+    let size = 5 * data.len() as u64;
+    let forwarded: f64 = (0..farm.replicas)
+        .map(|i| {
+            metric_value(
+                &farm.member_metrics(i),
+                "bitsfarm_handoff_forwarded_packets_total{packet=\"Fragment\",outcome=\"forwarded\"}",
+            )
+        })
+        .sum();
+    let forwarded_bytes: f64 = (0..farm.replicas)
+        .map(|i| {
+            metric_value(
+                &farm.member_metrics(i),
+                "bitsfarm_handoff_forwarded_bytes_total",
+            )
+        })
+        .sum();
+    println!(
+        "with handoff, without host ids: 5 uploads of {} bytes, {restarts} restarts, {} bytes resent; {forwarded} fragments ({forwarded_bytes} bytes) handed to their owner",
+        data.len(),
+        sent - size
+    );
+    assert_eq!(restarts, 0);
+    assert_eq!(sent, size, "no byte was sent twice");
+    // 10 fragments, each on a new connection to one of 3 members: all landing on their owner
+    // by chance has a probability of (1/3)^10.
+    assert!(forwarded > 0.0, "no packet was handed on");
+    assert!(forwarded_bytes >= 65536.0);
+    let got = farm.received();
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert!(got.iter().all(|(_, sha)| *sha == sha256_hex(&data)));
+    // The backend saw the URL the client used (the shared address), not a member's own address.
+    let meta = std::fs::read_dir(farm.data.path().join(format!(
+        "received-{}",
+        farm.shared.port() + 1 + farm.replicas
+    )))
+    .unwrap()
+    .flatten()
+    .filter_map(|e| std::fs::read_to_string(e.path().join("delivery.json")).ok())
+    .collect::<Vec<_>>();
+    assert_eq!(meta.len(), 5, "{meta:?}");
+    assert!(
+        meta.iter()
+            .all(|t| t.contains(&format!("http://{}/up/h", farm.shared)) && t.contains("?tag=")),
+        "{meta:?}"
+    );
+}
+
+/// Without host ids and with handoff, the owner killed mid-upload: the member the client reaches
+/// answers "session not found" and the client starts again there, as BITS does.
+#[test]
+fn with_handoff_a_killed_owner_makes_the_client_restart_elsewhere() {
+    let mut farm = Farm::start(2, &["--receiver", "--no-host-id"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 3 << 20, 5);
+    let mut up = Upload::start(
+        &file,
+        &format!("http://{}/up/gone.bin", farm.shared),
+        &[
+            "--fragment-size",
+            "65536",
+            "--no-keep-alive",
+            "--retry-delay",
+            "1",
+            "--no-progress-timeout",
+            "60",
+        ],
+    );
+    up.wait_event("\"progress\"");
+    let owner = (0..farm.replicas)
+        .find(|&i| metric_value(&farm.member_metrics(i), "bitsfarm_sessions_active") >= 1.0)
+        .expect("one member holds the session");
+    farm.command(&format!("kill {owner}"), "killed");
+    let (code, report) = up.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{report}");
+    assert!(report_u64(&report, "restarts") >= 1, "{report}");
+    let survivor = 1 - owner;
+    let gone = metric_value(
+        &farm.member_metrics(survivor),
+        "bitsfarm_handoff_forwarded_packets_total{packet=\"Fragment\",outcome=\"owner_gone\"}",
+    );
+    assert!(gone >= 1.0, "the survivor never tried the dead owner");
+    let got = farm.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, sha256_hex(&data));
 }
 
 #[test]
@@ -656,5 +768,59 @@ fn drain_by_signal_waits_for_the_open_session_and_the_server_exits() {
     assert_eq!(
         std::fs::read(s.data_dir.join("d/open.bin")).unwrap(),
         b"01234567"
+    );
+}
+
+/// Forwarding is authenticated and goes one hop at most: a packet that claims to be forwarded
+/// without the farm's secret is refused, and one that proves itself is answered by the member it
+/// reached, even when its session names another member.
+#[test]
+fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
+    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, unix_now};
+    let farm = Farm::start(2, &["--no-host-id"]);
+    let key = FarmKey::load(&farm.data.path().join("handoff-secret")).expect("the farm's secret");
+    let id = key.mint(1).to_string();
+    let path = "/up/hop.bin";
+    let host = farm.member(0).to_string();
+    let fragment = |proof: &str| {
+        common::fragment_request(&id, path, 0, b"abcd", 4)
+            .header(FORWARDED_HEADER, proof)
+            .header("bitsfarm-original-host", &host)
+    };
+    let forged = Conn::open(farm.member(0))
+        .send(&fragment("v1 from=1 ts=1 mac=AAAA"))
+        .expect("an answer");
+    assert_eq!(forged.status, 403, "{forged:?}");
+    let proof = key.forward_proof(
+        1,
+        unix_now(),
+        &ForwardedRequest {
+            method: "BITS_POST",
+            path_and_query: path,
+            session_id: &id,
+            original_host: &host,
+        },
+    );
+    let hop = Conn::open(farm.member(0))
+        .send(&fragment(&proof))
+        .expect("an answer");
+    // Member 0 does not hold the session; it answers itself instead of sending it on to member 1.
+    assert_eq!(hop.status, 500, "{hop:?}");
+    assert_eq!(hop.error_code(), Some("0x8020001F"));
+    let m0 = farm.member_metrics(0);
+    assert_eq!(
+        metric_value(&m0, "bitsfarm_handoff_received_packets_total"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m0, "bitsfarm_handoff_forwarded_packets_total"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &farm.member_metrics(1),
+            "bitsfarm_handoff_received_packets_total"
+        ),
+        0.0
     );
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use crate::config::{ConfigFile, NotifyType};
+use crate::config::{ConfigFile, HandoffSettings, NotifyType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FarmError {
@@ -39,6 +39,9 @@ pub struct FarmPlan {
     /// Give each member a host id (its own address). Off: every packet goes through the shared
     /// address, as with a farm without BITS-Host-Id.
     pub host_ids: bool,
+    /// Members hand packets for each other's sessions to the owner (a secret in the data folder
+    /// authenticates them to each other).
+    pub handoff: bool,
     /// The server configuration every member shares (directories, backend, limits).
     pub server: ConfigFile,
     /// Run the reference receiver on the port after the members and deliver to it by value.
@@ -55,6 +58,12 @@ impl FarmPlan {
             ))
         })?;
         Ok(SocketAddr::new(self.shared.ip(), port))
+    }
+
+    /// The secret the members share for handoff; made once, kept across runs of the farm so
+    /// that sessions minted before a restart still name their owners.
+    pub fn secret_file(&self) -> PathBuf {
+        self.data_dir.join("handoff-secret")
     }
 
     pub fn receiver_addr(&self) -> Result<SocketAddr, FarmError> {
@@ -102,6 +111,22 @@ impl FarmPlan {
         c.shared_listen = Some(self.shared);
         c.admin_listen = None;
         c.host_id = self.host_ids.then(|| addr.to_string());
+        c.handoff =
+            if self.handoff {
+                Some(HandoffSettings {
+                    secret_file: self.secret_file(),
+                    ordinal: Some(u16::try_from(index).map_err(|_| {
+                        FarmError::Invalid(format!("member {index} is beyond 65535"))
+                    })?),
+                    peers: (0..self.replicas)
+                        .map(|i| self.member_addr(i).map(|a| format!("http://{a}")))
+                        .collect::<Result<_, _>>()?,
+                    peer_url_template: None,
+                    ca_file: None,
+                })
+            } else {
+                None
+            };
         if c.directories.is_empty() {
             c.data_dir = Some(dir.join("data"));
         } else {
@@ -136,6 +161,9 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     tokio::fs::create_dir_all(&plan.data_dir)
         .await
         .map_err(io(&plan.data_dir))?;
+    if plan.handoff {
+        ensure_secret(&plan.secret_file()).await?;
+    }
     let mut receivers = Vec::new();
     for addr in plan.receivers()? {
         let dir = plan.data_dir.join(format!("received-{}", addr.port()));
@@ -207,6 +235,31 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     }
     say("stopped").await;
     Ok(())
+}
+
+/// Writes a random secret (readable by this user only) unless the file is already there.
+async fn ensure_secret(path: &Path) -> Result<(), FarmError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| FarmError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let secret = format!(
+        "{}{}\n",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut f) => f.write_all(secret.as_bytes()).map_err(io),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io(e)),
+    }
 }
 
 async fn say(line: &str) {

@@ -14,9 +14,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::AppState;
 use super::metrics::{ErrorLabels, PacketLabels};
 use super::packet::{Packet, header_str, parse_packet, required};
 use super::paths::{SESSION_DIR, destination_path};
@@ -24,6 +23,7 @@ use super::protocol::{
     Ack, BITS_POST, BitsError, FragmentRange, PacketType, SessionId, header, negotiate_protocol,
 };
 use super::session::{CreateRequest, Origin, REPLIES_DIR, REPLY_FILE, UploadDir};
+use super::{AppState, handoff};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -91,8 +91,33 @@ pub async fn handle(
         Ok(user) => user,
         Err(denied) => return Ok(*denied),
     };
+    // A packet another member forwarded: it proves itself, and is answered here, never sent on.
+    let mut original_host = None;
+    if let Some(fwd) = &state.handoff
+        && let Some(proof) = req.headers().get(handoff::FORWARDED_HEADER)
+    {
+        match verify_forwarded(fwd, &req, proof) {
+            Ok(host) => {
+                state.metrics.handoff_received.inc();
+                original_host = Some(host);
+            }
+            Err(why) => {
+                warn!(path = %req.uri().path(), reason = why, "forwarded packet refused");
+                return Ok(ack_response(
+                    Ack::from(BitsError::access_denied(format!(
+                        "forwarded packet refused: {why}"
+                    ))),
+                    false,
+                ));
+            }
+        }
+    } else if let Some(fwd) = &state.handoff
+        && let Some(to) = handoff_target(&state, fwd, &req)
+    {
+        return Ok(forward(&state, fwd, req, to).await);
+    }
     if is_bits_post(&req) {
-        return Ok(bits_post(&state, req, user.as_deref()).await);
+        return Ok(bits_post(&state, req, user.as_deref(), original_host).await);
     }
     if is_get {
         return Ok(download(&state, req, user.as_deref()).await);
@@ -194,18 +219,17 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-async fn bits_post(state: &AppState, req: Request<Incoming>, user: Option<&str>) -> Response<Body> {
+async fn bits_post(
+    state: &AppState,
+    req: Request<Incoming>,
+    user: Option<&str>,
+    original_host: Option<String>,
+) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let origin = Origin {
-        host: parts
-            .headers
-            .get(h::HOST)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_string)
-            .unwrap_or_else(|| state.config.listen.to_string()),
+        host: original_host.unwrap_or_else(|| request_host(state, &parts.headers)),
         path_and_query: parts
             .uri
             .path_and_query()
@@ -342,6 +366,10 @@ async fn create_session(
     let content_name = header_str(headers, header::CONTENT_NAME)?.map(str::to_string);
     let id = dir
         .create_session(CreateRequest {
+            id: match &state.handoff {
+                Some(fwd) => fwd.membership.key.mint(fwd.membership.ordinal),
+                None => SessionId::generate(),
+            },
             owner: user.map(str::to_string),
             url_path: path.to_string(),
             destination: destination.clone(),
@@ -363,6 +391,157 @@ async fn create_session(
         }
     }
     Ok(ack)
+}
+
+/// The Host the client asked for (our listen address when it sent none).
+fn request_host(state: &AppState, headers: &HeaderMap) -> String {
+    headers
+        .get(h::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| state.config.listen.to_string())
+}
+
+/// The session a request names: a BITS packet's `BITS-Session-Id`, or a reply download's folder.
+fn named_session<B>(state: &AppState, req: &Request<B>) -> Option<(SessionId, &'static str)> {
+    if is_bits_post(req) {
+        let kind = req
+            .headers()
+            .get(header::PACKET_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(PacketType::parse)?;
+        if !kind.needs_session() {
+            return None;
+        }
+        let id = req.headers().get(header::SESSION_ID)?.to_str().ok()?;
+        return Some((SessionId::parse(id)?, kind.as_str()));
+    }
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        let (_, below) = state.directory_for(req.uri().path())?;
+        return Some((reply_session(below)?, "Reply"));
+    }
+    None
+}
+
+/// Where to send a request for a session that another live member of the farm owns.
+fn handoff_target(
+    state: &AppState,
+    fwd: &handoff::Forwarder,
+    req: &Request<Incoming>,
+) -> Option<(u16, url::Url, SessionId, &'static str)> {
+    let (id, kind) = named_session(state, req)?;
+    let (owner, url) = fwd.membership.route(&id)?;
+    Some((owner, url, id, kind))
+}
+
+/// Checks another member's proof on a forwarded request; gives the Host the client used.
+fn verify_forwarded<B>(
+    fwd: &handoff::Forwarder,
+    req: &Request<B>,
+    proof: &HeaderValue,
+) -> Result<String, &'static str> {
+    let proof = proof.to_str().map_err(|_| "unreadable forwarding header")?;
+    let host = req
+        .headers()
+        .get(handoff::ORIGINAL_HOST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let session = req
+        .headers()
+        .get(header::SESSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    fwd.membership.key.verify_forward(
+        proof,
+        handoff::unix_now(),
+        &handoff::ForwardedRequest {
+            method: req.method().as_str(),
+            path_and_query,
+            session_id: session,
+            original_host: host,
+        },
+    )?;
+    if host.is_empty() {
+        return Err("forwarded packet without the original host");
+    }
+    Ok(host.to_string())
+}
+
+/// Hands a request to the member that owns its session and relays that member's answer.
+async fn forward(
+    state: &Arc<AppState>,
+    fwd: &handoff::Forwarder,
+    req: Request<Incoming>,
+    (owner, url, id, kind): (u16, url::Url, SessionId, &'static str),
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let original_host = request_host(state, &parts.headers);
+    let session_header = parts
+        .headers
+        .get(header::SESSION_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(id.as_str())
+        .to_string();
+    let bytes = state.metrics.handoff_bytes.clone();
+    let result = fwd
+        .forward(
+            &parts,
+            body_stream(body, state.config.read_timeout),
+            &handoff::Handoff {
+                owner_url: url.clone(),
+                session_id: &session_header,
+                original_host: &original_host,
+            },
+            move |n| {
+                bytes.inc_by(n);
+            },
+        )
+        .await;
+    let outcome = match &result {
+        Ok(_) => "forwarded",
+        Err(handoff::ForwardFailure::OwnerGone(_)) => "owner_gone",
+        Err(handoff::ForwardFailure::Broken(_)) => "failed",
+    };
+    state
+        .metrics
+        .handoff_packets
+        .get_or_create(&super::metrics::HandoffLabels {
+            packet: kind.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .inc();
+    match result {
+        Ok(r) => {
+            debug!(session = %id, owner, %url, packet = kind, status = r.status().as_u16(), "packet handed to its owner");
+            r.map(|b| b.map_err(io::Error::other).boxed_unsync())
+        }
+        Err(handoff::ForwardFailure::OwnerGone(why)) => {
+            info!(session = %id, owner, %url, error = %why, "the member that owns this session is gone; the client must start again");
+            if kind == "Reply" {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "no reply here: the member that held it is gone\n",
+                );
+            }
+            // The body was handed to the forwarder and may be partly unread.
+            ack_response(Ack::from(BitsError::session_not_found()), false)
+        }
+        Err(handoff::ForwardFailure::Broken(why)) => {
+            warn!(session = %id, owner, %url, error = %why, "handing a packet to its owner failed");
+            ack_response(
+                Ack::from(BitsError::owner_unreachable(format!(
+                    "the member that holds this session did not answer ({why}); retry"
+                ))),
+                false,
+            )
+        }
+    }
 }
 
 fn ack_response(ack: Ack, keep_alive: bool) -> Response<Body> {

@@ -23,8 +23,20 @@ pub struct ErrorLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    pub packet: String,
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Packets handed to the member that owns their session, by packet and outcome.
+    pub handoff_packets: Family<HandoffLabels, Counter>,
+    /// Body bytes handed on to other members.
+    pub handoff_bytes: Counter,
+    /// Packets other members handed to this one.
+    pub handoff_received: Counter,
     pub bytes_received: Counter,
     pub sessions_active: Gauge,
     pub sessions_created: Counter,
@@ -48,6 +60,9 @@ impl Metrics {
         let mut registry = Registry::with_prefix("bitsfarm");
         let m = Metrics {
             registry: Registry::default(),
+            handoff_packets: Family::default(),
+            handoff_bytes: Counter::default(),
+            handoff_received: Counter::default(),
             bytes_received: Counter::default(),
             sessions_active: Gauge::default(),
             sessions_created: Counter::default(),
@@ -104,6 +119,21 @@ impl Metrics {
             "duplicate_deliveries_suppressed",
             "Completed uploads not sent again because their delivery was already recorded",
             m.duplicates_suppressed.clone(),
+        );
+        registry.register(
+            "handoff_forwarded_packets",
+            "Packets for another member's session handed to that member, by packet and outcome (forwarded, owner_gone, failed)",
+            m.handoff_packets.clone(),
+        );
+        registry.register(
+            "handoff_forwarded_bytes",
+            "Upload bytes handed on to the member that owns their session",
+            m.handoff_bytes.clone(),
+        );
+        registry.register(
+            "handoff_received_packets",
+            "Packets other members handed to this one",
+            m.handoff_received.clone(),
         );
         Metrics { registry, ..m }
     }

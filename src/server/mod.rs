@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod handoff;
 pub mod hooks;
 pub mod http;
 pub mod limits;
@@ -62,6 +63,8 @@ pub struct AppState {
     /// TLS for the upload listener(s), when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     tls_cert: Option<Arc<tls::ReloadingCert>>,
+    /// Session handoff to and from the other members of the farm, when configured.
+    pub handoff: Option<handoff::Forwarder>,
 }
 
 impl AppState {
@@ -130,6 +133,29 @@ impl Server {
             sec.notify_ca_file.as_deref(),
         )
         .map_err(security)?;
+        let handoff = match &config.handoff {
+            Some(h) => {
+                let key =
+                    handoff::FarmKey::load(&h.secret_file).map_err(|e| security(e.to_string()))?;
+                let membership = handoff::Membership::new(h.ordinal, h.peers.clone(), key)
+                    .map_err(|e| security(e.to_string()))?;
+                let slowest_backend = config
+                    .directories
+                    .iter()
+                    .map(|d| d.notify_timeout)
+                    .max()
+                    .unwrap_or_default();
+                Some(
+                    handoff::Forwarder::new(
+                        membership,
+                        h.ca_file.as_deref(),
+                        slowest_backend + config.read_timeout + Duration::from_secs(30),
+                    )
+                    .map_err(security)?,
+                )
+            }
+            None => None,
+        };
         let sessions = Arc::new(limits::SessionCounter::new(
             sec.max_sessions_per_user,
             sec.max_sessions,
@@ -179,6 +205,7 @@ impl Server {
             sessions,
             tls: tls_acceptor,
             tls_cert,
+            handoff,
         });
         Ok(Server {
             state,

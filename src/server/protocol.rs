@@ -196,6 +196,12 @@ impl BitsError {
         )
     }
 
+    /// A packet for a session another farm member holds, when that member was reached but did
+    /// not answer: transient, so the client retries (and keeps its session).
+    pub fn owner_unreachable(message: impl Into<String>) -> Self {
+        Self::new(503, 0x8019_01F7, message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, hresult::E_FAIL, message)
     }
@@ -312,8 +318,7 @@ pub struct SessionId(String);
 impl SessionId {
     /// A new id from the operating system's cryptographic random source (UUID v4).
     pub fn generate() -> Self {
-        let id = uuid::Uuid::new_v4();
-        SessionId(format!("{{{}}}", id.hyphenated()).to_ascii_uppercase())
+        Self::from_uuid(uuid::Uuid::new_v4())
     }
 
     /// Accepts a braced GUID in any case and gives it the canonical upper-case form. Anything else
@@ -325,9 +330,18 @@ impl SessionId {
         if inner.len() != 36 {
             return None;
         }
-        Some(SessionId(
-            format!("{{{}}}", id.hyphenated()).to_ascii_uppercase(),
-        ))
+        Some(Self::from_uuid(id))
+    }
+
+    /// The canonical braced, upper-case form of a GUID.
+    pub fn from_uuid(id: uuid::Uuid) -> Self {
+        SessionId(format!("{{{}}}", id.hyphenated()).to_ascii_uppercase())
+    }
+
+    /// The GUID's 128 bits (a session id is only ever made from a valid GUID).
+    pub fn uuid(&self) -> uuid::Uuid {
+        uuid::Uuid::try_parse(self.0.trim_start_matches('{').trim_end_matches('}'))
+            .unwrap_or_default()
     }
 
     pub fn as_str(&self) -> &str {

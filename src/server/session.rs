@@ -154,6 +154,8 @@ impl Origin {
 /// What a packet handler needs to know about the request beyond the session id.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
+    /// A fresh id: random, or minted with this member's owner tag when the farm hands off sessions.
+    pub id: SessionId,
     pub url_path: String,
     pub destination: PathBuf,
     pub content_name: Option<String>,
@@ -330,7 +332,7 @@ impl UploadDir {
     pub async fn create_session(&self, req: CreateRequest) -> Result<SessionId, BitsError> {
         let dest = self.root.join(&req.destination);
         let allow_overwrites = self.config.allow_overwrites;
-        let id = SessionId::generate();
+        let id = req.id.clone();
         let dir = self.requests.join(id.as_str());
         self.counter.try_acquire(req.owner.as_deref())?;
         let owner = req.owner.clone();
