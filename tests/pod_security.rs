@@ -328,6 +328,7 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
         ("farm-users", "/var/run/secrets/bitsfarm/auth"),
         ("farm-tls", "/var/run/secrets/bitsfarm/tls"),
         ("backend-token", "/var/run/secrets/bitsfarm/backend"),
+        ("secure-handoff", "/var/run/secrets/bitsfarm/handoff"),
     ] {
         let vol = spec["volumes"]
             .as_array()
@@ -345,7 +346,15 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
         assert_eq!(m["mountPath"], mount);
         assert_eq!(m["readOnly"], Value::Bool(true));
     }
+    // Probes use the plain-http admin port, whatever TLS and credentials the uploads need.
     let c = &spec["containers"][0];
-    assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
-    assert_eq!(c["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], "admin");
+        assert_eq!(c[probe]["httpGet"]["scheme"], Value::Null);
+    }
+    assert!(config.contains("admin-listen: 0.0.0.0:8081"), "{config}");
+    assert!(
+        config.contains("https://secure-{ordinal}.secure-headless.{namespace}.svc:8080"),
+        "{config}"
+    );
 }

@@ -10,7 +10,9 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 mod server_config;
-pub use server_config::{DATA_ROOT, InvalidSpec, SECRETS_ROOT, SERVER_PORT, server_config};
+pub use server_config::{
+    ADMIN_PORT, DATA_ROOT, InvalidSpec, SECRETS_ROOT, SERVER_PORT, server_config,
+};
 
 pub const GROUP: &str = "bitsfarm.io";
 pub const DEFAULT_HOST_ID_TEMPLATE: &str = "{pod}.{namespace}.svc.cluster.local";
@@ -421,11 +423,32 @@ pub struct UploadFarmStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostStatus>,
 
+    /// A scale-down waiting for the servers it removes to finish their sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScaleDownStatus>,
+
     /// Ready (every server ready for the current spec), Progressing (a rollout or scaling is
     /// under way) and Degraded (something needs attention).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A scale-down under way: the servers above `toReplicas` are draining (no new sessions) and are
+/// removed when their sessions are done or at `deadline`, whichever comes first.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDownStatus {
+    /// Servers before the scale-down.
+    pub from_replicas: i32,
+    /// Servers after it.
+    pub to_replicas: i32,
+    /// When draining started (RFC 3339).
+    pub started_at: String,
+    /// When the draining servers are removed even with sessions left (RFC 3339).
+    pub deadline: String,
+    /// Sessions the draining servers still hold, as last reported.
+    pub sessions_left: i64,
 }
 
 /// One upload server.

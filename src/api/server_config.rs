@@ -14,6 +14,9 @@ pub const DATA_ROOT: &str = "/var/lib/bitsfarm";
 pub const SECRETS_ROOT: &str = "/var/run/secrets/bitsfarm";
 /// The port the server listens on inside the pod, for uploads and its health endpoints.
 pub const SERVER_PORT: u16 = 8080;
+/// The port of each server's health, metrics and drain endpoints (plain http, never exposed by a
+/// Service): the operator drains servers through it, whatever authentication the uploads need.
+pub const ADMIN_PORT: u16 = 8081;
 
 /// A spec the servers could not run with. The message names the field and what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +40,7 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
     }
     let mut file = ConfigFile {
         listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], SERVER_PORT))),
+        admin_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
         host_id: Some(template.clone()),
         host_id_fallback_timeout: Some(seconds(
             "spec.hostIds.fallbackTimeoutSeconds",

@@ -124,6 +124,18 @@ fn condition(type_: &str, status: &str, reason: &str, message: String) -> Condit
     }
 }
 
+/// Marks `Progressing` as a scale-down waiting for draining servers (`Draining`).
+pub fn set_draining(conditions: &mut [Condition], message: String) {
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == PROGRESSING) {
+        if c.status != TRUE {
+            c.last_transition_time = Time(Timestamp::now());
+        }
+        c.status = TRUE.into();
+        c.reason = "Draining".into();
+        c.message = message;
+    }
+}
+
 /// The three conditions for `obs`, with `lastTransitionTime` kept from `old` unless the status
 /// flipped.
 pub fn conditions(obs: &Observed, old: &[Condition], now: Timestamp) -> Vec<Condition> {

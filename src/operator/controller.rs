@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -23,6 +23,7 @@ use super::resources::{
     self, BuildOptions, COMPONENT_HOST_SERVICE, COMPONENT_LABEL, Children, FIELD_MANAGER,
     INSTANCE_LABEL, Names,
 };
+use super::scale_down;
 use crate::api::{HostStatus, InvalidSpec, UploadFarm, UploadFarmStatus};
 
 /// Why a reconcile failed. Each message names the object and the API server's answer.
@@ -235,7 +236,20 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
         }
     };
 
-    let applied = match apply_children(farm, &ns, &children, ctx).await {
+    let mut children = children;
+    let scale = scale_down_step(farm, &ns, &old_status, ctx).await;
+    if scale.replicas > farm.spec.replicas {
+        // The draining servers keep their pods and their own addresses until they are done.
+        if let Some(spec) = children.stateful_set.spec.as_mut() {
+            spec.replicas = Some(scale.replicas);
+        }
+        for i in farm.spec.replicas.max(0)..scale.replicas {
+            children
+                .host_services
+                .push(resources::host_service(farm, i));
+        }
+    }
+    let applied = match apply_children(farm, &ns, &children, scale.replicas, ctx).await {
         Ok(a) => a,
         Err(e) => {
             let problem = Problem::ApplyFailed(e.to_string());
@@ -274,6 +288,15 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
         Timestamp::now(),
     );
     status.config_hash = Some(children.config_hash.clone());
+    if let Some(record) = scale.record.clone() {
+        let pods: Vec<String> =
+            scale_down::to_drain(record.to_replicas, Some(record.from_replicas))
+                .into_iter()
+                .map(|i| Names::of(farm).pod(i))
+                .collect();
+        conditions::set_draining(&mut status.conditions, scale_down::message(&record, &pods));
+        status.scale_down = Some(record);
+    }
     patch_status(&farms, &name, &status).await?;
     for (reason, note) in transitions(&old_status, &status, farm.spec.replicas) {
         publish(
@@ -289,6 +312,10 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
     let ready =
         conditions::find(&status.conditions, conditions::READY).is_some_and(|c| c.status == "True");
     ctx.metrics.set_farm_ready(&key(farm), Some(ready));
+    if status.scale_down.is_some() {
+        // Look at the draining servers again soon: they go as soon as their sessions end.
+        return Ok(Action::requeue(DRAIN_POLL));
+    }
     // Owned objects wake us on change; the periodic requeue catches pods that start failing,
     // which the StatefulSet's status does not show.
     Ok(Action::requeue(if ready {
@@ -296,6 +323,59 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
     } else {
         Duration::from_secs(30)
     }))
+}
+
+/// How often a scale-down in progress asks its draining servers how many sessions are left.
+pub const DRAIN_POLL: Duration = Duration::from_secs(10);
+
+/// Drains the servers a scale-down removes and decides whether they can go yet. The current size
+/// is the one the last reconcile saw (or the scale-down it recorded); asking a server goes through
+/// the API server's pod proxy, so it needs no route from the operator to the pods.
+async fn scale_down_step(
+    farm: &UploadFarm,
+    ns: &str,
+    old: &UploadFarmStatus,
+    ctx: &Context,
+) -> scale_down::Step {
+    let desired = farm.spec.replicas;
+    let current = old
+        .scale_down
+        .as_ref()
+        .map(|s| s.from_replicas)
+        .or((old.replicas > 0).then_some(old.replicas));
+    let names = Names::of(farm);
+    let mut reports = Vec::new();
+    for ordinal in scale_down::to_drain(desired, current) {
+        let pod = names.pod(ordinal);
+        let report = drain_pod(&ctx.client, ns, &pod).await;
+        tracing::info!(%pod, ?report, "draining before scale-down");
+        reports.push(report);
+    }
+    let timeout = jiff::SignedDuration::from_secs(resources::drain_timeout(&farm.spec));
+    scale_down::step(
+        desired,
+        current,
+        old.scale_down.as_ref(),
+        &reports,
+        timeout,
+        Timestamp::now(),
+    )
+}
+
+/// `POST /drain` on one server's admin port, through the API server's pod proxy.
+async fn drain_pod(client: &Client, ns: &str, pod: &str) -> scale_down::DrainReport {
+    let path = format!(
+        "/api/v1/namespaces/{ns}/pods/{pod}:{}/proxy/drain",
+        crate::api::ADMIN_PORT
+    );
+    let request = match http::Request::post(&path).body(Vec::new()) {
+        Ok(r) => r,
+        Err(e) => return scale_down::DrainReport::Unreachable(e.to_string()),
+    };
+    match client.request_text(request).await {
+        Ok(body) => scale_down::DrainReport::parse(&body),
+        Err(e) => scale_down::DrainReport::Unreachable(api_message(&e)),
+    }
 }
 
 struct Applied {
@@ -307,6 +387,7 @@ async fn apply_children(
     farm: &UploadFarm,
     ns: &str,
     children: &Children,
+    replicas: i32,
     ctx: &Context,
 ) -> Result<Applied, Error> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -318,6 +399,7 @@ async fn apply_children(
 
     let apply_err =
         |kind: &'static str, name: String| move |source| Error::Apply { kind, name, source };
+    ensure_handoff_secret(farm, ns, ctx).await?;
     config_maps
         .patch(
             &names.config_map(),
@@ -371,7 +453,7 @@ async fn apply_children(
             what: "per-pod Services",
             source,
         })?;
-    for svc_name in surplus_host_services(&host_services.items, farm.spec.replicas) {
+    for svc_name in surplus_host_services(&host_services.items, replicas) {
         match services.delete(&svc_name, &DeleteParams::default()).await {
             Ok(_) => tracing::info!(service = %svc_name, "deleted the Service of a removed pod"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -392,6 +474,43 @@ async fn apply_children(
         })?
         .items;
     Ok(Applied { stateful_set, pods })
+}
+
+/// Creates the farm's handoff secret unless it exists. It is never applied over: a new value
+/// would make every open session id name no owner.
+async fn ensure_handoff_secret(farm: &UploadFarm, ns: &str, ctx: &Context) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = Names::of(farm).handoff_secret();
+    let failed = |source| Error::Apply {
+        kind: "Secret",
+        name: name.clone(),
+        source,
+    };
+    if secrets.get_opt(&name).await.map_err(failed)?.is_some() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        failed(kube::Error::Service(
+            "the operating system's random source failed".into(),
+        ))
+    })?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match secrets
+        .create(
+            &Default::default(),
+            &resources::handoff_secret(farm, &secret),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(secret = %name, "created the farm's handoff secret");
+            Ok(())
+        }
+        // Another reconcile made it first: that one is the farm's secret.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(failed(e)),
+    }
 }
 
 /// Per-pod Services of ordinals at or above `replicas`, which scale-down left behind.
@@ -478,6 +597,7 @@ pub fn status_for(
         selector: Some(resources::selector_string(&names.farm)),
         address: Some(resources::shared_address(farm)),
         config_hash: old.config_hash.clone(),
+        scale_down: None,
         hosts,
         conditions: conditions::conditions(&observed, &old.conditions, now),
     }

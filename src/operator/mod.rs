@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod rbac;
 pub mod render;
 pub mod resources;
+pub mod scale_down;
 
 #[cfg(test)]
 mod fixtures;

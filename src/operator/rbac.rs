@@ -74,6 +74,21 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         api_group: "",
+        resource: "secrets",
+        verbs: &["create", "get"],
+        why: "the farm's handoff secret (the key its servers share to hand sessions to each other) \
+              is read, and created once when missing; it is never listed, watched or rewritten, and \
+              no other Secret is read (the ones spec.security names are only mounted)",
+    },
+    Rule {
+        api_group: "",
+        resource: "pods/proxy",
+        verbs: &["create"],
+        why: "a scale-down asks each server it removes to drain (POST /drain on its admin port) \
+              through the API server's pod proxy, and reads the sessions it has left from the answer",
+    },
+    Rule {
+        api_group: "",
         resource: "pods",
         verbs: &["list"],
         why: "a farm's pods are listed, read only, to report each host's readiness and failing pods \
@@ -122,6 +137,8 @@ pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
         [resource] => (*resource, None, None),
         [resource, name] => (*resource, Some(*name), None),
         [resource, name, sub] => (*resource, Some(*name), Some(*sub)),
+        // The proxy subresource carries the path it proxies after it.
+        [resource, name, "proxy", ..] => (*resource, Some(*name), Some("proxy")),
         _ => return None,
     };
     let watch = query
@@ -244,6 +261,12 @@ mod tests {
                     ),
                 ),
                 "GET" if query.contains("watch=") => (200, None),
+                "GET" if path.contains("/secrets/") => (
+                    404,
+                    Some(
+                        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound", "metadata": {}}),
+                    ),
+                ),
                 "GET" if path.ends_with("/services") && query.contains("host-service") => {
                     let f: UploadFarm = serde_json::from_value(farms[0].clone()).unwrap();
                     let items = (0..4)
@@ -285,6 +308,10 @@ mod tests {
 
         // Reconcile: create (applies, the scale-down sweep, pods, status, an event).
         reconcile(guard(&valid), ctx.clone()).await.unwrap();
+        // A scale-down from 4 to 2: the servers leaving are drained through the pod proxy.
+        let mut shrinking = valid.clone();
+        shrinking["status"] = json!({"replicas": 4});
+        reconcile(guard(&shrinking), ctx.clone()).await.unwrap();
         // An invalid spec, twice: the second, identical event is patched as a series.
         for _ in 0..2 {
             reconcile(guard(&invalid), ctx.clone()).await.unwrap();

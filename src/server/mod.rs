@@ -145,10 +145,17 @@ impl Server {
                     .map(|d| d.notify_timeout)
                     .max()
                     .unwrap_or_default();
+                let ca_file = h.ca_file.as_deref().filter(|f| {
+                    let there = f.exists();
+                    if !there {
+                        warn!(file = %f.display(), "the handoff CA bundle is missing; https peers cannot be verified, so packets for their sessions get \"session not found\"");
+                    }
+                    there
+                });
                 Some(
                     handoff::Forwarder::new(
                         membership,
-                        h.ca_file.as_deref(),
+                        ca_file,
                         slowest_backend + config.read_timeout + Duration::from_secs(30),
                     )
                     .map_err(security)?,

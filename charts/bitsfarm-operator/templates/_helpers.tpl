@@ -74,6 +74,16 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "list", "patch", "watch"]
+# Each farm's handoff secret (the key its servers share to hand sessions to each other): read,
+# and created once when missing. Never listed, watched or rewritten; no other Secret is read.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "get"]
+# A scale-down asks each server it removes to drain (POST /drain on its admin port) through the
+# API server's pod proxy, and reads the sessions it has left from the answer.
+- apiGroups: [""]
+  resources: ["pods/proxy"]
+  verbs: ["create"]
 # A farm's pods are listed (read only) to report each host's readiness and failing pods
 # (CrashLoopBackOff, ImagePullBackOff) in the status.
 - apiGroups: [""]

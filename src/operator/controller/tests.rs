@@ -65,6 +65,37 @@ async fn expect_event(api: &mut ApiServer) -> Seen {
     .await
 }
 
+/// The handoff Secret is read, and created (never overwritten) when it is missing.
+async fn expect_handoff_secret(api: &mut ApiServer, exists: bool) {
+    let path = format!("/api/v1/namespaces/{NS}/secrets/farm-handoff");
+    if exists {
+        api.expect("GET", &path, 200, |_| {
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "farm-handoff", "namespace": NS}, "data": {"secret": "c2VjcmV0"}})
+        })
+        .await;
+        return;
+    }
+    api.expect("GET", &path, 404, |_| {
+        status_error(404, "NotFound", "secrets \"farm-handoff\" not found")
+    })
+    .await;
+    let created = api
+        .expect(
+            "POST",
+            &format!("/api/v1/namespaces/{NS}/secrets"),
+            201,
+            |b| b.clone(),
+        )
+        .await;
+    let secret = created.body["stringData"]["secret"].as_str().unwrap();
+    assert_eq!(secret.len(), 64, "{secret}");
+    assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        created.body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-1"
+    );
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -86,6 +117,7 @@ async fn creating_a_farm_applies_every_child_then_reports() {
     let f = farm(json!({"replicas": 3}), None);
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
+        expect_handoff_secret(&mut api, false).await;
         let cm = api
             .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
@@ -154,6 +186,128 @@ fn running_status(hash: &str, replicas: i32) -> Value {
     })
 }
 
+fn drain_path(pod: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/pods/{pod}:8081/proxy/drain")
+}
+
+/// The servers a scale-down removes are asked to drain, highest ordinal first, through the API
+/// server's pod proxy; each answers with the sessions it still holds.
+async fn expect_drains(api: &mut ApiServer, sessions: &[(i32, i64)]) {
+    for (i, n) in sessions {
+        api.expect(
+            "POST",
+            &drain_path(&format!("farm-{i}")),
+            200,
+            |_| json!({"draining": true, "sessions": n}),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_sessions() {
+    let (ctx, mut api) = context();
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_drains(&mut api, &[(2, 0), (1, 3)]).await;
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        assert_eq!(sts.body["spec"]["replicas"], 3, "pods kept while draining");
+        for i in 0..3 {
+            api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
+        }
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
+        )
+        .await;
+        // No DELETE: the draining servers' clients still reach them by host id.
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        let status = &st.body["status"];
+        let progressing = condition(status, "Progressing");
+        assert_eq!(progressing["status"], "True");
+        assert_eq!(progressing["reason"], "Draining");
+        let msg = progressing["message"].as_str().unwrap();
+        assert!(msg.contains("farm-2, farm-1"), "{msg}");
+        assert!(msg.contains("3 sessions left"), "{msg}");
+        assert_eq!(status["scaleDown"]["fromReplicas"], 3);
+        assert_eq!(status["scaleDown"]["toReplicas"], 1);
+        assert_eq!(status["scaleDown"]["sessionsLeft"], 3);
+        expect_event(&mut api).await;
+    })
+    .await;
+    let action = reconciler.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(DRAIN_POLL));
+    api.done().await;
+}
+
+#[tokio::test]
+async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
+    let (ctx, mut api) = context();
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let mut status = running_status(&hash, 3);
+    status["scaleDown"] = json!({
+        "fromReplicas": 3, "toReplicas": 1, "sessionsLeft": 3,
+        "startedAt": "2020-01-01T00:00:00Z", "deadline": "2020-01-02T00:00:00Z",
+    });
+    let f = farm(json!({"replicas": 1}), Some(status));
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_drains(&mut api, &[(2, 1), (1, 1)]).await;
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        assert_eq!(sts.body["spec"]["replicas"], 1);
+        api.expect_apply(&svc_path("farm-0")).await;
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
+        )
+        .await;
+        for i in [1, 2] {
+            api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
+                host_service_json(i)
+            })
+            .await;
+        }
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        assert_eq!(st.body["status"]["scaleDown"], Value::Null);
+        assert_ne!(
+            condition(&st.body["status"], "Progressing")["reason"],
+            "Draining"
+        );
+        expect_event(&mut api).await;
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
 #[tokio::test]
 async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
     let (ctx, mut api) = context();
@@ -161,6 +315,9 @@ async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
     let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
+        // Both servers drained: nothing to wait for.
+        expect_drains(&mut api, &[(2, 0), (1, 0)]).await;
+        expect_handoff_secret(&mut api, true).await;
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;
@@ -208,6 +365,7 @@ async fn a_changed_backend_rolls_the_config_hash() {
     );
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
+        expect_handoff_secret(&mut api, true).await;
         let cm = api
             .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
@@ -257,6 +415,7 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
     let g = guard(&f);
     let reconciler = tokio::spawn(reconcile(g.clone(), ctx.clone()));
     with_timeout(async {
+        expect_handoff_secret(&mut api, true).await;
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;

@@ -15,7 +15,7 @@ mod services;
 mod statefulset;
 
 pub use services::{headless_service, host_service, shared_service};
-pub use statefulset::{apply_body as stateful_set_apply_body, stateful_set};
+pub use statefulset::{apply_body as stateful_set_apply_body, drain_timeout, stateful_set};
 
 /// The one field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "bitsfarm-operator";
@@ -32,6 +32,7 @@ pub const COMPONENT_HOST_SERVICE: &str = "host-service";
 pub const COMPONENT_SHARED_SERVICE: &str = "shared-service";
 pub const COMPONENT_HEADLESS_SERVICE: &str = "headless-service";
 pub const COMPONENT_CONFIG: &str = "config";
+pub const COMPONENT_HANDOFF_SECRET: &str = "handoff-secret";
 pub const CONFIG_FILE_NAME: &str = "config.yaml";
 pub const CONFIG_MOUNT: &str = "/etc/bitsfarm";
 
@@ -84,6 +85,10 @@ impl Names {
     }
     pub fn shared_service(&self) -> String {
         self.farm.clone()
+    }
+    /// The secret the farm's servers share to hand sessions to each other; generated once.
+    pub fn handoff_secret(&self) -> String {
+        format!("{}-handoff", self.farm)
     }
     /// Per-pod Services are named after their pods, so `{pod}.{namespace}.svc...` resolves to them.
     pub fn pod(&self, ordinal: i32) -> String {
@@ -144,9 +149,55 @@ fn owner(farm: &UploadFarm) -> Option<OwnerReference> {
     farm.controller_owner_ref(&())
 }
 
-/// The server configuration as the ConfigMap's `config.yaml`, and its hash.
+/// Where the handoff Secret is mounted below `SECRETS_ROOT`, and its one key.
+pub const HANDOFF_SECRET_DIR: &str = "handoff";
+pub const HANDOFF_SECRET_KEY: &str = "secret";
+
+/// The farm's handoff Secret holding `secret` (64 hex characters from the operator's random
+/// source). Created once and never rewritten: a new secret would orphan every open session id.
+pub fn handoff_secret(farm: &UploadFarm, secret: &str) -> k8s_openapi::api::core::v1::Secret {
+    k8s_openapi::api::core::v1::Secret {
+        metadata: meta(
+            farm,
+            Names::of(farm).handoff_secret(),
+            COMPONENT_HANDOFF_SECRET,
+            None,
+        ),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(
+            HANDOFF_SECRET_KEY.to_string(),
+            secret.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The server configuration as the ConfigMap's `config.yaml`, and its hash: the configuration
+/// plus what only the farm's name gives, how the servers reach each other for session handoff. Each member is addressed through the headless Service (straight
+/// to the pod, ready or not, so a draining member stays reachable).
 pub fn config_yaml(farm: &UploadFarm) -> Result<(String, String), InvalidSpec> {
-    let file = server_config(&farm.spec)?;
+    let mut file = server_config(&farm.spec)?;
+    let names = Names::of(farm);
+    let tls = farm
+        .spec
+        .security
+        .as_ref()
+        .is_some_and(|s| s.tls_secret_name.is_some());
+    let secrets = std::path::Path::new(crate::api::SECRETS_ROOT);
+    file.handoff = Some(crate::config::HandoffSettings {
+        secret_file: secrets.join(HANDOFF_SECRET_DIR).join(HANDOFF_SECRET_KEY),
+        ordinal: None,
+        peers: Vec::new(),
+        peer_url_template: Some(format!(
+            "{}://{}-{{ordinal}}.{}.{{namespace}}.svc:{}",
+            if tls { "https" } else { "http" },
+            names.farm,
+            names.headless_service(),
+            crate::api::SERVER_PORT
+        )),
+        // cert-manager puts the issuing CA next to the certificate.
+        ca_file: tls.then(|| secrets.join("tls").join("ca.crt")),
+    });
     let yaml = file
         .to_yaml()
         .map_err(|e| InvalidSpec(format!("cannot write the server configuration: {e}")))?;

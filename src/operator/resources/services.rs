@@ -69,6 +69,9 @@ pub fn host_service(farm: &UploadFarm, ordinal: i32) -> Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(farm.spec.host_ids.service_type.as_str().into()),
+            // A draining pod leaves readiness (and so the shared Service) but its clients must
+            // still reach it here to finish their sessions.
+            publish_not_ready_addresses: Some(true),
             selector: Some(selector),
             ports: Some(http_port(farm.spec.service.port)),
             ..ServiceSpec::default()

@@ -17,10 +17,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT, Names,
-    labels, meta, selector_labels,
+    BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT,
+    HANDOFF_SECRET_DIR, Names, labels, meta, selector_labels,
 };
-use crate::api::{DATA_ROOT, SECRETS_ROOT, SERVER_PORT, UploadFarm};
+use crate::api::{ADMIN_PORT, DATA_ROOT, SECRETS_ROOT, SERVER_PORT, UploadFarm};
 
 /// The uid the server runs as: not root, and the owner of the session volume (fsGroup).
 const SERVER_UID: i64 = 65532;
@@ -45,7 +45,8 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            // The admin port: plain http whatever the uploads need (TLS, credentials).
+            port: IntOrString::String("admin".into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -78,12 +79,20 @@ fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: i32::from(SERVER_PORT),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: i32::from(SERVER_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: i32::from(ADMIN_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         // A stopping pod first drains: no new sessions, the open ones finish (up to the drain
         // timeout), then the server exits by itself.
         lifecycle: Some(Lifecycle {
@@ -165,13 +174,14 @@ fn volume_claim(farm: &UploadFarm) -> PersistentVolumeClaim {
     }
 }
 
-/// Mounts the Secrets named in `spec.security` read-only under `SECRETS_ROOT` (where the config
-/// points), and probes over https when the servers speak it.
+/// Mounts the farm's handoff Secret and the Secrets named in `spec.security` read-only under
+/// `SECRETS_ROOT` (where the config points).
 fn with_secrets(farm: &UploadFarm, mut server: Container, volumes: &mut Vec<Volume>) -> Container {
-    let Some(sec) = &farm.spec.security else {
-        return server;
-    };
+    let handoff = Some(Names::of(farm).handoff_secret());
+    let none = crate::api::FarmSecurity::default();
+    let sec = farm.spec.security.as_ref().unwrap_or(&none);
     let mounts = [
+        (HANDOFF_SECRET_DIR, &handoff),
         ("auth", &sec.auth_secret_name),
         ("tls", &sec.tls_secret_name),
         ("backend", &sec.backend_credentials_secret_name),
@@ -196,16 +206,6 @@ fn with_secrets(farm: &UploadFarm, mut server: Container, volumes: &mut Vec<Volu
                 read_only: Some(true),
                 ..VolumeMount::default()
             });
-    }
-    if sec.tls_secret_name.is_some() {
-        for probe in [&mut server.readiness_probe, &mut server.liveness_probe]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(get) = &mut probe.http_get {
-                get.scheme = Some("HTTPS".into());
-            }
-        }
     }
     server
 }

@@ -418,3 +418,29 @@ fn stopping_pods_drain_for_the_drain_timeout_then_the_fallback_timeout() {
     assert_eq!(cmd.last().map(String::as_str), Some("600"));
     assert_eq!(grace, Some(630));
 }
+
+#[test]
+fn members_reach_each_other_for_handoff_and_draining_members_stay_addressable() {
+    let f = farm_with("web", json!({"replicas": 3}));
+    let (yaml, _) = config_yaml(&f).unwrap();
+    let file = crate::config::ConfigFile::parse(&yaml).unwrap();
+    let h = file.handoff.expect("handoff is configured");
+    assert_eq!(
+        h.peer_url_template.as_deref(),
+        Some("http://web-{ordinal}.web-headless.{namespace}.svc:8080")
+    );
+    assert_eq!(
+        h.secret_file,
+        std::path::Path::new("/var/run/secrets/bitsfarm/handoff/secret")
+    );
+    assert_eq!(h.ca_file, None);
+    assert_eq!(file.admin_listen, Some("0.0.0.0:8081".parse().unwrap()));
+    // Each pod's Service keeps a draining (not ready) pod's address.
+    let svc = host_service(&f, 2);
+    assert_eq!(svc.spec.unwrap().publish_not_ready_addresses, Some(true));
+    // The secret builder carries the key and the owner.
+    let s = handoff_secret(&f, "ab");
+    assert_eq!(s.metadata.name.as_deref(), Some("web-handoff"));
+    assert_eq!(s.string_data.unwrap()["secret"], "ab");
+    assert!(s.metadata.owner_references.is_some());
+}
