@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bitsfarm::api::UploadFarm;
 use futures_util::FutureExt as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Resource, ResourceExt};
@@ -473,6 +473,25 @@ async fn children_exist(c: &Cluster, e: &Expect) -> Result<(), String> {
         .await
         .map_err(|x| format!("ConfigMap: {x}"))?;
     owned_by(&cm.metadata, &farm)?;
+    // The handoff secret: made by the operator, owned by the farm, 32 random bytes in hex.
+    let secret = c
+        .api::<Secret>(&e.ns)
+        .get(&format!("{}-handoff", e.name))
+        .await
+        .map_err(|x| format!("handoff Secret: {x}"))?;
+    owned_by(&secret.metadata, &farm)?;
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("secret"))
+        .map(|b| b.0.clone())
+        .unwrap_or_default();
+    if key.len() != 64 || !key.iter().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "handoff Secret holds {} bytes, not 64 hex digits",
+            key.len()
+        ));
+    }
     let headless = svcs
         .get(&format!("{}-headless", e.name))
         .await
