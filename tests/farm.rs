@@ -824,3 +824,28 @@ fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
         0.0
     );
 }
+
+/// The operator's drain (`POST /drain?stay=true`): the server drains and stays up once empty, so
+/// that Kubernetes does not restart it as a fresh, ready server before the scale-down removes it;
+/// the preStop signal still makes it exit.
+#[test]
+fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
+    let mut s = common::Server::start(&[]);
+    let r = s.send(&Request::new("POST", "/drain?stay=true"));
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("\"draining\":true"), "{}", r.text());
+    assert!(r.text().contains("\"sessions\":0"), "{}", r.text());
+    thread::sleep(Duration::from_secs(1));
+    assert!(s.is_running(), "an empty server that was told to stay exited");
+    assert_eq!(s.get("/readyz").status, 503);
+    let pid = s.pid().expect("server pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(15), || !s.is_running()),
+        "the signalled server did not exit"
+    );
+}

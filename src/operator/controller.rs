@@ -362,10 +362,12 @@ async fn scale_down_step(
     )
 }
 
-/// `POST /drain` on one server's admin port, through the API server's pod proxy.
+/// `POST /drain?stay=true` on one server's admin port, through the API server's pod proxy: the
+/// server drains and stays up once empty (an exit would restart the container as a fresh, ready
+/// server) until the StatefulSet removes it.
 async fn drain_pod(client: &Client, ns: &str, pod: &str) -> scale_down::DrainReport {
     let path = format!(
-        "/api/v1/namespaces/{ns}/pods/{pod}:{}/proxy/drain",
+        "/api/v1/namespaces/{ns}/pods/{pod}:{}/proxy/drain?stay=true",
         crate::api::ADMIN_PORT
     );
     let request = match http::Request::post(&path).body(Vec::new()) {

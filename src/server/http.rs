@@ -80,6 +80,15 @@ pub async fn handle(
         && req.method() == Method::POST
         && req.uri().path() == "/drain"
     {
+        // `?stay=true` (the operator's scale-down): drain, but keep running once empty, so
+        // that the pod is not restarted (and made ready again) before it is removed.
+        let stay = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "stay=true" || kv == "stay=1"));
+        if stay {
+            state.exit_when_drained.store(false, Ordering::SeqCst);
+        }
         state.start_drain();
         return Ok(drain_status(&state));
     }

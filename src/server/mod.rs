@@ -55,6 +55,9 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Set by a drain request: no new sessions, off the shared address, exit when sessions end.
     pub draining: AtomicBool,
+    /// Exit once drained and empty (the default; a signal always sets it). Cleared by
+    /// `POST /drain?stay=true`, for servers that something else will stop.
+    pub exit_when_drained: AtomicBool,
     drain_started: tokio::sync::Notify,
     /// Credentials, when authentication is on.
     pub auth: Option<Arc<auth::Authenticator>>,
@@ -207,6 +210,7 @@ impl Server {
             dirs,
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            exit_when_drained: AtomicBool::new(true),
             drain_started: tokio::sync::Notify::new(),
             auth,
             sessions,
@@ -300,7 +304,7 @@ impl Server {
             for task in &shared_acceptors {
                 task.abort();
             }
-            while state.open_sessions() > 0 {
+            while state.open_sessions() > 0 || !state.exit_when_drained.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             info!("drained: every session has ended");
@@ -316,6 +320,8 @@ impl Server {
                 _ = &mut shutdown => break,
                 _ = &mut drained => break,
                 Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                    // The pod is stopping (preStop): exit once empty, whoever started the drain.
+                    state.exit_when_drained.store(true, Ordering::SeqCst);
                     state.start_drain();
                 }
             }

@@ -194,13 +194,15 @@ fn drain_path(pod: &str) -> String {
 /// server's pod proxy; each answers with the sessions it still holds.
 async fn expect_drains(api: &mut ApiServer, sessions: &[(i32, i64)]) {
     for (i, n) in sessions {
-        api.expect(
-            "POST",
-            &drain_path(&format!("farm-{i}")),
-            200,
-            |_| json!({"draining": true, "sessions": n}),
-        )
-        .await;
+        let seen = api
+            .expect(
+                "POST",
+                &drain_path(&format!("farm-{i}")),
+                200,
+                |_| json!({"draining": true, "sessions": n}),
+            )
+            .await;
+        assert_eq!(seen.query, "stay=true");
     }
 }
 
