@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode, Url};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::server::protocol::{BITS_1_5_UPLOAD_PROTOCOL, header, hresult, parse_hresult};
@@ -357,7 +357,7 @@ impl Uploader {
         }
         let size = meta.len();
         let mtime = job::mtime_secs(&meta);
-        let mut f = tokio::fs::File::open(file).await.map_err(local)?;
+        let mut reader = FragmentReader::open(file).map_err(local)?;
         let name = file
             .file_name()
             .and_then(|n| n.to_str())
@@ -448,11 +448,9 @@ impl Uploader {
             let (range, body) = if size == 0 {
                 ("bytes */0".to_string(), Vec::new())
             } else {
-                let mut buf = vec![0u8; (end - offset) as usize];
-                f.seek(std::io::SeekFrom::Start(offset))
-                    .await
-                    .map_err(local)?;
-                f.read_exact(&mut buf).await.map_err(local)?;
+                let buf = reader.read(offset, end).await.map_err(local)?;
+                // Read the next fragment from disk while this one is on the wire.
+                reader.prefetch(end, (end + fragment_size).min(size));
                 (format!("bytes {}-{}/{}", offset, end - 1, size), buf)
             };
             let sent = body.len() as u64;
@@ -715,6 +713,55 @@ impl Uploader {
         }
         file.flush().await.map_err(local)?;
         Ok(at)
+    }
+}
+
+/// Reads fragments of the upload with positioned reads on a blocking thread, one fragment ahead:
+/// the next fragment comes off the disk while the current one is being sent.
+struct FragmentReader {
+    file: std::sync::Arc<std::fs::File>,
+    ahead: Option<(u64, u64, tokio::task::JoinHandle<std::io::Result<Vec<u8>>>)>,
+}
+
+impl FragmentReader {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(FragmentReader {
+            file: std::sync::Arc::new(std::fs::File::open(path)?),
+            ahead: None,
+        })
+    }
+
+    fn spawn(&self, from: u64, to: u64) -> tokio::task::JoinHandle<std::io::Result<Vec<u8>>> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; (to - from) as usize];
+            file.read_exact_at(&mut buf, from)?;
+            Ok(buf)
+        })
+    }
+
+    /// The bytes `from..to`: the prefetched ones when they are these, else read now.
+    async fn read(&mut self, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
+        let task = match self.ahead.take() {
+            Some((a, b, t)) if (a, b) == (from, to) => t,
+            Some((_, _, t)) => {
+                // The server asked for other bytes (a resend, a smaller fragment): drop it.
+                t.abort();
+                self.spawn(from, to)
+            }
+            None => self.spawn(from, to),
+        };
+        task.await.map_err(std::io::Error::other)?
+    }
+
+    fn prefetch(&mut self, from: u64, to: u64) {
+        if let Some((_, _, t)) = self.ahead.take() {
+            t.abort();
+        }
+        if to > from {
+            self.ahead = Some((from, to, self.spawn(from, to)));
+        }
     }
 }
 
