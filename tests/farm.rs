@@ -836,7 +836,10 @@ fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
     assert!(r.text().contains("\"draining\":true"), "{}", r.text());
     assert!(r.text().contains("\"sessions\":0"), "{}", r.text());
     thread::sleep(Duration::from_secs(1));
-    assert!(s.is_running(), "an empty server that was told to stay exited");
+    assert!(
+        s.is_running(),
+        "an empty server that was told to stay exited"
+    );
     assert_eq!(s.get("/readyz").status, 503);
     let pid = s.pid().expect("server pid");
     nix::sys::signal::kill(

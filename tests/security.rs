@@ -327,6 +327,104 @@ fn fragments_over_the_limit_get_413_with_bg_e_too_large() {
     assert_eq!(file_sha256(&s.data_dir.join("f.bin")), sha256_hex(&data));
 }
 
+/// `bitsfarm_auth_failures_total{reason}` and `bitsfarm_limit_refusals_total{limit}`, read from
+/// the real server's /metrics after real refusals.
+#[test]
+fn refusals_are_counted_by_reason_and_limit_never_by_user() {
+    let a = auth_server(&[
+        "--max-sessions-per-user",
+        "1",
+        "--max-sessions",
+        "3",
+        "--max-fragment-size",
+        "1000",
+        "--max-upload-size",
+        "5000",
+    ]);
+    let s = &a.s;
+    let auth = |reason: &str| {
+        s.metric(&format!(
+            "bitsfarm_auth_failures_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    let limit = |l: &str| s.metric(&format!("bitsfarm_limit_refusals_total{{limit=\"{l}\"}}"));
+    // Every series is there at 0 before the first refusal (`metric` would also read 0 for a
+    // missing series, hence the look at the text).
+    let text = s.metrics();
+    for series in [
+        "bitsfarm_auth_failures_total{reason=\"missing\"} 0",
+        "bitsfarm_auth_failures_total{reason=\"wrong\"} 0",
+        "bitsfarm_limit_refusals_total{limit=\"sessions_per_user\"} 0",
+        "bitsfarm_limit_refusals_total{limit=\"fragment_size\"} 0",
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+
+    // Missing credentials: two packets.
+    assert_challenge(&s.send(&create_request("/m/a.bin")), "no credentials");
+    assert_challenge(&s.ping(), "Ping without credentials");
+    // Wrong credentials of three kinds, one malformed header, one scheme that is not offered.
+    for (header, what) in [
+        (basic("alice", "wrong"), "wrong password"),
+        (basic("mallory", "wonderland"), "unknown user"),
+        ("Bearer tok-wrong".to_string(), "wrong token"),
+        ("Basic not-base64!".to_string(), "garbage"),
+        ("Negotiate abc".to_string(), "unsupported scheme"),
+    ] {
+        assert_challenge(&s.send(&as_user(create_request("/m/b.bin"), &header)), what);
+    }
+    assert_eq!(auth("missing"), 2.0);
+    assert_eq!(auth("wrong"), 3.0, "unknown user, wrong password and token");
+    assert_eq!(auth("malformed"), 1.0);
+    assert_eq!(auth("unsupported_scheme"), 1.0);
+    assert_eq!(limit("sessions_per_user") + limit("sessions"), 0.0);
+
+    // Alice's second session is over her own limit; the fourth session is over the server's.
+    let (alice, bob) = (basic("alice", "wonderland"), basic("bob", "builder"));
+    let id = create_as(s, "/m/1.bin", &alice);
+    let r = s.send(&as_user(create_request("/m/2.bin"), &alice));
+    assert_error(&r, 503, Some("0x801901F7"), "alice's second session");
+    create_as(s, "/m/3.bin", &bob);
+    create_as(s, "/m/4.bin", "Bearer tok-carol");
+    let r = s.send(&as_user(create_request("/m/5.bin"), &bob));
+    assert_error(
+        &r,
+        503,
+        Some("0x801901F7"),
+        "a fourth session on the server",
+    );
+    assert_eq!(limit("sessions_per_user"), 1.0);
+    assert_eq!(limit("sessions"), 1.0);
+
+    // A fragment over the fragment limit, then an upload over the upload size.
+    let r = s.send(&as_user(
+        fragment_request(&id, "/m/1.bin", 0, &[7u8; 1001], 1001),
+        &alice,
+    ));
+    assert_error(&r, 413, Some(BG_E_TOO_LARGE), "fragment of 1001 bytes");
+    let r = s.send(&as_user(
+        fragment_request(&id, "/m/1.bin", 0, b"0123456789", 6000),
+        &alice,
+    ));
+    assert_error(&r, 500, Some(BG_E_TOO_LARGE), "an upload of 6000 bytes");
+    assert_eq!(limit("fragment_size"), 1.0);
+    assert_eq!(limit("upload_size"), 1.0);
+    // Accepted requests count nothing.
+    let r = s.send(&as_user(
+        fragment_request(&id, "/m/1.bin", 0, b"ok", 2),
+        &alice,
+    ));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(auth("missing") + auth("wrong"), 5.0);
+    assert_eq!(limit("fragment_size") + limit("upload_size"), 2.0);
+
+    // No user name or credential ever becomes part of the metrics.
+    let text = s.metrics();
+    for secret in ["alice", "bob", "carol", "mallory", "wonderland", "tok-"] {
+        assert!(!text.contains(secret), "{secret:?} in /metrics:\n{text}");
+    }
+}
+
 #[test]
 fn connections_over_the_cap_wait_until_one_closes() {
     let s = Server::start(&["--max-connections", "2"]);

@@ -720,8 +720,11 @@ impl Uploader {
 /// the next fragment comes off the disk while the current one is being sent.
 struct FragmentReader {
     file: std::sync::Arc<std::fs::File>,
-    ahead: Option<(u64, u64, tokio::task::JoinHandle<std::io::Result<Vec<u8>>>)>,
+    ahead: Option<ReadAhead>,
 }
+
+/// The fragment being read ahead: its byte range and the read in progress.
+type ReadAhead = (u64, u64, tokio::task::JoinHandle<std::io::Result<Vec<u8>>>);
 
 impl FragmentReader {
     fn open(path: &Path) -> std::io::Result<Self> {

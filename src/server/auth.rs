@@ -58,6 +58,23 @@ pub enum Denied {
     SchemeNotEnabled,
 }
 
+/// Every value `Denied::metric_reason` gives, for the metrics to start at 0.
+pub const AUTH_FAILURE_REASONS: [&str; 4] = ["missing", "malformed", "unsupported_scheme", "wrong"];
+
+impl Denied {
+    /// The `reason` label of `bitsfarm_auth_failures_total`. An unknown user, a wrong password
+    /// and an unknown token are all `wrong`: `/metrics` needs no credentials, and telling them
+    /// apart there would let anyone find out which user names exist by watching the counters.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Denied::Missing => "missing",
+            Denied::Malformed => "malformed",
+            Denied::SchemeNotEnabled => "unsupported_scheme",
+            Denied::UnknownUser | Denied::WrongPassword | Denied::UnknownToken => "wrong",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Files {
     /// user -> PHC hash string.
@@ -388,6 +405,33 @@ mod tests {
             Err(Denied::SchemeNotEnabled)
         );
         assert_eq!(a.challenges().len(), 2);
+    }
+
+    #[test]
+    fn metric_reasons_are_fixed_words_that_do_not_tell_users_apart() {
+        let all = [
+            Denied::Missing,
+            Denied::Malformed,
+            Denied::UnknownUser,
+            Denied::WrongPassword,
+            Denied::UnknownToken,
+            Denied::SchemeNotEnabled,
+        ];
+        for d in &all {
+            assert!(
+                AUTH_FAILURE_REASONS.contains(&d.metric_reason()),
+                "{d:?} -> {} is not pre-registered",
+                d.metric_reason()
+            );
+        }
+        // An unknown user looks exactly like a known user with a wrong password.
+        assert_eq!(Denied::UnknownUser.metric_reason(), "wrong");
+        assert_eq!(Denied::WrongPassword.metric_reason(), "wrong");
+        assert_eq!(Denied::UnknownToken.metric_reason(), "wrong");
+        assert_eq!(Denied::Missing.metric_reason(), "missing");
+        let distinct: std::collections::HashSet<_> =
+            all.iter().map(Denied::metric_reason).collect();
+        assert_eq!(distinct.len(), AUTH_FAILURE_REASONS.len());
     }
 
     #[test]

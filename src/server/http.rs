@@ -185,6 +185,7 @@ fn authenticate<B>(
         Ok(user) => Ok(Some(user)),
         Err(why) => {
             debug!(path = %req.uri().path(), reason = ?why, "request not authenticated");
+            state.metrics.auth_failed(why.metric_reason());
             let with_body = req
                 .headers()
                 .get(h::CONTENT_LENGTH)
@@ -331,6 +332,9 @@ where
             if let Some(max) = state.config.security.max_fragment_size
                 && range.len() > max
             {
+                state
+                    .metrics
+                    .limit_refused(super::limits::Limit::FragmentSize);
                 return Err(super::limits::fragment_too_large(range.len(), max));
             }
             if let Some(enc) = header_str(headers, "content-encoding")?

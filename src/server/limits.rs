@@ -12,6 +12,46 @@ pub const DEFAULT_SESSIONS_PER_USER: usize = 50;
 /// BG_E_HTTP_ERROR_503: what a client sees when a session limit is reached.
 pub const BG_E_HTTP_ERROR_503: u32 = 0x8019_01F7;
 
+/// The limits that refuse requests, as the `limit` label of `bitsfarm_limit_refusals_total`.
+/// The open-connections cap is not one: connections over it wait in the listen backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `max-sessions-per-user` (BITSNumberOfSessionsLimit).
+    SessionsPerUser,
+    /// `max-sessions`: open sessions of the whole server.
+    Sessions,
+    /// `max-fragment-size`.
+    FragmentSize,
+    /// `max-upload-size` (BITSMaximumUploadSize) of the directory.
+    UploadSize,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::SessionsPerUser,
+        Limit::Sessions,
+        Limit::FragmentSize,
+        Limit::UploadSize,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::SessionsPerUser => "sessions_per_user",
+            Limit::Sessions => "sessions",
+            Limit::FragmentSize => "fragment_size",
+            Limit::UploadSize => "upload_size",
+        }
+    }
+}
+
+/// A new session refused by a limit: which one (for the metrics; the client cannot tell them
+/// apart), and the answer.
+#[derive(Debug)]
+pub struct Refused {
+    pub limit: Limit,
+    pub error: BitsError,
+}
+
 /// The refusal of a new session over a limit: 503, which a Windows client retries later.
 pub fn session_limit(message: String) -> BitsError {
     BitsError {
@@ -67,21 +107,27 @@ impl SessionCounter {
     }
 
     /// Counts a new session, unless that would go over a limit.
-    pub fn try_acquire(&self, owner: Option<&str>) -> Result<(), BitsError> {
+    pub fn try_acquire(&self, owner: Option<&str>) -> Result<(), Refused> {
         let mut s = self.lock();
         if let Some(max) = self.per_server
             && s.total >= max
         {
-            return Err(session_limit(format!(
-                "the server already has {max} open sessions; retry later"
-            )));
+            return Err(Refused {
+                limit: Limit::Sessions,
+                error: session_limit(format!(
+                    "the server already has {max} open sessions; retry later"
+                )),
+            });
         }
         if let (Some(max), Some(user)) = (self.per_user, owner)
             && s.by_user.get(user).copied().unwrap_or(0) >= max
         {
-            return Err(session_limit(format!(
-                "user {user:?} already has {max} open sessions; close or cancel some, or retry later"
-            )));
+            return Err(Refused {
+                limit: Limit::SessionsPerUser,
+                error: session_limit(format!(
+                    "user {user:?} already has {max} open sessions; close or cancel some, or retry later"
+                )),
+            });
         }
         s.total += 1;
         if let Some(user) = owner {
@@ -177,10 +223,14 @@ mod tests {
         let c = SessionCounter::new(Some(2), Some(3));
         c.try_acquire(Some("a")).unwrap();
         c.try_acquire(Some("a")).unwrap();
-        let e = c.try_acquire(Some("a")).unwrap_err();
-        assert_eq!((e.status, e.code), (503, BG_E_HTTP_ERROR_503));
+        let r = c.try_acquire(Some("a")).unwrap_err();
+        assert_eq!(r.limit, Limit::SessionsPerUser);
+        assert_eq!((r.error.status, r.error.code), (503, BG_E_HTTP_ERROR_503));
         c.try_acquire(Some("b")).unwrap();
-        assert!(c.try_acquire(None).is_err(), "server limit");
+        let r = c.try_acquire(None).unwrap_err();
+        assert_eq!(r.limit, Limit::Sessions, "server limit");
+        // The server limit is named even for a user who is also at their own limit.
+        assert_eq!(c.try_acquire(Some("a")).unwrap_err().limit, Limit::Sessions);
         c.release(Some("a"));
         c.try_acquire(None).unwrap();
         assert_eq!(c.of_user("a"), 1);

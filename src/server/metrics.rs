@@ -7,6 +7,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub use super::auth::AUTH_FAILURE_REASONS;
+pub use super::limits::Limit;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PacketLabels {
     pub packet: String,
@@ -21,6 +24,19 @@ pub struct OutcomeLabels {
 pub struct ErrorLabels {
     pub status: u16,
     pub code: String,
+}
+
+/// Why a request got 401. The values are fixed words, never anything the client sent: a user
+/// name or credential as a label would put secrets and attacker-chosen strings into the metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub reason: &'static str,
+}
+
+/// Which limit refused a request (`Limit::label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +63,10 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub notifications: Family<OutcomeLabels, Counter>,
     pub duplicates_suppressed: Counter,
+    /// Requests answered 401, by reason (`auth::Denied::metric_reason`).
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
+    /// Requests refused by a configured limit, by limit.
+    pub limit_refusals: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,6 +93,8 @@ impl Metrics {
             errors: Family::default(),
             notifications: Family::default(),
             duplicates_suppressed: Counter::default(),
+            auth_failures: Family::default(),
+            limit_refusals: Family::default(),
         };
         registry.register(
             "received_bytes",
@@ -135,7 +157,43 @@ impl Metrics {
             "Packets other members handed to this one",
             m.handoff_received.clone(),
         );
+        registry.register(
+            "auth_failures",
+            "Requests answered 401, by reason: missing (no credentials; also the first request of a client that sends them only when challenged), malformed, unsupported_scheme, wrong (unknown user, wrong password or unknown token, not told apart so that the metrics cannot list user names)",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a configured limit, by limit: sessions_per_user and sessions (Create-Session, 503), fragment_size (413), upload_size (BITSMaximumUploadSize, 500)",
+            m.limit_refusals.clone(),
+        );
+        // Every series exists from the start at 0, so that a rate or an alert does not have to
+        // wait for the first refusal to see it.
+        for reason in AUTH_FAILURE_REASONS {
+            let _ = m.auth_failures.get_or_create(&AuthFailureLabels { reason });
+        }
+        for limit in Limit::ALL {
+            let _ = m.limit_refusals.get_or_create(&LimitLabels {
+                limit: limit.label(),
+            });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Counts a 401.
+    pub fn auth_failed(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthFailureLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request a limit refused.
+    pub fn limit_refused(&self, limit: Limit) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: limit.label(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
@@ -143,5 +201,35 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_counters_start_at_zero_and_count_under_fixed_labels() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for reason in AUTH_FAILURE_REASONS {
+            let series = format!("bitsfarm_auth_failures_total{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "{series} missing from\n{text}");
+        }
+        for limit in Limit::ALL {
+            let series = format!(
+                "bitsfarm_limit_refusals_total{{limit=\"{}\"}} 0\n",
+                limit.label()
+            );
+            assert!(text.contains(&series), "{series} missing from\n{text}");
+        }
+        m.auth_failed("wrong");
+        m.auth_failed("wrong");
+        m.limit_refused(Limit::FragmentSize);
+        let text = m.encode();
+        assert!(text.contains("bitsfarm_auth_failures_total{reason=\"wrong\"} 2\n"));
+        assert!(text.contains("bitsfarm_auth_failures_total{reason=\"missing\"} 0\n"));
+        assert!(text.contains("bitsfarm_limit_refusals_total{limit=\"fragment_size\"} 1\n"));
+        assert!(text.contains("bitsfarm_limit_refusals_total{limit=\"sessions\"} 0\n"));
     }
 }

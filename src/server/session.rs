@@ -334,7 +334,12 @@ impl UploadDir {
         let allow_overwrites = self.config.allow_overwrites;
         let id = req.id.clone();
         let dir = self.requests.join(id.as_str());
-        self.counter.try_acquire(req.owner.as_deref())?;
+        self.counter
+            .try_acquire(req.owner.as_deref())
+            .map_err(|refused| {
+                self.metrics.limit_refused(refused.limit);
+                refused.error
+            })?;
         let owner = req.owner.clone();
         let record = SessionRecord {
             id: id.clone(),
@@ -397,6 +402,7 @@ impl UploadDir {
         if let Some(max) = self.config.max_upload_size
             && range.total > max
         {
+            self.metrics.limit_refused(super::limits::Limit::UploadSize);
             return Err(BitsError::too_large(format!(
                 "the upload is {} bytes; this directory accepts at most {max}",
                 range.total
