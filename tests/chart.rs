@@ -740,6 +740,34 @@ fn the_backend_example_delivers_to_the_receiver_example() {
         assert!(url.starts_with(&host), "{url} is not the receiver {host}");
         assert_eq!(b["notification"], "ByValue", "{url}");
     }
+
+    // Its NetworkPolicy lets the servers reach the receiver: the peers select the receiver's
+    // pods, and the port derived from the backend URLs is the pods' own (policies see the port
+    // after the Service), which only holds while the Service does not map one to another.
+    let typed_farm: bitsfarm::api::UploadFarm = serde_json::from_value(farm.clone()).unwrap();
+    let np = typed_farm
+        .spec
+        .network_policy
+        .as_ref()
+        .filter(|n| n.enabled)
+        .expect("the backend example enables its NetworkPolicy");
+    assert!(!np.backend_peers.is_empty());
+    for peer in &np.backend_peers {
+        let wanted = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone())
+            .expect("a pod selector by labels");
+        assert!(
+            wanted.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            "{wanted:?} does not select the receiver's pods {labels:?}"
+        );
+    }
+    let container_port = c.ports.as_ref().unwrap()[0].container_port;
+    assert_eq!(
+        bitsfarm::operator::resources::backend_ports(&typed_farm.spec).unwrap(),
+        [container_port]
+    );
 }
 
 /// The three farms the README points users at: a minimal one, one with a backend, and one with

@@ -20,6 +20,9 @@ const KUBERNETES_TYPED: &[(&str, &str)] = &[
     ("affinity", "Affinity"),
     ("resources", "ResourceRequirements"),
     ("tolerations", "[]Toleration"),
+    ("ingressFrom", "[]NetworkPolicyPeer"),
+    ("adminFrom", "[]NetworkPolicyPeer"),
+    ("backendPeers", "[]NetworkPolicyPeer"),
 ];
 
 fn root() -> &'static Path {
@@ -165,6 +168,8 @@ fn the_generated_table_has_a_row_for_every_top_level_field() {
         "directories[].backend.url",
         "storage.size",
         "affinity",
+        "networkPolicy.ingressFrom",
+        "security.tokensSecretName",
     ] {
         assert!(
             table.contains(&format!("| `{field}` |")),
@@ -172,4 +177,5 @@ fn the_generated_table_has_a_row_for_every_top_level_field() {
         );
     }
     assert!(!table.contains("affinity.nodeAffinity"));
+    assert!(!table.contains("networkPolicy.ingressFrom[]."));
 }

@@ -27,6 +27,7 @@ use bitsfarm::api::UploadFarm;
 use futures_util::FutureExt as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Resource, ResourceExt};
@@ -384,6 +385,8 @@ struct Expect {
     ns: String,
     replicas: i32,
     template: String,
+    /// `spec.networkPolicy.enabled`.
+    network_policy: bool,
 }
 
 /// Every manifest in examples/, in name order (the receiver sorts before the farm that uses it).
@@ -413,6 +416,7 @@ fn examples() -> Vec<Expect> {
                 ns: farm.namespace().unwrap_or_else(|| "default".into()),
                 replicas: farm.spec.replicas,
                 template: farm.spec.host_ids.template.clone(),
+                network_policy: farm.spec.network_policy.as_ref().is_some_and(|n| n.enabled),
             })
         })
         .collect()
@@ -491,6 +495,22 @@ async fn children_exist(c: &Cluster, e: &Expect) -> Result<(), String> {
             "handoff Secret holds {} bytes, not 64 hex digits",
             key.len()
         ));
+    }
+    // The NetworkPolicy, as the API server accepted it (1.20 knows every field it sets).
+    let policies = c.api::<NetworkPolicy>(&e.ns);
+    let policy = policies
+        .get_opt(&format!("{}-network-policy", e.name))
+        .await
+        .map_err(|x| format!("NetworkPolicy: {x}"))?;
+    match (e.network_policy, policy) {
+        (true, Some(p)) => owned_by(&p.metadata, &farm)?,
+        (false, None) => {}
+        (want, got) => {
+            return Err(format!(
+                "NetworkPolicy wanted: {want}, found: {}",
+                got.is_some()
+            ));
+        }
     }
     let headless = svcs
         .get(&format!("{}-headless", e.name))
@@ -654,6 +674,7 @@ async fn resource_versions(c: &Cluster, namespaces: &[&str]) -> BTreeMap<String,
         collect!(StatefulSet, "StatefulSet", managed);
         collect!(Service, "Service", managed);
         collect!(ConfigMap, "ConfigMap", managed);
+        collect!(NetworkPolicy, "NetworkPolicy", managed);
     }
     out
 }
@@ -721,6 +742,15 @@ async fn nothing_left(c: &Cluster, namespaces: &[&str]) -> Result<(), String> {
             .items
         {
             left.push(format!("ConfigMap {ns}/{}", o.name_any()));
+        }
+        for o in c
+            .api::<NetworkPolicy>(ns)
+            .list(&managed)
+            .await
+            .map_err(e)?
+            .items
+        {
+            left.push(format!("NetworkPolicy {ns}/{}", o.name_any()));
         }
         for o in c.api::<Pod>(ns).list(&pods).await.map_err(e)?.items {
             left.push(format!("Pod {ns}/{}", o.name_any()));

@@ -53,6 +53,14 @@ fn render_prints_every_object_for_each_example() {
             .lines()
             .find_map(|l| l.trim().strip_prefix("replicas:"))
             .map_or(1, |n| n.trim().parse().unwrap());
+        // A farm that asks for a NetworkPolicy gets one more object.
+        let policies = usize::from(text.contains("networkPolicy:\n    enabled: true"));
+        assert_eq!(
+            yaml.matches("\nkind: NetworkPolicy\n").count(),
+            policies,
+            "{}",
+            path.display()
+        );
         for kind in ["ConfigMap", "StatefulSet"] {
             assert_eq!(
                 yaml.matches(&format!("\nkind: {kind}\n")).count(),
@@ -70,7 +78,7 @@ fn render_prints_every_object_for_each_example() {
         );
         assert_eq!(
             yaml.matches("---\n").count(),
-            replicas + 4,
+            replicas + 4 + policies,
             "{}",
             path.display()
         );

@@ -293,7 +293,7 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
     let farm = dir.path().join("farm.yaml");
     std::fs::write(
         &farm,
-        "apiVersion: bitsfarm.io/v1alpha1\nkind: UploadFarm\nmetadata:\n  name: secure\n  namespace: uploads\nspec:\n  replicas: 2\n  backend:\n    url: https://backend.example/in\n    notification: ByValue\n  security:\n    authSecretName: farm-users\n    tlsSecretName: farm-tls\n    backendCredentialsSecretName: backend-token\n",
+        "apiVersion: bitsfarm.io/v1alpha1\nkind: UploadFarm\nmetadata:\n  name: secure\n  namespace: uploads\nspec:\n  replicas: 2\n  backend:\n    url: https://backend.example/in\n    notification: ByValue\n  security:\n    authSecretName: farm-users\n    tokensSecretName: farm-tokens\n    tlsSecretName: farm-tls\n    backendCredentialsSecretName: backend-token\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
@@ -314,6 +314,7 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
         .expect("the ConfigMap");
     for line in [
         "users-file: /var/run/secrets/bitsfarm/auth/users",
+        "tokens-file: /var/run/secrets/bitsfarm/tokens/tokens",
         "tls-cert: /var/run/secrets/bitsfarm/tls/tls.crt",
         "tls-key: /var/run/secrets/bitsfarm/tls/tls.key",
         "notify-header-file: /var/run/secrets/bitsfarm/backend/header",
@@ -326,6 +327,7 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
     assert!(v.is_empty(), "{v:#?}");
     for (secret, mount) in [
         ("farm-users", "/var/run/secrets/bitsfarm/auth"),
+        ("farm-tokens", "/var/run/secrets/bitsfarm/tokens"),
         ("farm-tls", "/var/run/secrets/bitsfarm/tls"),
         ("backend-token", "/var/run/secrets/bitsfarm/backend"),
         ("secure-handoff", "/var/run/secrets/bitsfarm/handoff"),
@@ -353,6 +355,24 @@ fn secrets_named_in_the_spec_are_mounted_and_used_and_pods_stay_restricted() {
         assert_eq!(c[probe]["httpGet"]["scheme"], Value::Null);
     }
     assert!(config.contains("admin-listen: 0.0.0.0:8081"), "{config}");
+    // With TLS, every Service speaks https, on 443 unless told otherwise, to the container's
+    // `https` port; 443 being https's own port, the host ids need none.
+    let services: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+    assert_eq!(services.len(), 2 + 2, "headless, two per-pod, shared");
+    for svc in services {
+        let port = &svc["spec"]["ports"][0];
+        assert_eq!(port["name"], "https", "{svc:#?}");
+        assert_eq!(port["targetPort"], "https", "{svc:#?}");
+        if svc["spec"]["clusterIP"] != "None" {
+            assert_eq!(port["port"], 443, "{svc:#?}");
+        }
+    }
+    assert_eq!(c["ports"][0]["name"], "https");
+    assert!(
+        config.contains("host-id: '{pod}.{namespace}.svc.cluster.local'")
+            || config.contains("host-id: \"{pod}.{namespace}.svc.cluster.local\""),
+        "{config}"
+    );
     assert!(
         config.contains("https://secure-{ordinal}.secure-headless.{namespace}.svc:8080"),
         "{config}"

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,10 @@ pub const GROUP: &str = "bitsfarm.io";
 pub const DEFAULT_HOST_ID_TEMPLATE: &str = "{pod}.{namespace}.svc.cluster.local";
 pub const DEFAULT_UPLOAD_PATH: &str = "/";
 pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
+/// The Services' port when `service.port` is unset: the default port of the scheme the servers
+/// speak, so that a URL without a port reaches them.
 pub const DEFAULT_SERVICE_PORT: i32 = 80;
+pub const DEFAULT_TLS_SERVICE_PORT: i32 = 443;
 
 /// An UploadFarm runs a set of BITS upload servers. Each server (pod) has its own address, which
 /// it hands to clients as BITS-Host-Id so that every fragment of an upload reaches the server that
@@ -46,6 +50,7 @@ pub const DEFAULT_SERVICE_PORT: i32 = 80;
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every upload server is ready"),
     printcolumn(name = "Host-IDs", type_ = "string", json_path = ".spec.hostIds.serviceType", description = "How each server's own address is exposed"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "URL", type_ = "string", json_path = ".status.url", description = "The shared address for new uploads", priority = 1),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
     printcolumn(name = "Message", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].message", priority = 1),
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52")
@@ -141,6 +146,57 @@ pub struct UploadFarmSpec {
     /// namespace, mounted into the servers (and re-read there when the Secret changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<FarmSecurity>,
+
+    /// A NetworkPolicy (`NAME-network-policy`) for the farm's pods: ingress only to the upload
+    /// port (and, if asked, the admin port), egress only to DNS, the backends and each other.
+    /// The pods always keep ingress from and egress to each other on the upload port (a member
+    /// hands packets to the member that holds their session), and DNS on port 53 (UDP and TCP)
+    /// to any address (a node-local DNS cache is no pod a selector could name). It takes effect
+    /// where the cluster's network plugin enforces NetworkPolicies (Calico, Cilium, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<FarmNetworkPolicy>,
+}
+
+/// The farm's NetworkPolicy: who may reach the servers and whom they may reach
+/// (`operator::resources::network_policy` builds it).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FarmNetworkPolicy {
+    /// Create the NetworkPolicy. Turning it off deletes the one the operator made.
+    #[serde(default)]
+    pub enabled: bool,
+
+    /// Who may reach the upload port, as NetworkPolicy peers (pod and namespace selectors, IP
+    /// blocks). Empty: anyone, which is what a farm behind a LoadBalancer needs (a load balancer
+    /// usually hides the clients' addresses behind the nodes').
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub ingress_from: Vec<NetworkPolicyPeer>,
+
+    /// Who may reach each server's admin port (8081: /metrics, /healthz, /readyz and /drain),
+    /// e.g. Prometheus's namespace. Empty: nobody (the kubelet's probes come from the pod's own
+    /// node, which network policies do not block). A scale-down asks the servers it removes how
+    /// many sessions they still hold through the API server's pod proxy: add the API servers'
+    /// addresses (`ipBlock`) for it to wait for them; unreachable servers are removed at once and
+    /// drain only in their preStop hook.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub admin_from: Vec<NetworkPolicyPeer>,
+
+    /// Where the backends (`backend.url`, `directories[].backend.url`) run, as NetworkPolicy
+    /// peers. Empty: any address, on the backend ports only (e.g. a backend outside the cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub backend_peers: Vec<NetworkPolicyPeer>,
+
+    /// TCP ports the servers reach the backends on. Empty: the ports of the absolute backend
+    /// URLs (the one a URL names, else 80 for http and 443 for https). Network policies see the
+    /// port a Service forwards to, not the Service's own port: list the backend pods' port here
+    /// when a backend's Service maps one to another, and for relative backend URLs (they go back
+    /// to the address the client used).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(range(min = 1, max = 65535)))]
+    pub backend_ports: Vec<i32>,
 }
 
 /// Secrets the upload servers use. Their contents never appear in the UploadFarm, its status,
@@ -154,8 +210,19 @@ pub struct FarmSecurity {
     #[schemars(length(min = 1, max = 253))]
     pub auth_secret_name: Option<String>,
 
+    /// Secret whose key `tokens` holds bearer tokens, one `user:token` per line (clients send
+    /// `Authorization: Bearer TOKEN`). With it, every packet needs credentials. Windows BITS
+    /// clients cannot send tokens (they answer the Basic challenge of `authSecretName`): tokens
+    /// are for other clients, such as scripts and services. It may name the same Secret as
+    /// `authSecretName` when that one holds both keys (a field of its own, not an optional key:
+    /// the operator does not read your Secrets, so it could not tell whether the key exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tokens_secret_name: Option<String>,
+
     /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`, as cert-manager writes them): the
-    /// servers then speak https, and pick up a renewed certificate without a restart.
+    /// servers then speak https, and pick up a renewed certificate without a restart. The
+    /// Services' ports are then named `https` and default to 443 (`service.port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub tls_secret_name: Option<String>,
@@ -184,9 +251,6 @@ fn default_notify_timeout() -> i64 {
 }
 fn default_host_id_template() -> String {
     DEFAULT_HOST_ID_TEMPLATE.to_string()
-}
-fn default_service_port() -> i32 {
-    DEFAULT_SERVICE_PORT
 }
 fn default_storage_size() -> String {
     DEFAULT_STORAGE_SIZE.to_string()
@@ -300,7 +364,12 @@ pub struct HostIds {
     /// Address template of each server. `{pod}` is the pod's name, `{ordinal}` its number and
     /// `{namespace}` its namespace. The default is the in-cluster DNS name of the pod's own
     /// Service. With NodePort or LoadBalancer per-pod Services, use an address clients outside
-    /// the cluster resolve, e.g. `up{ordinal}.example.com`.
+    /// the cluster resolve, e.g. `up{ordinal}.example.com`. Clients keep the scheme of the URL
+    /// they started with and replace only its host (and port, when the host id names one), so
+    /// when `service.port` is not the scheme's default (80 for http, 443 for https) and the
+    /// template names no port, `:PORT` is appended. Write a port into the template yourself when
+    /// clients reach the servers on another one (a proxy in front of the per-pod Services, a
+    /// NodePort). With TLS, the certificate must name every host id (e.g. a wildcard).
     #[serde(default = "default_host_id_template")]
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new("self.contains('{pod}') || self.contains('{ordinal}')").message("the host-id template must contain {pod} or {ordinal}, or every server would hand out the same address"))]
@@ -334,31 +403,24 @@ impl Default for HostIds {
 }
 
 /// The shared Service: the farm's address for new uploads.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedService {
     /// Type of the shared Service: ClusterIP, NodePort or LoadBalancer.
     #[serde(default, rename = "type")]
     pub type_: ServiceType,
 
-    /// Port the shared Service and every per-pod Service listen on.
-    #[serde(default = "default_service_port")]
+    /// Port the shared Service and every per-pod Service listen on, in the scheme the servers
+    /// speak (https with `security.tlsSecretName`, http without). Defaults to that scheme's
+    /// port, 443 or 80, so that URLs need none. On another port, each host id carries it
+    /// (`host:port`, see `hostIds.template`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub port: i32,
+    pub port: Option<i32>,
 
     /// Annotations on the shared Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
-}
-
-impl Default for SharedService {
-    fn default() -> Self {
-        SharedService {
-            type_: ServiceType::default(),
-            port: DEFAULT_SERVICE_PORT,
-            annotations: None,
-        }
-    }
 }
 
 /// Storage for each server's session data.
@@ -414,6 +476,12 @@ pub struct UploadFarmStatus {
     /// The shared address for new uploads (`host:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+
+    /// The shared address as clients use it: scheme, host and the port unless it is the
+    /// scheme's default (`https://uploads.default.svc.cluster.local`). Upload URLs are this plus
+    /// the upload path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 
     /// Hash of the server configuration the pods run with.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,7 @@ use super::{Backend, Limits, Notification, UploadFarmSpec};
 
 /// Where each pod's session volume is mounted.
 pub const DATA_ROOT: &str = "/var/lib/bitsfarm";
-/// Where the Secrets named in `spec.security` are mounted: `<root>/{auth,tls,backend}`.
+/// Where the Secrets named in `spec.security` are mounted: `<root>/{auth,tokens,tls,backend}`.
 pub const SECRETS_ROOT: &str = "/var/run/secrets/bitsfarm";
 /// The port the server listens on inside the pod, for uploads and its health endpoints.
 pub const SERVER_PORT: u16 = 8080;
@@ -22,6 +22,61 @@ pub const ADMIN_PORT: u16 = 8081;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid UploadFarm spec: {0}")]
 pub struct InvalidSpec(pub String);
+
+/// How clients reach a farm's servers: the scheme, the port and the host ids that follow from
+/// the spec. A BITS client keeps the scheme of the URL it started with and replaces only the host
+/// with `BITS-Host-Id` (and the port, when the host id names one), so every per-pod address must
+/// answer in the shared address's scheme, on the port the host id implies. The servers, their
+/// Services, the status and `render` all take these from here.
+impl UploadFarmSpec {
+    /// Whether the servers speak https: a TLS Secret is named.
+    pub fn tls(&self) -> bool {
+        self.security
+            .as_ref()
+            .is_some_and(|s| s.tls_secret_name.is_some())
+    }
+
+    /// `https` with TLS, `http` without. Also the name of the Service and container ports.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls() { "https" } else { "http" }
+    }
+
+    /// The port a URL of `scheme()` without a port means.
+    pub fn default_port(&self) -> i32 {
+        if self.tls() {
+            super::DEFAULT_TLS_SERVICE_PORT
+        } else {
+            super::DEFAULT_SERVICE_PORT
+        }
+    }
+
+    /// The port of the shared and per-pod Services: `service.port`, else the scheme's default,
+    /// so that plain `https://host/...` URLs work when TLS is on.
+    pub fn service_port(&self) -> i32 {
+        self.service.port.unwrap_or_else(|| self.default_port())
+    }
+
+    /// The host-id template the servers run with: `hostIds.template`, with `:PORT` appended when
+    /// the Services listen on a port that is not the scheme's default and the template names no
+    /// port. Without it, a host id would send clients to the scheme's default port (or, for
+    /// clients that keep the original URL's port, only work when that URL named the port).
+    pub fn host_id_template(&self) -> String {
+        let template = &self.host_ids.template;
+        let port = self.service_port();
+        if port == self.default_port() || names_port(template) {
+            template.clone()
+        } else {
+            format!("{template}:{port}")
+        }
+    }
+}
+
+/// Whether a host-id template already names a port: a `:` after the host (after the `]` of an
+/// IPv6 literal).
+fn names_port(template: &str) -> bool {
+    let host_end = template.rfind(']').map_or(0, |i| i + 1);
+    template[host_end..].contains(':')
+}
 
 /// The server configuration every pod of the farm runs with. The host id stays a template that
 /// each pod expands from its own name; the result is checked as the server would check it.
@@ -41,7 +96,7 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
     let mut file = ConfigFile {
         listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], SERVER_PORT))),
         admin_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
-        host_id: Some(template.clone()),
+        host_id: Some(spec.host_id_template()),
         host_id_fallback_timeout: Some(seconds(
             "spec.hostIds.fallbackTimeoutSeconds",
             spec.host_ids.fallback_timeout_seconds,
@@ -59,6 +114,9 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
             |dir: &str, key: &str| Some(PathBuf::from(SECRETS_ROOT).join(dir).join(key));
         if sec.auth_secret_name.is_some() {
             file.users_file = secret_file("auth", "users");
+        }
+        if sec.tokens_secret_name.is_some() {
+            file.tokens_file = secret_file("tokens", "tokens");
         }
         if sec.tls_secret_name.is_some() {
             file.tls_cert = secret_file("tls", "tls.crt");

@@ -61,6 +61,7 @@ fn crd_has_the_names_subresources_and_columns_kubectl_needs() {
             ("Ready", 0),
             ("Host-IDs", 0),
             ("Age", 0),
+            ("URL", 1),
             ("Reason", 1),
             ("Message", 1)
         ]
@@ -214,6 +215,10 @@ fn server_config_passes_the_servers_own_validation() {
                 {"path": "/a-b", "limits": {"maxUploadSizeBytes": 5}},
             ],
         }),
+        json!({
+            "security": {"authSecretName": "u", "tokensSecretName": "t", "tlsSecretName": "x"},
+            "service": {"port": 8443},
+        }),
     ] {
         let f = farm(spec.clone());
         let file = server_config(&f.spec).unwrap();
@@ -226,6 +231,55 @@ fn server_config_passes_the_servers_own_validation() {
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
         assert_eq!(c.listen.port(), SERVER_PORT);
     }
+}
+
+#[test]
+fn scheme_and_port_follow_tls_and_reach_the_host_ids() {
+    let plain = farm(json!({}));
+    assert_eq!(
+        (plain.spec.scheme(), plain.spec.service_port()),
+        ("http", 80)
+    );
+    let tls = farm(json!({"security": {"tlsSecretName": "t"}}));
+    assert_eq!((tls.spec.scheme(), tls.spec.service_port()), ("https", 443));
+    assert_eq!(
+        server_config(&tls.spec).unwrap().host_id.as_deref(),
+        Some(DEFAULT_HOST_ID_TEMPLATE),
+        "443 is https's own port"
+    );
+    // A port chosen by the user stays, and goes into the host id when it is not the scheme's.
+    for (spec, host_id) in [
+        (
+            json!({"service": {"port": 80}}),
+            DEFAULT_HOST_ID_TEMPLATE.to_string(),
+        ),
+        (
+            json!({"service": {"port": 8080}}),
+            format!("{DEFAULT_HOST_ID_TEMPLATE}:8080"),
+        ),
+        (
+            json!({"service": {"port": 443}}),
+            format!("{DEFAULT_HOST_ID_TEMPLATE}:443"),
+        ),
+        (
+            json!({"service": {"port": 443}, "security": {"tlsSecretName": "t"}}),
+            DEFAULT_HOST_ID_TEMPLATE.to_string(),
+        ),
+        (
+            json!({"service": {"port": 8443}, "hostIds": {"template": "up{ordinal}.x:9000"}}),
+            "up{ordinal}.x:9000".to_string(),
+        ),
+    ] {
+        let f = farm(spec.clone());
+        assert_eq!(
+            server_config(&f.spec).unwrap().host_id,
+            Some(host_id),
+            "{spec}"
+        );
+    }
+    // The stored form leaves an unset port out, so the scheme decides it later.
+    let v = serde_json::to_value(&plain.spec).unwrap();
+    assert_eq!(v["service"]["port"], serde_json::Value::Null, "{v}");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -20,8 +21,8 @@ use serde_json::json;
 use super::conditions::{self, FailingPod, Observed, Problem, Rollout};
 use super::metrics::Metrics;
 use super::resources::{
-    self, BuildOptions, COMPONENT_HOST_SERVICE, COMPONENT_LABEL, Children, FIELD_MANAGER,
-    INSTANCE_LABEL, Names,
+    self, BuildOptions, COMPONENT_HOST_SERVICE, COMPONENT_LABEL, COMPONENT_NETWORK_POLICY,
+    Children, FIELD_MANAGER, INSTANCE_LABEL, Names,
 };
 use super::scale_down;
 use crate::api::{HostStatus, InvalidSpec, UploadFarm, UploadFarmStatus};
@@ -41,6 +42,16 @@ pub enum Error {
         api_message(source)
     )]
     Delete {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "deleting the {kind} {name}, which the farm no longer asks for, failed: {}",
+        api_message(source)
+    )]
+    Cleanup {
+        kind: &'static str,
         name: String,
         #[source]
         source: kube::Error,
@@ -78,7 +89,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply { .. } => "apply",
-            Error::Delete { .. } => "delete",
+            Error::Delete { .. } | Error::Cleanup { .. } => "delete",
             Error::List { .. } => "list",
             Error::Status { .. } => "status",
             Error::NoNamespace { .. } => "no_namespace",
@@ -419,6 +430,9 @@ async fn apply_children(
         )
         .await
         .map_err(apply_err("Service", names.headless_service()))?;
+    // Before the StatefulSet, so that a farm that asks for a NetworkPolicy never has pods
+    // without it.
+    network_policy(farm, ns, children.network_policy.as_ref(), ctx).await?;
     let sts_body =
         resources::stateful_set_apply_body(&children.stateful_set).map_err(|e| Error::Apply {
             kind: "StatefulSet",
@@ -476,6 +490,57 @@ async fn apply_children(
         })?
         .items;
     Ok(Applied { stateful_set, pods })
+}
+
+/// Applies the farm's NetworkPolicy, or, when the spec asks for none, deletes the one the operator
+/// made for this farm earlier. What is deleted is found by the farm's labels and must also be
+/// owned by this very farm (its uid), so that a policy someone else made, even with copied
+/// labels, is never touched.
+async fn network_policy(
+    farm: &UploadFarm,
+    ns: &str,
+    policy: Option<&NetworkPolicy>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let names = Names::of(farm);
+    if let Some(policy) = policy {
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(&names.network_policy(), &pp, &Patch::Apply(policy))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "NetworkPolicy",
+                name: names.network_policy(),
+                source,
+            })?;
+        return Ok(());
+    }
+    let listed = api
+        .list(&ListParams::default().labels(&format!(
+            "{INSTANCE_LABEL}={},{COMPONENT_LABEL}={COMPONENT_NETWORK_POLICY}",
+            names.farm
+        )))
+        .await
+        .map_err(|source| Error::List {
+            what: "NetworkPolicies",
+            source,
+        })?;
+    for name in resources::stale_network_policies(farm, &listed.items) {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(policy = %name, "deleted the farm's NetworkPolicy: the spec no longer asks for it")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Cleanup {
+                    kind: "NetworkPolicy",
+                    name,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates the farm's handoff secret unless it exists. It is never applied over: a new value
@@ -598,6 +663,7 @@ pub fn status_for(
             .map_or(old.ready_replicas, |r| r.ready_replicas),
         selector: Some(resources::selector_string(&names.farm)),
         address: Some(resources::shared_address(farm)),
+        url: Some(resources::shared_url(farm)),
         config_hash: old.config_hash.clone(),
         scale_down: None,
         hosts,

@@ -1,5 +1,6 @@
 //! The UploadFarm operator: turns each UploadFarm into a ConfigMap, a headless Service, a
-//! StatefulSet, one Service per pod and a shared Service, and reports how the farm is doing.
+//! StatefulSet, one Service per pod, a shared Service and, if asked, a NetworkPolicy, and
+//! reports how the farm is doing.
 
 pub mod commands;
 pub mod conditions;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use kube::core::error_boundary::DeserializeGuard;
@@ -115,7 +117,13 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
             scoped::<Service>(&client, &opts.namespace),
             children.clone(),
         )
-        .owns(scoped::<ConfigMap>(&client, &opts.namespace), children)
+        .owns(
+            scoped::<ConfigMap>(&client, &opts.namespace),
+            children.clone(),
+        )
+        // A NetworkPolicy edited or deleted by hand is put back at once, not at the next
+        // periodic reconcile: until then the pods would be open.
+        .owns(scoped::<NetworkPolicy>(&client, &opts.namespace), children)
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .graceful_shutdown_on(stopped(stop_rx.clone()));
     health.ready.store(true, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 //! the operator makes (in `super::run`, `super::controller` and kube's event `Recorder`) and why.
 //! Two tests hold it to the truth:
 //! - the unit test below drives reconcile (create, scale-down, invalid and malformed farms,
-//!   repeated events), the startup wait for the CRD and the watches against a recording mock API
+//!   repeated events, a NetworkPolicy applied and one swept away), the startup wait for the CRD and the watches against a recording mock API
 //!   server, maps every request to its RBAC attributes as the API server does, and checks that
 //!   the calls need exactly `RULES`: every call granted, no verb granted that no call needs;
 //! - `tests/chart.rs` checks that the Helm chart's (Cluster)Role grants exactly `RULES`.
@@ -95,6 +95,14 @@ pub const RULES: &[Rule] = &[
               (CrashLoopBackOff, ImagePullBackOff) in the status",
     },
     Rule {
+        api_group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: &["create", "delete", "list", "patch", "watch"],
+        why: "server-side apply of a farm's NetworkPolicy when spec.networkPolicy.enabled, the \
+              owns-watch that puts back one edited or deleted by hand, and, once a farm no longer \
+              asks for it, the list by the farm's labels and delete of the one the farm owns",
+    },
+    Rule {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
@@ -176,6 +184,7 @@ mod tests {
     use http::{Request, Response};
     use k8s_openapi::api::apps::v1::StatefulSet;
     use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use kube::api::Api;
     use kube::client::Body;
     use kube::core::error_boundary::DeserializeGuard;
@@ -267,6 +276,16 @@ mod tests {
                         json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound", "metadata": {}}),
                     ),
                 ),
+                // The farm once had a NetworkPolicy: the sweep finds it and deletes it.
+                "GET" if path.ends_with("/networkpolicies") && !query.contains("watch=") => {
+                    let mut f: UploadFarm = serde_json::from_value(farms[0].clone()).unwrap();
+                    f.spec.network_policy = Some(crate::api::FarmNetworkPolicy {
+                        enabled: true,
+                        ..Default::default()
+                    });
+                    let policy = resources::network_policy(&f).unwrap();
+                    (200, Some(list(vec![serde_json::to_value(policy).unwrap()])))
+                }
                 "GET" if path.ends_with("/services") && query.contains("host-service") => {
                     let f: UploadFarm = serde_json::from_value(farms[0].clone()).unwrap();
                     let items = (0..4)
@@ -287,6 +306,10 @@ mod tests {
     /// Runs everything the operator does against the recording mock and returns the calls.
     async fn record_every_call() -> Vec<Call> {
         let valid = farm_json("farm", json!({"replicas": 2}));
+        let guarded = farm_json(
+            "guarded",
+            json!({"replicas": 1, "networkPolicy": {"enabled": true}}),
+        );
         // No URL for a by-value backend: the spec is refused without applying anything.
         let invalid = farm_json("broken", json!({"backend": {"notification": "ByValue"}}));
         let (service, handle) = pair::<Request<Body>, Response<Body>>();
@@ -294,7 +317,7 @@ mod tests {
         let server = tokio::spawn(serve(
             handle,
             log.clone(),
-            vec![valid.clone(), invalid.clone()],
+            vec![valid.clone(), invalid.clone(), guarded.clone()],
         ));
         let client = Client::new(service, "default");
         let ctx = Arc::new(Context::new(
@@ -306,8 +329,11 @@ mod tests {
             Arc::new(serde_json::from_value::<DeserializeGuard<UploadFarm>>(v.clone()).unwrap())
         };
 
-        // Reconcile: create (applies, the scale-down sweep, pods, status, an event).
+        // Reconcile: create (applies, the scale-down sweep, the sweep of a NetworkPolicy the farm
+        // no longer asks for, pods, status, an event).
         reconcile(guard(&valid), ctx.clone()).await.unwrap();
+        // A farm with a NetworkPolicy: applied.
+        reconcile(guard(&guarded), ctx.clone()).await.unwrap();
         // A scale-down from 4 to 2: the servers leaving are drained through the pod proxy.
         let mut shrinking = valid.clone();
         shrinking["status"] = json!({"replicas": 4});
@@ -329,12 +355,13 @@ mod tests {
             assert!(super::super::wait_for_crd(&client, &ns, &metrics, stop_rx.clone()).await);
         }
 
-        // The controller's watches (`super::run`): UploadFarms and the three owned kinds, in all
+        // The controller's watches (`super::run`): UploadFarms and the four owned kinds, in all
         // namespaces and in one.
         watch_until_watching::<DeserializeGuard<UploadFarm>>(&client, &log).await;
         watch_until_watching::<StatefulSet>(&client, &log).await;
         watch_until_watching::<Service>(&client, &log).await;
         watch_until_watching::<ConfigMap>(&client, &log).await;
+        watch_until_watching::<NetworkPolicy>(&client, &log).await;
 
         drop(ctx);
         drop(client);
@@ -449,6 +476,8 @@ mod tests {
         // The run did what it claims to: scale-down deletes, an event series, a status write.
         let seen = |m: &str, p: &str| calls.iter().any(|c| c.method == m && c.path.contains(p));
         assert!(seen("DELETE", "/services/farm-2") && seen("DELETE", "/services/farm-3"));
+        assert!(seen("PATCH", "/networkpolicies/guarded-network-policy"));
+        assert!(seen("DELETE", "/networkpolicies/farm-network-policy"));
         assert!(seen("PATCH", "/events/") && seen("POST", "/events"));
         assert!(seen("PATCH", "/uploadfarms/farm/status"));
     }

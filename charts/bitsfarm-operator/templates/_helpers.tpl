@@ -89,6 +89,12 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+# A farm's NetworkPolicy (spec.networkPolicy.enabled): server-side apply, the owns-watch that puts
+# back one edited or deleted by hand, and, once a farm no longer asks for it, the list by the
+# farm's labels and delete of the one the farm owns (never a policy someone else made).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "delete", "list", "patch", "watch"]
 # Events on UploadFarms (Created, Scaled, ConfigRolledOut, InvalidSpec, ApplyFailed): created,
 # then patched when the same event repeats (an event series).
 - apiGroups: ["events.k8s.io"]

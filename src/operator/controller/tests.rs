@@ -96,6 +96,26 @@ async fn expect_handoff_secret(api: &mut ApiServer, exists: bool) {
     );
 }
 
+fn network_policy_path(name: &str) -> String {
+    format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies{name}")
+}
+
+/// A farm without `spec.networkPolicy` looks for the NetworkPolicy it may have made before
+/// (by its labels) and finds none.
+async fn expect_no_network_policy(api: &mut ApiServer) {
+    let l = api
+        .expect("GET", &network_policy_path(""), 200, |_| {
+            list("NetworkPolicyList", vec![])
+        })
+        .await;
+    assert!(
+        l.query.contains("app.kubernetes.io%2Finstance%3Dfarm")
+            && l.query.contains("component%3Dnetwork-policy"),
+        "{}",
+        l.query
+    );
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -128,6 +148,7 @@ async fn creating_a_farm_applies_every_child_then_reports() {
                 .contains("host-id")
         );
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         let sts = api
             .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
             .await;
@@ -218,6 +239,7 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         let sts = api
             .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
             .await;
@@ -274,6 +296,7 @@ async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         let sts = api
             .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
             .await;
@@ -323,6 +346,7 @@ async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         let sts = api
             .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
             .await;
@@ -378,6 +402,7 @@ async fn a_changed_backend_rolls_the_config_hash() {
                 .contains("notify-url: http://app/in")
         );
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         let sts = api
             .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
             .await;
@@ -421,6 +446,7 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
             .await;
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
         api.expect(
             "PATCH",
             &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"),
@@ -566,4 +592,216 @@ fn events_for_created_scaled_and_rolled_out() {
         ..Default::default()
     };
     assert_eq!(transitions(&old, &rolled, 0)[0].0, "ConfigRolledOut");
+}
+
+#[tokio::test]
+async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
+    let (ctx, mut api) = context();
+    let f = farm(
+        json!({"replicas": 1,
+               "backend": {"url": "https://ingest.example.com/in", "notification": "ByValue"},
+               "networkPolicy": {"enabled": true,
+                                 "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "clients"}}}]}}),
+        None,
+    );
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        let np = api
+            .expect_apply(&network_policy_path("/farm-network-policy"))
+            .await;
+        let body = &np.body;
+        assert_eq!(body["kind"], "NetworkPolicy");
+        assert_eq!(body["apiVersion"], "networking.k8s.io/v1");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(body["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(
+            body["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["team"],
+            "clients"
+        );
+        let egress = body["spec"]["egress"].as_array().unwrap();
+        assert_eq!(
+            egress.last().unwrap()["ports"][0]["port"],
+            443,
+            "{egress:?}"
+        );
+        // Only then the pods.
+        api.expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        api.expect_apply(&svc_path("farm-0")).await;
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", vec![host_service_json(0)]),
+        )
+        .await;
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        expect_status(&mut api, &f).await;
+        let ev = expect_event(&mut api).await;
+        assert_eq!(ev.body["reason"], "Created");
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
+    let (ctx, mut api) = context();
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 1)));
+    let with_policy = farm(json!({"networkPolicy": {"enabled": true}}), None);
+    let ours = serde_json::to_value(resources::network_policy(&with_policy).unwrap()).unwrap();
+    // Someone's own policy that copied the farm's labels: not the operator's to delete.
+    let mut theirs = ours.clone();
+    theirs["metadata"]["name"] = json!("handmade");
+    theirs["metadata"]["ownerReferences"] = Value::Null;
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        api.expect("GET", &network_policy_path(""), 200, |_| {
+            list("NetworkPolicyList", vec![theirs.clone(), ours.clone()])
+        })
+        .await;
+        api.expect(
+            "DELETE",
+            &network_policy_path("/farm-network-policy"),
+            200,
+            |_| ours.clone(),
+        )
+        .await;
+        api.expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        api.expect_apply(&svc_path("farm-0")).await;
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", vec![host_service_json(0)]),
+        )
+        .await;
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        expect_status(&mut api, &f).await;
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn a_refused_network_policy_stops_before_the_pods() {
+    let (ctx, mut api) = context();
+    let f = farm(
+        json!({"replicas": 1, "networkPolicy": {"enabled": true}}),
+        None,
+    );
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        api.expect(
+            "PATCH",
+            &network_policy_path("/farm-network-policy"),
+            403,
+            |_| {
+                status_error(
+                    403,
+                    "Forbidden",
+                    "networkpolicies.networking.k8s.io is forbidden",
+                )
+            },
+        )
+        .await;
+        // No StatefulSet: pods that should be restricted are not started unrestricted.
+        let st = expect_status(&mut api, &f).await;
+        let degraded = condition(&st.body["status"], "Degraded");
+        assert_eq!(degraded["reason"], "ApplyFailed");
+        assert!(
+            degraded["message"]
+                .as_str()
+                .unwrap()
+                .contains("NetworkPolicy farm-network-policy"),
+            "{degraded}"
+        );
+        expect_event(&mut api).await;
+    })
+    .await;
+    let err = reconciler.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Apply {
+                kind: "NetworkPolicy",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    api.done().await;
+}
+
+#[test]
+fn with_tls_the_status_shows_https_addresses_with_the_port() {
+    let now = Timestamp::now();
+    let tls = |spec: Value| {
+        let mut spec = spec;
+        spec["security"] = json!({"tlsSecretName": "farm-tls"});
+        status_for(
+            &farm(spec, None),
+            &UploadFarmStatus::default(),
+            None,
+            &[],
+            None,
+            now,
+        )
+    };
+    // Default port: 443, and no port in the host ids or the URL.
+    let s = tls(json!({"replicas": 2}));
+    assert_eq!(
+        s.url.as_deref(),
+        Some("https://farm.uploads.svc.cluster.local")
+    );
+    assert_eq!(
+        s.address.as_deref(),
+        Some("farm.uploads.svc.cluster.local:443")
+    );
+    assert_eq!(s.hosts[1].host_id, "farm-1.uploads.svc.cluster.local");
+    // Another port is in every address clients are given.
+    let s = tls(json!({"replicas": 2, "service": {"port": 8443}}));
+    assert_eq!(
+        s.url.as_deref(),
+        Some("https://farm.uploads.svc.cluster.local:8443")
+    );
+    assert_eq!(s.hosts[0].host_id, "farm-0.uploads.svc.cluster.local:8443");
+    // Plain http on its default port, as before.
+    let s = status_for(
+        &farm(json!({"replicas": 1}), None),
+        &UploadFarmStatus::default(),
+        None,
+        &[],
+        None,
+        now,
+    );
+    assert_eq!(
+        s.url.as_deref(),
+        Some("http://farm.uploads.svc.cluster.local")
+    );
+    assert_eq!(s.hosts[0].host_id, "farm-0.uploads.svc.cluster.local");
 }

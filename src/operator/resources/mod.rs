@@ -5,15 +5,18 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::api::{InvalidSpec, UploadFarm, server_config};
 
+mod network_policy;
 mod services;
 mod statefulset;
 
+pub use network_policy::{backend_ports, network_policy, stale_network_policies};
 pub use services::{headless_service, host_service, shared_service};
 pub use statefulset::{apply_body as stateful_set_apply_body, drain_timeout, stateful_set};
 
@@ -33,6 +36,7 @@ pub const COMPONENT_SHARED_SERVICE: &str = "shared-service";
 pub const COMPONENT_HEADLESS_SERVICE: &str = "headless-service";
 pub const COMPONENT_CONFIG: &str = "config";
 pub const COMPONENT_HANDOFF_SECRET: &str = "handoff-secret";
+pub const COMPONENT_NETWORK_POLICY: &str = "network-policy";
 pub const CONFIG_FILE_NAME: &str = "config.yaml";
 pub const CONFIG_MOUNT: &str = "/etc/bitsfarm";
 
@@ -89,6 +93,11 @@ impl Names {
     /// The secret the farm's servers share to hand sessions to each other; generated once.
     pub fn handoff_secret(&self) -> String {
         format!("{}-handoff", self.farm)
+    }
+    /// The farm's NetworkPolicy, when `spec.networkPolicy.enabled`. Not the bare farm name: a
+    /// policy the user made for the farm is likely to be called that.
+    pub fn network_policy(&self) -> String {
+        format!("{}-network-policy", self.farm)
     }
     /// Per-pod Services are named after their pods, so `{pod}.{namespace}.svc...` resolves to them.
     pub fn pod(&self, ordinal: i32) -> String {
@@ -218,12 +227,14 @@ pub fn config_map(farm: &UploadFarm, yaml: &str) -> ConfigMap {
 }
 
 /// Everything the operator applies for one farm, in apply order (the headless Service before
-/// the StatefulSet that names it).
+/// the StatefulSet that names it, the NetworkPolicy before the pods it restricts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Children {
     pub config_hash: String,
     pub config_map: ConfigMap,
     pub headless_service: Service,
+    /// `None` when the spec asks for no NetworkPolicy (an earlier one is then deleted).
+    pub network_policy: Option<NetworkPolicy>,
     pub stateful_set: StatefulSet,
     pub host_services: Vec<Service>,
     pub shared_service: Service,
@@ -262,6 +273,7 @@ pub fn children(farm: &UploadFarm, opts: &BuildOptions) -> Result<Children, Inva
     Ok(Children {
         config_map: config_map(farm, &yaml),
         headless_service: headless_service(farm),
+        network_policy: network_policy(farm)?,
         stateful_set: stateful_set(farm, &config_hash, opts),
         host_services: (0..farm.spec.replicas.max(0))
             .map(|i| host_service(farm, i))
@@ -277,8 +289,11 @@ impl Children {
         let mut out = vec![
             serde_json::to_value(&self.config_map)?,
             serde_json::to_value(&self.headless_service)?,
-            serde_json::to_value(&self.stateful_set)?,
         ];
+        if let Some(np) = &self.network_policy {
+            out.push(serde_json::to_value(np)?);
+        }
+        out.push(serde_json::to_value(&self.stateful_set)?);
         for s in &self.host_services {
             out.push(serde_json::to_value(s)?);
         }
@@ -292,18 +307,38 @@ pub fn service_ordinal(svc: &Service) -> Option<i32> {
     svc.labels().get(ORDINAL_LABEL)?.parse().ok()
 }
 
-/// The in-cluster address of the shared Service.
+/// The in-cluster address of the shared Service (`host:port`).
 pub fn shared_address(farm: &UploadFarm) -> String {
     let n = Names::of(farm);
     format!(
         "{}.{}.svc.cluster.local:{}",
         n.shared_service(),
         n.namespace,
-        farm.spec.service.port
+        farm.spec.service_port()
     )
 }
 
-/// The host id pod `ordinal` hands out: the template expanded as the server expands it.
+/// The shared Service as a URL clients start uploads at: the scheme the servers speak, and the
+/// port only when it is not that scheme's default.
+pub fn shared_url(farm: &UploadFarm) -> String {
+    let n = Names::of(farm);
+    let spec = &farm.spec;
+    let port = spec.service_port();
+    let port = if port == spec.default_port() {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    format!(
+        "{}://{}.{}.svc.cluster.local{port}",
+        spec.scheme(),
+        n.shared_service(),
+        n.namespace
+    )
+}
+
+/// The host id pod `ordinal` hands out: the servers' template (with the port, when it is not the
+/// scheme's default) expanded as the server expands it.
 pub fn host_id(farm: &UploadFarm, ordinal: i32) -> String {
     let n = Names::of(farm);
     let pod = n.pod(ordinal);
@@ -312,8 +347,8 @@ pub fn host_id(farm: &UploadFarm, ordinal: i32) -> String {
         "POD_NAMESPACE" => Some(n.namespace.clone()),
         _ => None,
     };
-    crate::config::expand_host_id(&farm.spec.host_ids.template, env)
-        .unwrap_or_else(|_| farm.spec.host_ids.template.clone())
+    let template = farm.spec.host_id_template();
+    crate::config::expand_host_id(&template, env).unwrap_or(template)
 }
 
 #[cfg(test)]

@@ -12,11 +12,15 @@ use super::{
 };
 use crate::api::{SERVER_PORT, UploadFarm};
 
-fn http_port(port: i32) -> Vec<ServicePort> {
+/// The upload port, named after the scheme the servers speak (`http`, or `https` with TLS), as
+/// is the container port it targets: what a cluster admin, a service mesh or an ingress
+/// controller reads to know how to talk to it.
+fn upload_port(farm: &UploadFarm, port: i32) -> Vec<ServicePort> {
+    let name = farm.spec.scheme();
     vec![ServicePort {
-        name: Some("http".into()),
+        name: Some(name.into()),
         port,
-        target_port: Some(IntOrString::String("http".into())),
+        target_port: Some(IntOrString::String(name.into())),
         protocol: Some("TCP".into()),
         ..ServicePort::default()
     }]
@@ -37,7 +41,7 @@ pub fn headless_service(farm: &UploadFarm) -> Service {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(&names.farm)),
-            ports: Some(http_port(i32::from(SERVER_PORT))),
+            ports: Some(upload_port(farm, i32::from(SERVER_PORT))),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -73,7 +77,9 @@ pub fn host_service(farm: &UploadFarm, ordinal: i32) -> Service {
             // still reach it here to finish their sessions.
             publish_not_ready_addresses: Some(true),
             selector: Some(selector),
-            ports: Some(http_port(farm.spec.service.port)),
+            // The shared Service's port: a client's URL keeps its port when the host id
+            // names none.
+            ports: Some(upload_port(farm, farm.spec.service_port())),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -94,7 +100,7 @@ pub fn shared_service(farm: &UploadFarm) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(spec.type_.as_str().into()),
             selector: Some(selector_labels(&names.farm)),
-            ports: Some(http_port(spec.port)),
+            ports: Some(upload_port(farm, farm.spec.service_port())),
             ..ServiceSpec::default()
         }),
         ..Service::default()

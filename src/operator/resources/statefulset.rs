@@ -80,8 +80,9 @@ fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
             field_env("POD_NAMESPACE", "metadata.namespace"),
         ]),
         ports: Some(vec![
+            // Named after the scheme (`http` or `https`), which the Services' target ports name.
             ContainerPort {
-                name: Some("http".into()),
+                name: Some(spec.scheme().into()),
                 container_port: i32::from(SERVER_PORT),
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
@@ -183,6 +184,7 @@ fn with_secrets(farm: &UploadFarm, mut server: Container, volumes: &mut Vec<Volu
     let mounts = [
         (HANDOFF_SECRET_DIR, &handoff),
         ("auth", &sec.auth_secret_name),
+        ("tokens", &sec.tokens_secret_name),
         ("tls", &sec.tls_secret_name),
         ("backend", &sec.backend_credentials_secret_name),
     ];

@@ -108,7 +108,8 @@ fn per_pod_services_select_their_pod_and_carry_type_and_annotations() {
     let a = svc.metadata.annotations.as_ref().unwrap();
     assert_eq!((a["dns"].as_str(), a["pod"].as_str()), ("up1.x", "farm-1"));
     assert_eq!(service_ordinal(&svc), Some(1));
-    assert_eq!(host_id(&f, 1), "up1.x");
+    // 8443 is not http's port: the host id says it, or clients would knock on port 80.
+    assert_eq!(host_id(&f, 1), "up1.x:8443");
 }
 
 #[test]
@@ -443,4 +444,192 @@ fn members_reach_each_other_for_handoff_and_draining_members_stay_addressable() 
     assert_eq!(s.metadata.name.as_deref(), Some("web-handoff"));
     assert_eq!(s.string_data.unwrap()["secret"], "ab");
     assert!(s.metadata.owner_references.is_some());
+}
+
+fn secret_mounts(sts: &StatefulSet) -> Vec<(String, String)> {
+    let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let ct = &pod.containers[0];
+    pod.volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| {
+            let secret = v.secret.as_ref()?.secret_name.clone()?;
+            let mount = ct
+                .volume_mounts
+                .as_ref()?
+                .iter()
+                .find(|m| m.name == v.name && m.read_only == Some(true))?;
+            Some((secret, mount.mount_path.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn bearer_tokens_come_from_their_own_secret() {
+    let f = farm_with(
+        "farm",
+        json!({"security": {"authSecretName": "users", "tokensSecretName": "tokens"}}),
+    );
+    let file = crate::config::ConfigFile::parse(&config_yaml(&f).unwrap().0).unwrap();
+    assert_eq!(
+        file.tokens_file.as_deref(),
+        Some(std::path::Path::new(
+            "/var/run/secrets/bitsfarm/tokens/tokens"
+        ))
+    );
+    assert_eq!(
+        file.users_file.as_deref(),
+        Some(std::path::Path::new("/var/run/secrets/bitsfarm/auth/users"))
+    );
+    let mounts = secret_mounts(&stateful_set(&f, "h", &opts()));
+    assert!(
+        mounts.contains(&("tokens".into(), "/var/run/secrets/bitsfarm/tokens".into())),
+        "{mounts:?}"
+    );
+    assert!(mounts.contains(&("users".into(), "/var/run/secrets/bitsfarm/auth".into())));
+
+    // Tokens alone: no users file, and one Secret may hold both keys.
+    let f = farm_with("farm", json!({"security": {"tokensSecretName": "creds"}}));
+    let file = crate::config::ConfigFile::parse(&config_yaml(&f).unwrap().0).unwrap();
+    assert!(file.users_file.is_none() && file.tokens_file.is_some());
+    let f = farm_with(
+        "farm",
+        json!({"security": {"authSecretName": "creds", "tokensSecretName": "creds"}}),
+    );
+    let mounts = secret_mounts(&stateful_set(&f, "h", &opts()));
+    assert_eq!(
+        mounts.iter().filter(|(s, _)| s == "creds").count(),
+        2,
+        "{mounts:?}"
+    );
+    // Without the field, no tokens file: the server would refuse to start without the file.
+    let f = farm_with("farm", json!({"security": {"authSecretName": "users"}}));
+    let file = crate::config::ConfigFile::parse(&config_yaml(&f).unwrap().0).unwrap();
+    assert!(file.tokens_file.is_none());
+    assert!(
+        !secret_mounts(&stateful_set(&f, "h", &opts()))
+            .iter()
+            .any(|(_, m)| m.ends_with("/tokens"))
+    );
+}
+
+fn port_names(svc: &Service) -> Vec<(String, i32, String)> {
+    svc.spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let target = match p.target_port.as_ref().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+                other => panic!("target port by number: {other:?}"),
+            };
+            (p.name.clone().unwrap(), p.port, target)
+        })
+        .collect()
+}
+
+#[test]
+fn with_tls_every_address_is_https_on_443_unless_told_otherwise() {
+    let tls = json!({"tlsSecretName": "farm-tls"});
+    let f = farm_with("farm", json!({"replicas": 2, "security": tls}));
+    let c = children(&f, &opts()).unwrap();
+    let https = || ("https".to_string(), 443, "https".to_string());
+    assert_eq!(port_names(&c.shared_service), [https()]);
+    for svc in &c.host_services {
+        assert_eq!(port_names(svc), [https()], "{}", svc.name_any());
+    }
+    assert_eq!(
+        port_names(&c.headless_service),
+        [("https".to_string(), 8080, "https".to_string())]
+    );
+    // The Services' target port names the container's upload port.
+    let ports = container(&c.stateful_set).ports.unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("https") && p.container_port == 8080),
+        "{ports:?}"
+    );
+    assert!(!ports.iter().any(|p| p.name.as_deref() == Some("http")));
+    // 443 is https's own port: the host id needs none.
+    let file = crate::config::ConfigFile::parse(&config_yaml(&f).unwrap().0).unwrap();
+    assert_eq!(
+        file.host_id.as_deref(),
+        Some("{pod}.{namespace}.svc.cluster.local")
+    );
+    assert_eq!(host_id(&f, 1), "farm-1.uploads.svc.cluster.local");
+    assert_eq!(shared_address(&f), "farm.uploads.svc.cluster.local:443");
+    assert_eq!(shared_url(&f), "https://farm.uploads.svc.cluster.local");
+
+    // A chosen port: every Service listens there and every host id carries it.
+    let f = farm_with(
+        "farm",
+        json!({"replicas": 2, "security": tls, "service": {"port": 8443},
+               "hostIds": {"template": "up{ordinal}.example.com"}}),
+    );
+    let c = children(&f, &opts()).unwrap();
+    assert_eq!(port_names(&c.shared_service)[0].1, 8443);
+    assert_eq!(port_names(&c.host_services[1])[0].1, 8443);
+    let file =
+        crate::config::ConfigFile::parse(&c.config_map.data.as_ref().unwrap()["config.yaml"])
+            .unwrap();
+    assert_eq!(
+        file.host_id.as_deref(),
+        Some("up{ordinal}.example.com:8443")
+    );
+    assert_eq!(host_id(&f, 1), "up1.example.com:8443");
+    assert_eq!(
+        shared_url(&f),
+        "https://farm.uploads.svc.cluster.local:8443"
+    );
+
+    // Port 80 with TLS is not https's default either.
+    let f = farm_with("farm", json!({"security": tls, "service": {"port": 80}}));
+    assert_eq!(host_id(&f, 0), "farm-0.uploads.svc.cluster.local:80");
+
+    // A template that names its own port is used as written (a proxy in front, a NodePort).
+    for template in ["up{ordinal}.example.com:443", "[fd00::{ordinal}]:9443"] {
+        let f = farm_with(
+            "farm",
+            json!({"security": tls, "service": {"port": 8443}, "hostIds": {"template": template}}),
+        );
+        assert_eq!(f.spec.host_id_template(), template);
+    }
+    let f = farm_with(
+        "farm",
+        json!({"security": tls, "service": {"port": 8443}, "hostIds": {"template": "[fd00::{ordinal}]"}}),
+    );
+    assert_eq!(f.spec.host_id_template(), "[fd00::{ordinal}]:8443");
+}
+
+#[test]
+fn without_tls_addresses_stay_plain_http_on_80() {
+    let f = farm_with("farm", json!({"replicas": 1}));
+    let c = children(&f, &opts()).unwrap();
+    let http = || ("http".to_string(), 80, "http".to_string());
+    assert_eq!(port_names(&c.shared_service), [http()]);
+    assert_eq!(port_names(&c.host_services[0]), [http()]);
+    assert!(
+        container(&c.stateful_set)
+            .ports
+            .unwrap()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("http") && p.container_port == 8080)
+    );
+    assert_eq!(host_id(&f, 0), "farm-0.uploads.svc.cluster.local");
+    assert_eq!(shared_url(&f), "http://farm.uploads.svc.cluster.local");
+    // The default network policy is none.
+    assert!(c.network_policy.is_none());
+    let on = farm_with("farm", json!({"networkPolicy": {"enabled": true}}));
+    let values = children(&on, &opts()).unwrap().to_values().unwrap();
+    let kinds: Vec<_> = values.iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds[..4],
+        ["ConfigMap", "Service", "NetworkPolicy", "StatefulSet"],
+        "the policy is rendered, before the pods"
+    );
 }
