@@ -414,10 +414,20 @@ fn with_handoff_a_farm_without_host_ids_never_restarts_and_resends_nothing() {
 }
 
 /// Without host ids and with handoff, the owner killed mid-upload: the member the client reaches
-/// answers "session not found" and the client starts again there, as BITS does.
+/// answers "retry" while the owner might come back, then, once the owner has refused connections
+/// for the fallback timeout, "session not found", and the client starts again there, as BITS
+/// does after a fallback.
 #[test]
 fn with_handoff_a_killed_owner_makes_the_client_restart_elsewhere() {
-    let mut farm = Farm::start(2, &["--receiver", "--no-host-id"]);
+    let mut farm = Farm::start(
+        2,
+        &[
+            "--receiver",
+            "--no-host-id",
+            "--host-id-fallback-timeout",
+            "2",
+        ],
+    );
     let work = TempDir::new().unwrap();
     let (file, data) = data_file(work.path(), 3 << 20, 5);
     let mut up = Upload::start(
@@ -438,10 +448,20 @@ fn with_handoff_a_killed_owner_makes_the_client_restart_elsewhere() {
         .find(|&i| metric_value(&farm.member_metrics(i), "bitsfarm_sessions_active") >= 1.0)
         .expect("one member holds the session");
     farm.command(&format!("kill {owner}"), "killed");
+    let killed = Instant::now();
     let (code, report) = up.finish(Duration::from_secs(90));
     assert_eq!(code, 0, "{report}");
     assert!(report_u64(&report, "restarts") >= 1, "{report}");
+    assert!(
+        killed.elapsed() >= Duration::from_secs(2),
+        "restarted before the owner's grace was over"
+    );
     let survivor = 1 - owner;
+    let down = metric_value(
+        &farm.member_metrics(survivor),
+        "bitsfarm_handoff_forwarded_packets_total{packet=\"Fragment\",outcome=\"owner_down\"}",
+    );
+    assert!(down >= 1.0, "the survivor never told the client to retry");
     let gone = metric_value(
         &farm.member_metrics(survivor),
         "bitsfarm_handoff_forwarded_packets_total{packet=\"Fragment\",outcome=\"owner_gone\"}",
@@ -827,7 +847,8 @@ fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
 
 /// The operator's drain (`POST /drain?stay=true`): the server drains and stays up once empty, so
 /// that Kubernetes does not restart it as a fresh, ready server before the scale-down removes it;
-/// the preStop signal still makes it exit.
+/// a scale back up cancels it; the preStop signal makes it exit, and a later `stay` cannot undo
+/// that.
 #[test]
 fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
     let mut s = common::Server::start(&[]);
@@ -841,14 +862,94 @@ fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
         "an empty server that was told to stay exited"
     );
     assert_eq!(s.get("/readyz").status, 503);
+    // The farm grew back: the server takes sessions again.
+    let r = s.send(&Request::new("POST", "/drain?cancel=true"));
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("\"draining\":false"), "{}", r.text());
+    assert_eq!(s.get("/readyz").status, 200);
+    let id = s.create_session("/d/again.bin");
+    // Drained again and stopped by the signal, while a session is open: a `stay` that arrives
+    // after the signal does not keep the server up once the session is done.
+    assert_eq!(
+        s.send(&Request::new("POST", "/drain?stay=true")).status,
+        200
+    );
     let pid = s.pid().expect("server pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGUSR1,
     )
     .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        s.send(&Request::new("POST", "/drain?stay=true")).status,
+        200
+    );
+    assert_eq!(
+        s.send(&Request::new("POST", "/drain?cancel=true")).status,
+        409,
+        "a signalled stop cannot be cancelled"
+    );
+    assert!(s.is_running(), "exited with a session open");
+    assert_eq!(s.cancel(&id, "/d/again.bin").status, 200);
     assert!(
         common::wait_until(Duration::from_secs(15), || !s.is_running()),
         "the signalled server did not exit"
     );
+}
+
+/// Upload-reply without host ids: the reply download (a GET of the reply URL) that lands on
+/// another member is handed to the owner too, so every job gets its backend's reply.
+#[test]
+fn with_handoff_reply_downloads_reach_the_owner() {
+    let farm = Farm::start(3, &["--receiver", "--no-host-id"]);
+    let work = TempDir::new().unwrap();
+    let (file, data) = data_file(work.path(), 50_000, 8);
+    for round in 0..8 {
+        let reply = work.path().join(format!("reply-{round}.txt"));
+        let up = Upload::start(
+            &file,
+            &format!("http://{}/up/reply-{round}.bin", farm.shared),
+            &[
+                "--reply",
+                reply.to_str().unwrap(),
+                "--no-keep-alive",
+                "--retry-delay",
+                "0",
+            ],
+        );
+        let (code, report) = up.finish(Duration::from_secs(60));
+        assert_eq!(code, 0, "{report}");
+        assert_eq!(report_u64(&report, "restarts"), 0, "{report}");
+        let text = std::fs::read_to_string(&reply).unwrap();
+        assert!(text.contains(&sha256_hex(&data)), "round {round}: {text}");
+    }
+    let replies: f64 = (0..farm.replicas)
+        .map(|i| {
+            metric_value(
+                &farm.member_metrics(i),
+                "bitsfarm_handoff_forwarded_packets_total{packet=\"Reply\",outcome=\"forwarded\"}",
+            )
+        })
+        .sum();
+    // 8 downloads (at least one GET each) that all land on their owner by chance: (1/3)^8.
+    assert!(replies > 0.0, "no reply download was handed on");
+}
+
+/// A path the forwarder's URL library writes differently (raw braces become %7B/%7D) still
+/// reaches the owner's session, and its proof still verifies.
+#[test]
+fn a_forwarded_packet_with_a_raw_brace_in_its_path_reaches_its_session() {
+    let farm = Farm::start(2, &["--no-host-id"]);
+    let path = "/up/a{1}.bin";
+    let created = Conn::open(farm.member(1))
+        .send(&common::create_request(path))
+        .expect("Create-Session on member 1");
+    assert_eq!(created.status, 200, "{created:?}");
+    let id = created.header("BITS-Session-Id").unwrap().to_string();
+    let r = Conn::open(farm.member(0))
+        .send(&common::fragment_request(&id, path, 0, b"abcd", 4))
+        .expect("an answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("BITS-Received-Content-Range"), Some("4"));
 }

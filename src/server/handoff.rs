@@ -106,7 +106,14 @@ impl FarmKey {
 
     /// A new session id owned by `ordinal`.
     pub fn mint(&self, ordinal: u16) -> SessionId {
-        let mut bytes = *uuid::Uuid::new_v4().as_bytes();
+        let mut bytes = [0u8; 16];
+        // All 80 leading bits random (a v4 UUID would fix 6 of them).
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[..10])
+            .is_err()
+        {
+            // The OS random source failing is not recoverable; fall back to uuid's (also the OS's).
+            bytes = *uuid::Uuid::new_v4().as_bytes();
+        }
         bytes[10..12].copy_from_slice(&ordinal.to_be_bytes());
         let tag = self.tag(ID_DOMAIN, &[&bytes[..12]]);
         bytes[12..16].copy_from_slice(&tag.as_ref()[..4]);
@@ -307,6 +314,7 @@ fn relayed(name: &http::HeaderName) -> bool {
 
 /// A packet for a session another member owns.
 pub struct Handoff<'a> {
+    pub owner: u16,
     pub owner_url: Url,
     pub session_id: &'a str,
     pub original_host: &'a str,
@@ -315,9 +323,13 @@ pub struct Handoff<'a> {
 /// Why a packet could not be handed to its owner.
 #[derive(Debug)]
 pub enum ForwardFailure {
-    /// Nothing answers at the owner's address: the member is gone (killed, scaled away). The
-    /// client gets "session not found" and starts again, as BITS does.
+    /// The member is gone: its name no longer resolves (scaled away), or nothing has accepted a
+    /// connection at its address for longer than the grace (the host-id fallback timeout). The
+    /// client gets "session not found" and starts again, as BITS does after a fallback.
     OwnerGone(String),
+    /// The owner did not take the connection, for less than the grace: it may be restarting
+    /// with its volume, so the client retries and keeps its session.
+    OwnerDown(String),
     /// The owner was reached but the exchange broke: a transient error the client retries.
     Broken(String),
 }
@@ -326,6 +338,13 @@ pub enum ForwardFailure {
 pub struct Forwarder {
     pub membership: Membership,
     client: reqwest::Client,
+    /// How long after its body a forwarded packet may wait for the owner's answer (a
+    /// Close-Session may wait for the backend).
+    answer_within: std::time::Duration,
+    /// How long an owner may refuse connections before its sessions count as gone.
+    grace: std::time::Duration,
+    /// Since when each owner has been refusing connections.
+    down_since: std::sync::Mutex<std::collections::HashMap<u16, std::time::Instant>>,
 }
 
 impl Forwarder {
@@ -333,14 +352,13 @@ impl Forwarder {
         membership: Membership,
         ca_file: Option<&Path>,
         answer_within: std::time::Duration,
+        grace: std::time::Duration,
     ) -> Result<Self, String> {
         super::tls::install_ring_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("bitsfarm-handoff/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(std::time::Duration::from_secs(5))
-            // A Close-Session may wait for the backend; anything slower than that is broken.
-            .read_timeout(answer_within);
+            .connect_timeout(std::time::Duration::from_secs(5));
         if let Some(ca) = ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| format!("cannot read the handoff CA bundle {}: {e}", ca.display()))?;
@@ -355,7 +373,28 @@ impl Forwarder {
         let client = builder
             .build()
             .map_err(|e| format!("cannot build the handoff client: {e}"))?;
-        Ok(Forwarder { membership, client })
+        Ok(Forwarder {
+            membership,
+            client,
+            answer_within,
+            grace,
+            down_since: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// Records that `owner` refused a connection; true once it has done so for the grace.
+    fn down_for_good(&self, owner: u16) -> bool {
+        let Ok(mut map) = self.down_since.lock() else {
+            return false;
+        };
+        let since = *map.entry(owner).or_insert_with(std::time::Instant::now);
+        since.elapsed() >= self.grace
+    }
+
+    fn reached(&self, owner: u16) {
+        if let Ok(mut map) = self.down_since.lock() {
+            map.remove(&owner);
+        }
     }
 
     /// Relays one request to the owner and returns the owner's answer as it comes. `on_bytes`
@@ -376,16 +415,18 @@ impl Forwarder {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let mut url = to.owner_url.clone();
-        url.set_path("");
-        let url = format!("{}{path_and_query}", url.as_str().trim_end_matches('/'));
+        let base = to.owner_url.as_str().trim_end_matches('/');
+        let url = Url::parse(&format!("{base}{path_and_query}"))
+            .map_err(|e| ForwardFailure::Broken(format!("cannot address the owner: {e}")))?;
+        // What the owner will see is the URL as sent (the url crate may re-encode it): sign that.
+        let sent_path = &url[url::Position::BeforePath..url::Position::AfterQuery];
         let method = parts.method.as_str();
         let proof = self.membership.key.forward_proof(
             self.membership.ordinal,
             unix_now(),
             &ForwardedRequest {
                 method,
-                path_and_query,
+                path_and_query: sent_path,
                 session_id: to.session_id,
                 original_host: to.original_host,
             },
@@ -403,27 +444,58 @@ impl Forwarder {
         };
         extra(FORWARDED_HEADER, &proof);
         extra(ORIGINAL_HOST_HEADER, to.original_host);
-        let counted = body.map(move |chunk| {
-            if let Ok(c) = &chunk {
-                on_bytes(c.len() as u64);
-            }
-            chunk.map_err(std::io::Error::other)
-        });
-        let response = self
+        // The wait for the answer starts when the client's body has been passed on: a slow
+        // client is timed by the body's own idle timeout, not by this.
+        let body_done = std::sync::Arc::new(tokio::sync::Notify::new());
+        let done = body_done.clone();
+        let counted = body
+            .map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    on_bytes(c.len() as u64);
+                }
+                chunk.map_err(std::io::Error::other)
+            })
+            .chain(futures_util::stream::poll_fn(move |_| {
+                done.notify_one();
+                std::task::Poll::Ready(None)
+            }));
+        let send = self
             .client
-            .request(parts.method.clone(), &url)
+            .request(parts.method.clone(), url.clone())
             .headers(headers)
             .body(reqwest::Body::wrap_stream(counted))
-            .send()
-            .await
-            .map_err(|e| {
-                let why = error_chain(&e);
-                if e.is_connect() {
-                    ForwardFailure::OwnerGone(why)
-                } else {
-                    ForwardFailure::Broken(why)
-                }
-            })?;
+            .send();
+        let answer_within = self.answer_within;
+        let deadline = async move {
+            body_done.notified().await;
+            tokio::time::sleep(answer_within).await;
+        };
+        let response = tokio::select! {
+            r = send => r,
+            _ = deadline => {
+                return Err(ForwardFailure::Broken(format!(
+                    "no answer within {} s of the packet",
+                    answer_within.as_secs()
+                )));
+            }
+        };
+        let response = response.map_err(|e| {
+            let why = error_chain(&e);
+            if !e.is_connect() {
+                return ForwardFailure::Broken(why);
+            }
+            // A name that no longer resolves is a member that no longer exists (its pod and
+            // per-pod DNS record are gone); a refused connection may be a restart.
+            let unresolvable = why.contains("dns error")
+                || why.contains("failed to lookup address")
+                || why.contains("Name or service not known");
+            if unresolvable || self.down_for_good(to.owner) {
+                ForwardFailure::OwnerGone(why)
+            } else {
+                ForwardFailure::OwnerDown(why)
+            }
+        })?;
+        self.reached(to.owner);
         let mut out = http::Response::builder().status(response.status());
         if let Some(h) = out.headers_mut() {
             for (name, value) in response.headers() {

@@ -82,12 +82,24 @@ pub async fn handle(
     {
         // `?stay=true` (the operator's scale-down): drain, but keep running once empty, so
         // that the pod is not restarted (and made ready again) before it is removed.
-        let stay = req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|kv| kv == "stay=true" || kv == "stay=1"));
-        if stay {
-            state.exit_when_drained.store(false, Ordering::SeqCst);
+        let flag = |name: &str| {
+            req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv == format!("{name}=true") || kv == format!("{name}=1"))
+            })
+        };
+        // `?cancel=true`: the farm grew back before this server was removed.
+        if flag("cancel") {
+            if !state.cancel_drain() {
+                return Ok(text(
+                    StatusCode::CONFLICT,
+                    "this server is stopping (signalled); its drain cannot be cancelled\n",
+                ));
+            }
+            return Ok(drain_status(&state));
+        }
+        if flag("stay") {
+            state.stay_when_drained.store(true, Ordering::SeqCst);
         }
         state.start_drain();
         return Ok(drain_status(&state));
@@ -105,7 +117,7 @@ pub async fn handle(
     if let Some(fwd) = &state.handoff
         && let Some(proof) = req.headers().get(handoff::FORWARDED_HEADER)
     {
-        match verify_forwarded(fwd, &req, proof) {
+        match verify_forwarded(&state, fwd, &req, proof) {
             Ok(host) => {
                 state.metrics.handoff_received.inc();
                 original_host = Some(host);
@@ -450,6 +462,7 @@ fn handoff_target(
 
 /// Checks another member's proof on a forwarded request; gives the Host the client used.
 fn verify_forwarded<B>(
+    state: &AppState,
     fwd: &handoff::Forwarder,
     req: &Request<B>,
     proof: &HeaderValue,
@@ -460,11 +473,11 @@ fn verify_forwarded<B>(
         .get(handoff::ORIGINAL_HOST_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let session = req
-        .headers()
-        .get(header::SESSION_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    // The session as both members read it (header or reply folder, canonical form).
+    let session = named_session(state, req)
+        .map(|(id, _)| id.as_str().to_string())
+        .unwrap_or_default();
+    let session = session.as_str();
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -495,18 +508,14 @@ async fn forward(
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let original_host = request_host(state, &parts.headers);
-    let session_header = parts
-        .headers
-        .get(header::SESSION_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(id.as_str())
-        .to_string();
+    let session_header = id.as_str().to_string();
     let bytes = state.metrics.handoff_bytes.clone();
     let result = fwd
         .forward(
             &parts,
             body_stream(body, state.config.read_timeout),
             &handoff::Handoff {
+                owner,
                 owner_url: url.clone(),
                 session_id: &session_header,
                 original_host: &original_host,
@@ -519,6 +528,7 @@ async fn forward(
     let outcome = match &result {
         Ok(_) => "forwarded",
         Err(handoff::ForwardFailure::OwnerGone(_)) => "owner_gone",
+        Err(handoff::ForwardFailure::OwnerDown(_)) => "owner_down",
         Err(handoff::ForwardFailure::Broken(_)) => "failed",
     };
     state
@@ -544,6 +554,15 @@ async fn forward(
             }
             // The body was handed to the forwarder and may be partly unread.
             ack_response(Ack::from(BitsError::session_not_found()), false)
+        }
+        Err(handoff::ForwardFailure::OwnerDown(why)) => {
+            info!(session = %id, owner, %url, error = %why, "the member that owns this session does not answer; the client retries");
+            ack_response(
+                Ack::from(BitsError::owner_unreachable(format!(
+                    "the member that holds this session is not answering ({why}); retry"
+                ))),
+                false,
+            )
         }
         Err(handoff::ForwardFailure::Broken(why)) => {
             warn!(session = %id, owner, %url, error = %why, "handing a packet to its owner failed");

@@ -55,9 +55,12 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Set by a drain request: no new sessions, off the shared address, exit when sessions end.
     pub draining: AtomicBool,
-    /// Exit once drained and empty (the default; a signal always sets it). Cleared by
-    /// `POST /drain?stay=true`, for servers that something else will stop.
-    pub exit_when_drained: AtomicBool,
+    /// Set by `POST /drain?stay=true` (the operator's scale-down): stay up once drained and
+    /// empty, so the pod is not restarted as a fresh, ready server before it is removed.
+    pub stay_when_drained: AtomicBool,
+    /// Set by SIGUSR1 (a stopping pod's preStop) and never cleared: exit once empty, whatever
+    /// `stay` said before or says later.
+    pub exit_signalled: AtomicBool,
     drain_started: tokio::sync::Notify,
     /// Credentials, when authentication is on.
     pub auth: Option<Arc<auth::Authenticator>>,
@@ -81,6 +84,28 @@ impl AppState {
             );
             self.drain_started.notify_one();
         }
+    }
+
+    /// Ends a drain that a scale-down started, when the farm grows back (idempotent): the server
+    /// takes new sessions and is ready again. A signalled stop cannot be undone. A shared local
+    /// address that was left is not rejoined (the member keeps its own address).
+    pub fn cancel_drain(&self) -> bool {
+        if self.exit_signalled.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.draining.swap(false, Ordering::SeqCst) {
+            self.stay_when_drained.store(false, Ordering::SeqCst);
+            info!("drain cancelled: taking new sessions again");
+        }
+        true
+    }
+
+    /// True when a drained server should exit now.
+    fn drained_and_done(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+            && self.open_sessions() <= 0
+            && (self.exit_signalled.load(Ordering::SeqCst)
+                || !self.stay_when_drained.load(Ordering::SeqCst))
     }
 
     /// Sessions still receiving (not closed, cancelled or expired).
@@ -159,7 +184,10 @@ impl Server {
                     handoff::Forwarder::new(
                         membership,
                         ca_file,
-                        slowest_backend + config.read_timeout + Duration::from_secs(30),
+                        slowest_backend + Duration::from_secs(60),
+                        // An owner that refuses connections for as long as a client would keep to
+                        // its host id is gone; before that it may come back with its sessions.
+                        Duration::from_secs(config.host_id_fallback_timeout),
                     )
                     .map_err(security)?,
                 )
@@ -210,7 +238,8 @@ impl Server {
             dirs,
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
-            exit_when_drained: AtomicBool::new(true),
+            stay_when_drained: AtomicBool::new(false),
+            exit_signalled: AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
             auth,
             sessions,
@@ -304,7 +333,8 @@ impl Server {
             for task in &shared_acceptors {
                 task.abort();
             }
-            while state.open_sessions() > 0 || !state.exit_when_drained.load(Ordering::SeqCst) {
+            // A cancelled drain keeps the server running; the next drain is seen here too.
+            while !state.drained_and_done() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             info!("drained: every session has ended");
@@ -321,7 +351,7 @@ impl Server {
                 _ = &mut drained => break,
                 Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
                     // The pod is stopping (preStop): exit once empty, whoever started the drain.
-                    state.exit_when_drained.store(true, Ordering::SeqCst);
+                    state.exit_signalled.store(true, Ordering::SeqCst);
                     state.start_drain();
                 }
             }

@@ -68,6 +68,13 @@ impl UploadPrefix {
 }
 
 /// Maps the part of a URL path below an upload prefix to a relative path under the data folder.
+/// Whether two request paths name the same resource: equal once percent-decoded, so that
+/// `/up/a{1}.bin` and `/up/a%7B1%7D.bin` (as a proxy or a forwarding member may re-encode it)
+/// are one upload.
+pub fn same_url_path(a: &str, b: &str) -> bool {
+    a == b || percent_decode_str(a).eq(percent_decode_str(b))
+}
+
 /// Refused: empty names (a directory), `.` and `..` (also percent-encoded), encoded slashes,
 /// backslashes, NUL and other control characters, invalid UTF-8, over-long names, and the
 /// session folder's name as the first segment.
@@ -131,6 +138,15 @@ pub fn is_contained(path: &Path) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn paths_that_differ_only_in_percent_encoding_are_the_same_upload() {
+        assert!(same_url_path("/up/a{1}.bin", "/up/a%7B1%7D.bin"));
+        assert!(same_url_path("/up/a%7b1%7d.bin", "/up/a{1}.bin"));
+        assert!(same_url_path("/up/x", "/up/x"));
+        assert!(!same_url_path("/up/x", "/up/y"));
+        assert!(!same_url_path("/up/a%2Fb", "/up/a/c"));
+    }
 
     #[test]
     fn prefixes_match_whole_segments() {

@@ -293,7 +293,7 @@ impl UploadDir {
             .cloned()
             .ok_or_else(BitsError::session_not_found)?;
         let session = slot.lock_owned().await;
-        if session.removed || session.record.url_path != url_path {
+        if session.removed || !super::paths::same_url_path(&session.record.url_path, url_path) {
             return Err(BitsError::session_not_found());
         }
         if self.expired(&session, SystemTime::now()) {
