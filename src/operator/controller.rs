@@ -248,7 +248,13 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
     };
 
     let mut children = children;
-    let scale = scale_down_step(farm, &ns, &old_status, ctx).await;
+    let scale = match scale_down_step(farm, &ns, &old_status, ctx).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics.set_farm_ready(&key(farm), Some(false));
+            return Err(e);
+        }
+    };
     if scale.replicas > farm.spec.replicas {
         // The draining servers keep their pods and their own addresses until they are done.
         if let Some(spec) = children.stateful_set.spec.as_mut() {
@@ -299,6 +305,7 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
         Timestamp::now(),
     );
     status.config_hash = Some(children.config_hash.clone());
+    status.scale_down = None;
     if let Some(record) = scale.record.clone() {
         let pods: Vec<String> =
             scale_down::to_drain(record.to_replicas, Some(record.from_replicas))
@@ -347,48 +354,67 @@ async fn scale_down_step(
     ns: &str,
     old: &UploadFarmStatus,
     ctx: &Context,
-) -> scale_down::Step {
+) -> Result<scale_down::Step, Error> {
     let desired = farm.spec.replicas;
-    let current = old
-        .scale_down
-        .as_ref()
-        .map(|s| s.from_replicas)
-        .or((old.replicas > 0).then_some(old.replicas));
+    // The status lags (it counts terminating pods too): when it hints at a scale-down, the live
+    // StatefulSet says how many servers there are.
+    let suspected = old.scale_down.is_some() || old.replicas > desired;
+    let current = if suspected {
+        let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+        sets.get_opt(&Names::of(farm).stateful_set())
+            .await
+            .map_err(|source| Error::List {
+                what: "StatefulSet",
+                source,
+            })?
+            .and_then(|s| s.spec.and_then(|s| s.replicas))
+    } else {
+        None
+    };
     let names = Names::of(farm);
+    // The farm grew back during a scale-down: the servers it keeps take sessions again.
+    for ordinal in scale_down::to_undrain(desired, current, old.scale_down.as_ref()) {
+        let pod = names.pod(ordinal);
+        let outcome = proxy_drain(&ctx.client, ns, &pod, "cancel=true").await;
+        tracing::info!(%pod, ?outcome, "drain cancelled: the farm grew back");
+    }
     let mut reports = Vec::new();
     for ordinal in scale_down::to_drain(desired, current) {
         let pod = names.pod(ordinal);
-        let report = drain_pod(&ctx.client, ns, &pod).await;
+        let report = match proxy_drain(&ctx.client, ns, &pod, "stay=true").await {
+            Ok(body) => scale_down::DrainReport::parse(&body),
+            Err(why) => scale_down::DrainReport::Unreachable(why),
+        };
         tracing::info!(%pod, ?report, "draining before scale-down");
         reports.push(report);
     }
     let timeout = jiff::SignedDuration::from_secs(resources::drain_timeout(&farm.spec));
-    scale_down::step(
+    Ok(scale_down::step(
         desired,
         current,
         old.scale_down.as_ref(),
         &reports,
         timeout,
         Timestamp::now(),
-    )
+    ))
 }
 
-/// `POST /drain?stay=true` on one server's admin port, through the API server's pod proxy: the
-/// server drains and stays up once empty (an exit would restart the container as a fresh, ready
-/// server) until the StatefulSet removes it.
-async fn drain_pod(client: &Client, ns: &str, pod: &str) -> scale_down::DrainReport {
+/// `POST /drain?QUERY` on one server's admin port, through the API server's pod proxy, so the
+/// operator needs no network path of its own to the pods. `stay=true` drains and keeps the server
+/// up once empty (an exit would restart the container as a fresh, ready server) until the
+/// StatefulSet removes it; `cancel=true` ends such a drain.
+async fn proxy_drain(client: &Client, ns: &str, pod: &str, query: &str) -> Result<String, String> {
     let path = format!(
-        "/api/v1/namespaces/{ns}/pods/{pod}:{}/proxy/drain?stay=true",
+        "/api/v1/namespaces/{ns}/pods/{pod}:{}/proxy/drain?{query}",
         crate::api::ADMIN_PORT
     );
-    let request = match http::Request::post(&path).body(Vec::new()) {
-        Ok(r) => r,
-        Err(e) => return scale_down::DrainReport::Unreachable(e.to_string()),
-    };
-    match client.request_text(request).await {
-        Ok(body) => scale_down::DrainReport::parse(&body),
-        Err(e) => scale_down::DrainReport::Unreachable(api_message(&e)),
-    }
+    let request = http::Request::post(&path)
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    client
+        .request_text(request)
+        .await
+        .map_err(|e| api_message(&e))
 }
 
 struct Applied {
@@ -553,9 +579,8 @@ async fn ensure_handoff_secret(farm: &UploadFarm, ns: &str, ctx: &Context) -> Re
         name: name.clone(),
         source,
     };
-    if secrets.get_opt(&name).await.map_err(failed)?.is_some() {
-        return Ok(());
-    }
+    // Created, never read: a 409 means it is there, and the operator needs no right to read
+    // Secrets.
     let mut bytes = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
         failed(kube::Error::Service(
@@ -574,7 +599,7 @@ async fn ensure_handoff_secret(farm: &UploadFarm, ns: &str, ctx: &Context) -> Re
             tracing::info!(secret = %name, "created the farm's handoff secret");
             Ok(())
         }
-        // Another reconcile made it first: that one is the farm's secret.
+        // It exists already (the usual case): that one is the farm's secret.
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(failed(e)),
     }
@@ -665,7 +690,9 @@ pub fn status_for(
         address: Some(resources::shared_address(farm)),
         url: Some(resources::shared_url(farm)),
         config_hash: old.config_hash.clone(),
-        scale_down: None,
+        // Kept until a reconcile that applied the StatefulSet says otherwise, so that a failed
+        // reconcile does not restart the drain's clock.
+        scale_down: old.scale_down.clone(),
         hosts,
         conditions: conditions::conditions(&observed, &old.conditions, now),
     }

@@ -55,9 +55,10 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "apps",
         resource: "statefulsets",
-        verbs: &["create", "list", "patch", "watch"],
+        verbs: &["create", "get", "list", "patch", "watch"],
         why: "server-side apply of the farm's StatefulSet (a PATCH, which also needs create while \
-              the object does not exist) and the owns-watch; removal is left to garbage collection",
+              the object does not exist), the owns-watch, and a get of its live replica count when \
+              the status hints at a scale-down; removal is left to garbage collection",
     },
     Rule {
         api_group: "",
@@ -75,10 +76,10 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "",
         resource: "secrets",
-        verbs: &["create", "get"],
+        verbs: &["create"],
         why: "the farm's handoff secret (the key its servers share to hand sessions to each other) \
-              is read, and created once when missing; it is never listed, watched or rewritten, and \
-              no other Secret is read (the ones spec.security names are only mounted)",
+              is created when missing (an existing one answers 409 and is kept); the operator never \
+              reads, lists, watches or rewrites a Secret (those spec.security names are only mounted)",
     },
     Rule {
         api_group: "",
@@ -270,10 +271,10 @@ mod tests {
                     ),
                 ),
                 "GET" if query.contains("watch=") => (200, None),
-                "GET" if path.contains("/secrets/") => (
-                    404,
+                "GET" if path.contains("/statefulsets/") => (
+                    200,
                     Some(
-                        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound", "metadata": {}}),
+                        json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "farm", "namespace": NS}, "spec": {"replicas": 4, "serviceName": "farm-headless", "selector": {}, "template": {}}}),
                     ),
                 ),
                 // The farm once had a NetworkPolicy: the sweep finds it and deletes it.

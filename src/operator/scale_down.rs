@@ -52,6 +52,23 @@ pub fn to_drain(desired: i32, current: Option<i32>) -> Vec<i32> {
     }
 }
 
+/// The ordinals whose drain to cancel because the farm grew back before they were removed: those
+/// of the recorded scale-down that the farm now keeps.
+pub fn to_undrain(
+    desired: i32,
+    current: Option<i32>,
+    previous: Option<&ScaleDownStatus>,
+) -> Vec<i32> {
+    let Some(p) = previous else {
+        return Vec::new();
+    };
+    // Still there (the StatefulSet was not shrunk yet) and wanted again.
+    let end = desired
+        .min(p.from_replicas)
+        .min(current.unwrap_or(p.from_replicas));
+    (p.to_replicas.max(0)..end).collect()
+}
+
 /// The outcome of one look at a scale-down.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -217,6 +234,25 @@ mod tests {
             .replicas,
             4
         );
+    }
+
+    #[test]
+    fn servers_wanted_again_are_undrained() {
+        let rec = ScaleDownStatus {
+            from_replicas: 5,
+            to_replicas: 2,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            deadline: "2026-01-01T00:10:00Z".into(),
+            sessions_left: 4,
+        };
+        assert_eq!(to_undrain(5, Some(5), Some(&rec)), vec![2, 3, 4]);
+        assert_eq!(to_undrain(3, Some(5), Some(&rec)), vec![2]);
+        assert_eq!(to_undrain(9, Some(5), Some(&rec)), vec![2, 3, 4]);
+        assert_eq!(to_undrain(2, Some(5), Some(&rec)), Vec::<i32>::new());
+        assert_eq!(to_undrain(1, Some(5), Some(&rec)), Vec::<i32>::new());
+        // Already shrunk: nothing left to undrain.
+        assert_eq!(to_undrain(5, Some(2), Some(&rec)), Vec::<i32>::new());
+        assert_eq!(to_undrain(5, Some(5), None), Vec::<i32>::new());
     }
 
     #[test]

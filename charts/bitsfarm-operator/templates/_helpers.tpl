@@ -61,10 +61,11 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
   resources: ["uploadfarms/status"]
   verbs: ["patch"]
 # The farm's StatefulSet: server-side apply (a PATCH, which needs create as well when the object
-# does not exist yet) and the owns-watch (list, watch). Removal is left to garbage collection.
+# does not exist yet), the owns-watch (list, watch), and a get of its live replica count when the
+# status hints at a scale-down. Removal is left to garbage collection.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["create", "list", "patch", "watch"]
+  verbs: ["create", "get", "list", "patch", "watch"]
 # The headless, per-pod and shared Services: server-side apply, the owns-watch, the list of a
 # farm's per-pod Services, and delete of the per-pod Services of ordinals removed by a scale-down.
 - apiGroups: [""]
@@ -74,11 +75,11 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "list", "patch", "watch"]
-# Each farm's handoff secret (the key its servers share to hand sessions to each other): read,
-# and created once when missing. Never listed, watched or rewritten; no other Secret is read.
+# Each farm's handoff secret (the key its servers share to hand sessions to each other): created
+# when missing (an existing one answers 409 and is kept). No Secret is ever read, listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create", "get"]
+  verbs: ["create"]
 # A scale-down asks each server it removes to drain (POST /drain on its admin port) through the
 # API server's pod proxy, and reads the sessions it has left from the answer.
 - apiGroups: [""]

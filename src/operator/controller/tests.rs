@@ -65,31 +65,25 @@ async fn expect_event(api: &mut ApiServer) -> Seen {
     .await
 }
 
-/// The handoff Secret is read, and created (never overwritten) when it is missing.
+/// The handoff Secret is created when missing; an existing one answers 409 and is kept.
 async fn expect_handoff_secret(api: &mut ApiServer, exists: bool) {
-    let path = format!("/api/v1/namespaces/{NS}/secrets/farm-handoff");
+    let path = format!("/api/v1/namespaces/{NS}/secrets");
     if exists {
-        api.expect("GET", &path, 200, |_| {
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "farm-handoff", "namespace": NS}, "data": {"secret": "c2VjcmV0"}})
+        api.expect("POST", &path, 409, |_| {
+            status_error(
+                409,
+                "AlreadyExists",
+                "secrets \"farm-handoff\" already exists",
+            )
         })
         .await;
         return;
     }
-    api.expect("GET", &path, 404, |_| {
-        status_error(404, "NotFound", "secrets \"farm-handoff\" not found")
-    })
-    .await;
-    let created = api
-        .expect(
-            "POST",
-            &format!("/api/v1/namespaces/{NS}/secrets"),
-            201,
-            |b| b.clone(),
-        )
-        .await;
+    let created = api.expect("POST", &path, 201, |b| b.clone()).await;
     let secret = created.body["stringData"]["secret"].as_str().unwrap();
     assert_eq!(secret.len(), 64, "{secret}");
     assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(created.body["metadata"]["name"], "farm-handoff");
     assert_eq!(
         created.body["metadata"]["ownerReferences"][0]["uid"],
         "uid-1"
@@ -114,6 +108,21 @@ async fn expect_no_network_policy(api: &mut ApiServer) {
         "{}",
         l.query
     );
+}
+
+/// The live StatefulSet, read when the status hints at a scale-down.
+async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
+    api.expect(
+        "GET",
+        &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"),
+        200,
+        |_| {
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                   "metadata": {"name": "farm", "namespace": NS},
+                   "spec": {"replicas": replicas, "serviceName": "farm-headless", "selector": {}, "template": {}}})
+        },
+    )
+    .await;
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -234,6 +243,7 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
     let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
+        expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 0), (1, 3)]).await;
         expect_handoff_secret(&mut api, true).await;
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
@@ -280,6 +290,66 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
 }
 
 #[tokio::test]
+async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept() {
+    let (ctx, mut api) = context();
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let mut status = running_status(&hash, 3);
+    status["scaleDown"] = json!({
+        "fromReplicas": 3, "toReplicas": 1, "sessionsLeft": 2,
+        "startedAt": "2026-01-01T00:00:00Z", "deadline": "2026-01-02T00:00:00Z",
+    });
+    let f = farm(json!({"replicas": 3}), Some(status));
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        expect_live_replicas(&mut api, 3).await;
+        for i in [1, 2] {
+            let seen = api
+                .expect(
+                    "POST",
+                    &drain_path(&format!("farm-{i}")),
+                    200,
+                    |_| json!({"draining": false, "sessions": 1}),
+                )
+                .await;
+            assert_eq!(seen.query, "cancel=true");
+        }
+        expect_handoff_secret(&mut api, true).await;
+        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+            .await;
+        api.expect_apply(&svc_path("farm-headless")).await;
+        expect_no_network_policy(&mut api).await;
+        let sts = api
+            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+            .await;
+        assert_eq!(sts.body["spec"]["replicas"], 3);
+        for i in 0..3 {
+            api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
+        }
+        api.expect_apply(&svc_path("farm")).await;
+        api.expect(
+            "GET",
+            &format!("/api/v1/namespaces/{NS}/services"),
+            200,
+            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
+        )
+        .await;
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", vec![])
+        })
+        .await;
+        let st = expect_status(&mut api, &f).await;
+        assert_eq!(st.body["status"]["scaleDown"], Value::Null);
+        assert_ne!(
+            condition(&st.body["status"], "Progressing")["reason"],
+            "Draining"
+        );
+    })
+    .await;
+    reconciler.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
 async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
     let (ctx, mut api) = context();
     let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
@@ -291,6 +361,7 @@ async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
     let f = farm(json!({"replicas": 1}), Some(status));
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
+        expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 1), (1, 1)]).await;
         expect_handoff_secret(&mut api, true).await;
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
@@ -341,6 +412,7 @@ async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
         // Both servers drained: nothing to wait for.
+        expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 0), (1, 0)]).await;
         expect_handoff_secret(&mut api, true).await;
         api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
