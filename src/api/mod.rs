@@ -531,6 +531,10 @@ pub struct HostStatus {
     pub host_id: String,
     /// Whether the pod is ready.
     pub ready: bool,
+    /// The server is draining before a scale-down removes it: it takes no new sessions and
+    /// finishes its open ones (not ready, but still reachable at its host id).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// The CRD as YAML: what `bitsfarm crd` prints and `crds/uploadfarm.yaml` holds.

@@ -313,6 +313,22 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
                 .map(|i| Names::of(farm).pod(i))
                 .collect();
         conditions::set_draining(&mut status.conditions, scale_down::message(&record, &pods));
+        // The draining servers are still there (and reachable at their host ids) until removed;
+        // the `Scaled` event follows when they go.
+        let names = Names::of(farm);
+        for i in record.to_replicas.max(farm.spec.replicas).max(0)..record.from_replicas {
+            let pod = names.pod(i);
+            status.hosts.push(HostStatus {
+                ordinal: i,
+                ready: applied
+                    .pods
+                    .iter()
+                    .any(|p| p.name_any() == pod && pod_ready(p)),
+                host_id: resources::host_id(farm, i),
+                pod,
+                draining: true,
+            });
+        }
         status.scale_down = Some(record);
     }
     patch_status(&farms, &name, &status).await?;
@@ -677,6 +693,7 @@ pub fn status_for(
                 ready: pods.iter().any(|p| p.name_any() == pod && pod_ready(p)),
                 host_id: resources::host_id(farm, i),
                 pod,
+                draining: false,
             }
         })
         .collect();

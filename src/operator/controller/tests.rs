@@ -281,7 +281,13 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
         assert_eq!(status["scaleDown"]["fromReplicas"], 3);
         assert_eq!(status["scaleDown"]["toReplicas"], 1);
         assert_eq!(status["scaleDown"]["sessionsLeft"], 3);
-        expect_event(&mut api).await;
+        // The draining servers are listed until they are removed, and no Scaled event yet.
+        let hosts = status["hosts"].as_array().unwrap();
+        assert_eq!(hosts.len(), 3);
+        assert_eq!(hosts[0]["draining"], Value::Null);
+        assert_eq!(hosts[1]["draining"], true);
+        assert_eq!(hosts[2]["pod"], "farm-2");
+        assert_eq!(hosts[2]["draining"], true);
     })
     .await;
     let action = reconciler.await.unwrap().unwrap();
