@@ -125,6 +125,43 @@ async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
     .await;
 }
 
+/// The requests of one reconcile after any drains: the handoff Secret (kept), the ConfigMap, the
+/// headless Service, no NetworkPolicy, the StatefulSet at `replicas`, the per-pod Services
+/// `0..replicas` and the shared one, the list of per-pod Services (answered with `0..listed`),
+/// the deletes of those at or above `replicas`, and the pod list.
+async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) {
+    expect_handoff_secret(api, true).await;
+    api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+        .await;
+    api.expect_apply(&svc_path("farm-headless")).await;
+    expect_no_network_policy(api).await;
+    let sts = api
+        .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
+        .await;
+    assert_eq!(sts.body["spec"]["replicas"], replicas);
+    for i in 0..replicas {
+        api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
+    }
+    api.expect_apply(&svc_path("farm")).await;
+    api.expect(
+        "GET",
+        &format!("/api/v1/namespaces/{NS}/services"),
+        200,
+        |_| list("ServiceList", (0..listed).map(host_service_json).collect()),
+    )
+    .await;
+    for i in replicas..listed {
+        api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
+            host_service_json(i)
+        })
+        .await;
+    }
+    api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+        list("PodList", vec![])
+    })
+    .await;
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -245,31 +282,8 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
     with_timeout(async {
         expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 0), (1, 3)]).await;
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        assert_eq!(sts.body["spec"]["replicas"], 3, "pods kept while draining");
-        for i in 0..3 {
-            api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
-        }
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
-        )
-        .await;
         // No DELETE: the draining servers' clients still reach them by host id.
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        expect_children(&mut api, 3, 3).await;
         let st = expect_status(&mut api, &f).await;
         let status = &st.body["status"];
         let progressing = condition(status, "Progressing");
@@ -319,30 +333,7 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
                 .await;
             assert_eq!(seen.query, "cancel=true");
         }
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        assert_eq!(sts.body["spec"]["replicas"], 3);
-        for i in 0..3 {
-            api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
-        }
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
-        )
-        .await;
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        expect_children(&mut api, 3, 3).await;
         let st = expect_status(&mut api, &f).await;
         assert_eq!(st.body["status"]["scaleDown"], Value::Null);
         assert_ne!(
@@ -369,34 +360,7 @@ async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
     with_timeout(async {
         expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 1), (1, 1)]).await;
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        assert_eq!(sts.body["spec"]["replicas"], 1);
-        api.expect_apply(&svc_path("farm-0")).await;
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
-        )
-        .await;
-        for i in [1, 2] {
-            api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
-                host_service_json(i)
-            })
-            .await;
-        }
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        expect_children(&mut api, 1, 3).await;
         let st = expect_status(&mut api, &f).await;
         assert_eq!(st.body["status"]["scaleDown"], Value::Null);
         assert_ne!(
@@ -420,34 +384,7 @@ async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
         // Both servers drained: nothing to wait for.
         expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 0), (1, 0)]).await;
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        assert_eq!(sts.body["spec"]["replicas"], 1);
-        api.expect_apply(&svc_path("farm-0")).await;
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", (0..3).map(host_service_json).collect()),
-        )
-        .await;
-        for i in [1, 2] {
-            api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
-                host_service_json(i)
-            })
-            .await;
-        }
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        expect_children(&mut api, 1, 3).await;
         let st = expect_status(&mut api, &f).await;
         assert_eq!(st.body["status"]["hosts"].as_array().unwrap().len(), 1);
         let ev = expect_event(&mut api).await;
