@@ -433,6 +433,21 @@ async fn proxy_drain(client: &Client, ns: &str, pod: &str, query: &str) -> Resul
         .map_err(|e| api_message(&e))
 }
 
+/// Server-side apply of one child (named by its own metadata), as the operator's field manager.
+async fn apply<K>(api: &Api<K>, kind: &'static str, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = object.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Apply { kind, name, source })
+}
+
 struct Applied {
     stateful_set: StatefulSet,
     pods: Vec<Pod>,
@@ -455,23 +470,9 @@ async fn apply_children(
     let apply_err =
         |kind: &'static str, name: String| move |source| Error::Apply { kind, name, source };
     ensure_handoff_secret(farm, ns, ctx).await?;
-    config_maps
-        .patch(
-            &names.config_map(),
-            &pp,
-            &Patch::Apply(&children.config_map),
-        )
-        .await
-        .map_err(apply_err("ConfigMap", names.config_map()))?;
+    apply(&config_maps, "ConfigMap", &children.config_map).await?;
     // The governing Service must exist before the StatefulSet that names it.
-    services
-        .patch(
-            &names.headless_service(),
-            &pp,
-            &Patch::Apply(&children.headless_service),
-        )
-        .await
-        .map_err(apply_err("Service", names.headless_service()))?;
+    apply(&services, "Service", &children.headless_service).await?;
     // Before the StatefulSet, so that a farm that asks for a NetworkPolicy never has pods
     // without it.
     network_policy(farm, ns, children.network_policy.as_ref(), ctx).await?;
@@ -486,20 +487,9 @@ async fn apply_children(
         .await
         .map_err(apply_err("StatefulSet", names.stateful_set()))?;
     for svc in &children.host_services {
-        let svc_name = svc.name_any();
-        services
-            .patch(&svc_name, &pp, &Patch::Apply(svc))
-            .await
-            .map_err(apply_err("Service", svc_name.clone()))?;
+        apply(&services, "Service", svc).await?;
     }
-    services
-        .patch(
-            &names.shared_service(),
-            &pp,
-            &Patch::Apply(&children.shared_service),
-        )
-        .await
-        .map_err(apply_err("Service", names.shared_service()))?;
+    apply(&services, "Service", &children.shared_service).await?;
 
     let host_services = services
         .list(&ListParams::default().labels(&format!(
@@ -547,14 +537,7 @@ async fn network_policy(
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
     let names = Names::of(farm);
     if let Some(policy) = policy {
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(&names.network_policy(), &pp, &Patch::Apply(policy))
-            .await
-            .map_err(|source| Error::Apply {
-                kind: "NetworkPolicy",
-                name: names.network_policy(),
-                source,
-            })?;
+        apply(&api, "NetworkPolicy", policy).await?;
         return Ok(());
     }
     let listed = api
