@@ -44,6 +44,8 @@ pub const REPLY_FILE: &str = "responsefile.bin";
 /// file at the same URL is not delivered again.
 pub const DELIVERED_DIR: &str = "Delivered";
 
+/// Fragments up to this size are read whole and written without a hand-off to another thread.
+const SMALL_FRAGMENT: u64 = 256 << 10;
 /// Chunks (as hyper received them) that may wait for the disk writer.
 const WRITE_QUEUE: usize = 16;
 /// Buffer for reading a session file back (rebuilding the hash after a restart).
@@ -626,7 +628,6 @@ impl UploadDir {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let path = session.data_path();
         let state_path = session.dir.join(HASH_STATE_FILE);
         let offset = session.offset;
@@ -636,59 +637,82 @@ impl UploadDir {
         let hash = self.config.notify_type != NotifyType::None;
         let hasher = if hash { session.hasher.clone() } else { None };
         let sync = self.sync;
+        let mut remaining = len;
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        if len <= SMALL_FRAGMENT && multi_thread {
+            // A small fragment is read whole, then written and flushed on this worker thread
+            // (`block_in_place`): no hand-off to a blocking thread and back, which costs as much
+            // as the write itself. A body that fails to arrive writes nothing.
+            // Every piece holds at least one byte, so this never fills; slots are allocated as
+            // they are used.
+            let (tx, rx) = mpsc::channel::<Bytes>(SMALL_FRAGMENT as usize);
+            loop {
+                match next_piece(body, &mut skip, &mut remaining).await {
+                    Ok(Some(chunk)) => {
+                        if tx.try_send(chunk).is_err() {
+                            return Err(BitsError::internal(
+                                "the write queue of a small fragment is full",
+                            ));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            drop(tx);
+            if remaining > 0 {
+                return Err(short_body(remaining));
+            }
+            let result = tokio::task::block_in_place(|| {
+                write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+            });
+            return match result {
+                Ok(done) if done.written == len => {
+                    session.offset += done.written;
+                    session.hasher = done.hasher;
+                    Ok(done.written)
+                }
+                Ok(_) => {
+                    let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+                    Err(BitsError::invalid(
+                        "the fragment body did not match its Content-Range",
+                    ))
+                }
+                Err(e) => {
+                    let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+                    Err(io_error(e))
+                }
+            };
+        }
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
             write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
         });
-        let mut remaining = len;
         let mut failure: Option<BitsError> = None;
-        while let Some(chunk) = body.next().await {
-            let mut chunk = match chunk {
-                Ok(c) => c,
+        loop {
+            match next_piece(body, &mut skip, &mut remaining).await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        // The writer stopped early; its own error is reported below.
+                        break;
+                    }
+                }
+                Ok(None) => break,
                 Err(e) => {
-                    failure = Some(BitsError::invalid(format!(
-                        "the fragment body could not be read: {e}"
-                    )));
+                    failure = Some(e);
                     break;
                 }
-            };
-            if skip > 0 {
-                let n = skip.min(chunk.len() as u64);
-                chunk = chunk.slice(n as usize..);
-                skip -= n;
-            }
-            if chunk.is_empty() {
-                continue;
-            }
-            if chunk.len() as u64 > remaining {
-                failure = Some(BitsError::invalid(
-                    "the fragment body is longer than its Content-Range",
-                ));
-                break;
-            }
-            remaining -= chunk.len() as u64;
-            if tx.send(chunk).await.is_err() {
-                // The writer stopped early; its own error is reported below.
-                break;
             }
         }
         drop(tx);
         if failure.is_none() && remaining > 0 {
-            failure = Some(BitsError::invalid(format!(
-                "the fragment body ended {remaining} bytes short of its Content-Range"
-            )));
+            failure = Some(short_body(remaining));
         }
         let result = writer
             .await
             .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
-        let rollback = |s: &Session| {
-            let path = s.data_path();
-            let offset = s.offset;
-            move || {
-                if let Ok(f) = OpenOptions::new().write(true).open(&path) {
-                    let _ = f.set_len(offset);
-                }
-            }
-        };
+        let rollback = rollback_to;
         match (result, failure) {
             (Ok(done), None) if done.written == len => {
                 session.offset += done.written;
@@ -1084,6 +1108,56 @@ struct Written {
     written: u64,
     /// The running hash, when hashing.
     hasher: Option<Sha256>,
+}
+
+/// Cuts a session's data file back to its last acknowledged length (a failed write).
+fn rollback_to(s: &Session) -> impl FnOnce() + Send + 'static {
+    let path = s.data_path();
+    let offset = s.offset;
+    move || {
+        if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+            let _ = f.set_len(offset);
+        }
+    }
+}
+
+fn short_body(remaining: u64) -> BitsError {
+    BitsError::invalid(format!(
+        "the fragment body ended {remaining} bytes short of its Content-Range"
+    ))
+}
+
+/// The next piece of a fragment's body to write: the bytes already held (`skip`) are dropped,
+/// and a body longer than its Content-Range (`remaining`) is an error. `None` at the end.
+async fn next_piece<S, E>(
+    body: &mut S,
+    skip: &mut u64,
+    remaining: &mut u64,
+) -> Result<Option<Bytes>, BitsError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| BitsError::invalid(format!("the fragment body could not be read: {e}")))?;
+        if *skip > 0 {
+            let n = (*skip).min(chunk.len() as u64);
+            chunk = chunk.slice(n as usize..);
+            *skip -= n;
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        if chunk.len() as u64 > *remaining {
+            return Err(BitsError::invalid(
+                "the fragment body is longer than its Content-Range",
+            ));
+        }
+        *remaining -= chunk.len() as u64;
+        return Ok(Some(chunk));
+    }
+    Ok(None)
 }
 
 /// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
