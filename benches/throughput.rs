@@ -845,7 +845,8 @@ fn large(b: &mut Bench, nginx: &Nginx) {
 // 64 KiB fragments on one connection.
 
 fn small(b: &mut Bench, nginx: &Nginx) {
-    eprintln!("== 64 KiB fragments on one keep-alive connection");
+    let n = rounds();
+    eprintln!("== 64 KiB fragments on one keep-alive connection, {n} interleaved rounds");
     let total = (SMALL * SMALL_COUNT) as u64;
     let mut data = vec![0u8; SMALL * SMALL_COUNT];
     let mut seed = 7u64;
@@ -853,21 +854,23 @@ fn small(b: &mut Bench, nginx: &Nginx) {
     let want = hex(&Sha256::digest(&data));
 
     // nginx: one PUT per 64 KiB piece, each to its own file.
-    let mut c = Conn::open(nginx.addr);
-    let t = Instant::now();
-    for (i, piece) in data.chunks(SMALL).enumerate() {
-        c.put(&format!("/small/{i:05}"), piece);
-    }
-    let ng = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
-    drop(c);
-    let mut h = Sha256::new();
-    for i in 0..SMALL_COUNT {
-        h.update(std::fs::read(nginx.root.join(format!("small/{i:05}"))).unwrap());
-    }
-    check("nginx 64 KiB PUTs", &hex(&h.finalize()), &want);
-    let _ = std::fs::remove_dir_all(nginx.root.join("small"));
-    settle();
-
+    let nginx_run = || -> f64 {
+        let mut c = Conn::open(nginx.addr);
+        let t = Instant::now();
+        for (i, piece) in data.chunks(SMALL).enumerate() {
+            c.put(&format!("/small/{i:05}"), piece);
+        }
+        let ng = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
+        drop(c);
+        let mut h = Sha256::new();
+        for i in 0..SMALL_COUNT {
+            h.update(std::fs::read(nginx.root.join(format!("small/{i:05}"))).unwrap());
+        }
+        check("nginx 64 KiB PUTs", &hex(&h.finalize()), &want);
+        let _ = std::fs::remove_dir_all(nginx.root.join("small"));
+        settle();
+        ng
+    };
     let run = |label: &str, extra: &[&str]| -> f64 {
         let dir = b.base.join(format!("small-{label}"));
         let srv = Server::start(&dir, &b.base.join(format!("small-{label}.log")), extra);
@@ -885,49 +888,75 @@ fn small(b: &mut Bench, nginx: &Nginx) {
         settle();
         rate
     };
-    let sync = run("sync", &[]);
-    let nosync = run("nosync", &["--unsafe-no-sync"]);
-
     // The disk's rate for 64 KiB pieces that are durable when acknowledged.
     let src = b.base.join("small-source.bin");
     std::fs::write(&src, &data).unwrap();
-    let dd_out = b.base.join("small-dd.out");
-    settle();
-    let t = Instant::now();
-    let ok = Command::new("dd")
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", dd_out.display()))
-        .args(["bs=64K", "oflag=dsync", "status=none"])
-        .status()
-        .unwrap()
-        .success();
-    let dd = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
-    assert!(ok, "dd failed");
-    check("dd 64 KiB", &sha_file(&dd_out), &want);
-    let _ = std::fs::remove_file(&dd_out);
+    let dd_run = || -> f64 {
+        let dd_out = b.base.join("small-dd.out");
+        settle();
+        let t = Instant::now();
+        let ok = Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", dd_out.display()))
+            .args(["bs=64K", "oflag=dsync", "status=none"])
+            .status()
+            .unwrap()
+            .success();
+        let dd = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
+        assert!(ok, "dd failed");
+        check("dd 64 KiB", &sha_file(&dd_out), &want);
+        let _ = std::fs::remove_file(&dd_out);
+        dd
+    };
+    let (mut sync, mut nosync, mut ng, mut dd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut r_dd, mut r_ng, mut r_nosync) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..n {
+        let mut got = [0f64; 4];
+        for k in 0..4 {
+            let i = (k + round) % 4;
+            got[i] = match i {
+                0 => nginx_run(),
+                1 => run("sync", &[]),
+                2 => run("nosync", &["--unsafe-no-sync"]),
+                _ => dd_run(),
+            };
+        }
+        let [g, s, ns, d] = got;
+        eprintln!(
+            "   round {}: nginx {g:.0} PUTs/s, sync {s:.0}, nosync {ns:.0} fragments/s, dd {d:.0} writes/s",
+            round + 1
+        );
+        r_dd.push(s / d);
+        r_ng.push(s / g);
+        r_nosync.push(ns / g);
+        sync.push(s);
+        nosync.push(ns);
+        ng.push(g);
+        dd.push(d);
+    }
     let _ = std::fs::remove_file(&src);
 
-    let f = |v: f64| format!("{v:.0} fragments/s");
+    let f = |v: &[f64]| format!("{:.0} fragments/s", median(v));
     b.row(
         "64 KiB fragments, flush before Ack",
-        f(sync),
+        f(&sync),
         "dd oflag=dsync bs=64K",
-        format!("{dd:.0} writes/s"),
-        sync / dd,
+        format!("{:.0} writes/s", median(&dd)),
+        median(&r_dd),
     );
     b.row(
         "64 KiB fragments, flush before Ack",
-        f(sync),
+        f(&sync),
         "nginx 64 KiB PUTs",
-        format!("{ng:.0} PUTs/s"),
-        sync / ng,
+        format!("{:.0} PUTs/s", median(&ng)),
+        median(&r_ng),
     );
     b.row(
         "64 KiB fragments, --unsafe-no-sync",
-        f(nosync),
+        f(&nosync),
         "nginx 64 KiB PUTs",
-        format!("{ng:.0} PUTs/s"),
-        nosync / ng,
+        format!("{:.0} PUTs/s", median(&ng)),
+        median(&r_nosync),
     );
 }
 
