@@ -491,26 +491,22 @@ async fn apply_children(
     }
     apply(&services, "Service", &children.shared_service).await?;
 
-    let host_services = services
-        .list(&ListParams::default().labels(&format!(
-            "{INSTANCE_LABEL}={},{COMPONENT_LABEL}={COMPONENT_HOST_SERVICE}",
-            names.farm
-        )))
-        .await
-        .map_err(|source| Error::List {
-            what: "per-pod Services",
-            source,
-        })?;
-    for svc_name in surplus_host_services(&host_services.items, replicas) {
-        match services.delete(&svc_name, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(service = %svc_name, "deleted the Service of a removed pod"),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Delete {
-                    name: svc_name,
-                    source,
-                });
-            }
+    let host_services = list_component(
+        &services,
+        &names.farm,
+        COMPONENT_HOST_SERVICE,
+        "per-pod Services",
+    )
+    .await?;
+    for svc_name in surplus_host_services(&host_services, replicas) {
+        if delete_child(&services, &svc_name)
+            .await
+            .map_err(|source| Error::Delete {
+                name: svc_name.clone(),
+                source,
+            })?
+        {
+            tracing::info!(service = %svc_name, "deleted the Service of a removed pod");
         }
     }
     let pods = pods
@@ -540,32 +536,56 @@ async fn network_policy(
         apply(&api, "NetworkPolicy", policy).await?;
         return Ok(());
     }
-    let listed = api
-        .list(&ListParams::default().labels(&format!(
-            "{INSTANCE_LABEL}={},{COMPONENT_LABEL}={COMPONENT_NETWORK_POLICY}",
-            names.farm
-        )))
-        .await
-        .map_err(|source| Error::List {
-            what: "NetworkPolicies",
-            source,
-        })?;
-    for name in resources::stale_network_policies(farm, &listed.items) {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {
-                tracing::info!(policy = %name, "deleted the farm's NetworkPolicy: the spec no longer asks for it")
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Cleanup {
-                    kind: "NetworkPolicy",
-                    name,
-                    source,
-                });
-            }
+    let listed = list_component(
+        &api,
+        &names.farm,
+        COMPONENT_NETWORK_POLICY,
+        "NetworkPolicies",
+    )
+    .await?;
+    for name in resources::stale_network_policies(farm, &listed) {
+        if delete_child(&api, &name)
+            .await
+            .map_err(|source| Error::Cleanup {
+                kind: "NetworkPolicy",
+                name: name.clone(),
+                source,
+            })?
+        {
+            tracing::info!(policy = %name, "deleted the farm's NetworkPolicy: the spec no longer asks for it");
         }
     }
     Ok(())
+}
+
+/// The farm's children of one component, found by their labels.
+async fn list_component<K>(
+    api: &Api<K>,
+    farm: &str,
+    component: &str,
+    what: &'static str,
+) -> Result<Vec<K>, Error>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    api.list(&ListParams::default().labels(&format!(
+        "{INSTANCE_LABEL}={farm},{COMPONENT_LABEL}={component}"
+    )))
+    .await
+    .map(|l| l.items)
+    .map_err(|source| Error::List { what, source })
+}
+
+/// Deletes one child; false when it was already gone (someone else deleted it first).
+async fn delete_child<K>(api: &Api<K>, name: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Creates the farm's handoff secret unless it exists. It is never applied over: a new value
