@@ -128,10 +128,12 @@ async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
 /// The requests of one reconcile after any drains: the handoff Secret (kept), the ConfigMap, the
 /// headless Service, no NetworkPolicy, the StatefulSet at `replicas`, the per-pod Services
 /// `0..replicas` and the shared one, the list of per-pod Services (answered with `0..listed`),
-/// the deletes of those at or above `replicas`, and the pod list.
-async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) {
+/// the deletes of those at or above `replicas`, and the pod list. Gives the ConfigMap and
+/// StatefulSet applies for a closer look.
+async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Seen, Seen) {
     expect_handoff_secret(api, true).await;
-    api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
+    let cm = api
+        .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
         .await;
     api.expect_apply(&svc_path("farm-headless")).await;
     expect_no_network_policy(api).await;
@@ -160,6 +162,7 @@ async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) {
         list("PodList", vec![])
     })
     .await;
+    (cm, sts)
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -406,40 +409,19 @@ async fn a_changed_backend_rolls_the_config_hash() {
     );
     let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
     with_timeout(async {
-        expect_handoff_secret(&mut api, true).await;
-        let cm = api
-            .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
+        let (cm, sts) = expect_children(&mut api, 1, 1).await;
         assert!(
             cm.body["data"]["config.yaml"]
                 .as_str()
                 .unwrap()
                 .contains("notify-url: http://app/in")
         );
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
         let new_hash = sts.body["spec"]["template"]["metadata"]["annotations"]
             [CONFIG_HASH_ANNOTATION]
             .as_str()
             .unwrap()
             .to_string();
         assert_ne!(new_hash, old_hash);
-        api.expect_apply(&svc_path("farm-0")).await;
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", vec![host_service_json(0)]),
-        )
-        .await;
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
         let st = expect_status(&mut api, &f).await;
         assert_eq!(st.body["status"]["configHash"], new_hash);
         let ev = expect_event(&mut api).await;
