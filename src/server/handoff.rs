@@ -360,15 +360,7 @@ impl Forwarder {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(std::time::Duration::from_secs(5));
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("cannot read the handoff CA bundle {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                format!(
-                    "the handoff CA bundle {} is not valid PEM: {e}",
-                    ca.display()
-                )
-            })?;
-            builder = builder.tls_certs_only(certs);
+            builder = builder.tls_certs_only(super::tls::ca_bundle(ca, "handoff CA bundle")?);
         }
         let client = builder
             .build()

@@ -171,17 +171,7 @@ impl Notifier {
             .user_agent(concat!("bitsfarm/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("cannot read the CA bundle {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("the CA bundle {} is not valid PEM: {e}", ca.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "the CA bundle {} holds no certificate",
-                    ca.display()
-                ));
-            }
-            builder = builder.tls_certs_only(certs);
+            builder = builder.tls_certs_only(super::tls::ca_bundle(ca, "CA bundle")?);
         }
         let client = builder
             .build()

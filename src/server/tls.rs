@@ -106,6 +106,22 @@ impl ReloadingCert {
 }
 
 /// The acceptor for the upload listener: TLS 1.2 and 1.3, HTTP/1.1 only.
+/// The certificates of a PEM bundle that outgoing https calls must chain to (`what` names the
+/// bundle in errors, such as "CA bundle").
+pub fn ca_bundle(path: &Path, what: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("the {what} {} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "the {what} {} holds no certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 pub fn acceptor(resolver: Arc<ReloadingCert>) -> Result<TlsAcceptor, String> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
