@@ -14,7 +14,6 @@
 //! which host the client used (for the `BITS-Original-Request-URL` of the delivery).
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -22,6 +21,8 @@ use ring::hmac;
 use url::Url;
 
 use super::protocol::SessionId;
+/// Seconds since the epoch, the clock forwarding proofs carry.
+pub use super::session::unix_now;
 
 /// Header of a forwarded request: `v1 from=ORDINAL ts=UNIX-SECONDS mac=BASE64URL`.
 pub const FORWARDED_HEADER: &str = "bitsfarm-forwarded";
@@ -199,13 +200,6 @@ pub struct ForwardedRequest<'a> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Where each member of the farm answers, by ordinal.
