@@ -640,7 +640,7 @@ impl UploadDir {
         let mut remaining = len;
         let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
-        if len <= SMALL_FRAGMENT && multi_thread {
+        let (result, failure) = if len <= SMALL_FRAGMENT && multi_thread {
             // A small fragment is read whole, then written and flushed on this worker thread
             // (`block_in_place`): no hand-off to a blocking thread and back, which costs as much
             // as the write itself. A body that fails to arrive writes nothing.
@@ -667,52 +667,37 @@ impl UploadDir {
             let result = tokio::task::block_in_place(|| {
                 write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
             });
-            return match result {
-                Ok(done) if done.written == len => {
-                    session.offset += done.written;
-                    session.hasher = done.hasher;
-                    Ok(done.written)
-                }
-                Ok(_) => {
-                    let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
-                    Err(BitsError::invalid(
-                        "the fragment body did not match its Content-Range",
-                    ))
-                }
-                Err(e) => {
-                    let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
-                    Err(io_error(e))
-                }
-            };
-        }
-        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
-            write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
-        });
-        let mut failure: Option<BitsError> = None;
-        loop {
-            match next_piece(body, &mut skip, &mut remaining).await {
-                Ok(Some(chunk)) => {
-                    if tx.send(chunk).await.is_err() {
-                        // The writer stopped early; its own error is reported below.
+            (result, None)
+        } else {
+            let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+            let writer = tokio::task::spawn_blocking(move || {
+                write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+            });
+            let mut failure: Option<BitsError> = None;
+            loop {
+                match next_piece(body, &mut skip, &mut remaining).await {
+                    Ok(Some(chunk)) => {
+                        if tx.send(chunk).await.is_err() {
+                            // The writer stopped early; its own error is reported below.
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(e);
                         break;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
             }
-        }
-        drop(tx);
-        if failure.is_none() && remaining > 0 {
-            failure = Some(short_body(remaining));
-        }
-        let result = writer
-            .await
-            .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
-        let rollback = rollback_to;
+            drop(tx);
+            if failure.is_none() && remaining > 0 {
+                failure = Some(short_body(remaining));
+            }
+            let result = writer
+                .await
+                .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
+            (result, failure)
+        };
         match (result, failure) {
             (Ok(done), None) if done.written == len => {
                 session.offset += done.written;
@@ -720,13 +705,13 @@ impl UploadDir {
                 Ok(done.written)
             }
             (Ok(_), failure) => {
-                let _ = tokio::task::spawn_blocking(rollback(session)).await;
+                let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
                 Err(failure.unwrap_or_else(|| {
                     BitsError::invalid("the fragment body did not match its Content-Range")
                 }))
             }
             (Err(e), _) => {
-                let _ = tokio::task::spawn_blocking(rollback(session)).await;
+                let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
                 // A rebuilt hasher may have been lost with the failed write; rebuild next time.
                 Err(io_error(e))
             }
