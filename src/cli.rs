@@ -11,7 +11,15 @@ use crate::server::{Server, shutdown_signal};
 /// until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
-    let server = Server::bind(config.clone()).await?;
+    // Binding may wait for another server to leave the data folder; a pod stopped meanwhile
+    // (SIGTERM, or its preStop drain's SIGUSR1) must not wait for that.
+    let server = tokio::select! {
+        bound = Server::bind(config.clone()) => bound?,
+        _ = stop_before_serving() => {
+            tracing::info!("stopped by a signal before serving");
+            return Ok(());
+        }
+    };
     let addr = server.local_addr().context("reading the bound address")?;
     let scheme = if config.security.tls_cert.is_some() {
         "https"
@@ -40,6 +48,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, host_id = ?config.host_id, "serving BITS uploads");
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// SIGINT, SIGTERM or SIGUSR1 (drain: a server that serves nothing yet is drained).
+async fn stop_before_serving() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut drain) = signal(SignalKind::user_defined1()) {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = drain.recv() => {},
+            }
+            return;
+        }
+    }
+    shutdown_signal().await
 }
 
 /// `bitsfarm receiver`: prints `bitsfarm receiver: listening on http://ADDR`, then serves.

@@ -3,8 +3,13 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -12,8 +17,26 @@ const FRAG: usize = 256 * 1024;
 /// A little over 4 MiB, so the last fragment is a short one.
 const SIZE: usize = 4 * 1024 * 1024 + 12_345;
 
+/// Where fragments go: a server of the helpers, or one this file started by hand.
+trait Fragments {
+    fn fragment(&self, id: &str, path: &str, start: u64, bytes: &[u8], total: u64) -> Response;
+}
+
+impl Fragments for Server {
+    fn fragment(&self, id: &str, path: &str, start: u64, bytes: &[u8], total: u64) -> Response {
+        Server::fragment(self, id, path, start, bytes, total)
+    }
+}
+
 /// Sends `data[from..to]` in fragments of `FRAG`, asserting every Ack; returns the last Ack offset.
-fn send_range(s: &Server, id: &str, path: &str, data: &[u8], from: usize, to: usize) -> u64 {
+fn send_range(
+    s: &impl Fragments,
+    id: &str,
+    path: &str,
+    data: &[u8],
+    from: usize,
+    to: usize,
+) -> u64 {
     let mut at = from;
     let mut acked = from as u64;
     for _ in 0..(data.len() / FRAG + 2) {
@@ -33,7 +56,7 @@ fn send_range(s: &Server, id: &str, path: &str, data: &[u8], from: usize, to: us
 
 /// Like a BITS client after a lost connection: sends from `offset` and follows whatever offset the
 /// server's Acks (200 or 416) name until the upload is complete.
-fn resume(s: &Server, id: &str, path: &str, data: &[u8], mut offset: u64) {
+fn resume(s: &impl Fragments, id: &str, path: &str, data: &[u8], mut offset: u64) {
     let total = data.len() as u64;
     for _ in 0..(data.len() / FRAG + 10) {
         if offset == total {
@@ -292,5 +315,259 @@ fn recovered_session_cannot_commit_outside_the_data_folder() {
         "Close-Session answered {} and wrote {} outside the data folder",
         r.status,
         escaped.display()
+    );
+}
+
+/// A `bitsfarm serve` started by hand on a given port and data folder, which another server may
+/// hold: it prints its address only once it has the folder. SIGKILLed on drop.
+struct Newcomer {
+    child: Child,
+    addr: SocketAddr,
+    lines: Receiver<String>,
+    log: PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+impl Newcomer {
+    fn start(data_dir: &Path, port: u16) -> Newcomer {
+        let scratch = tempfile::Builder::new()
+            .prefix("bitsfarm-it-scratch-")
+            .tempdir()
+            .unwrap();
+        let log = scratch.path().join("newcomer.log");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "bitsfarm=debug")
+            .env("NO_COLOR", "1")
+            .env_remove("BITSFARM_HOST_ID")
+            .env_remove("BITSFARM_TEST_PAUSE_AT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("starting the second bitsfarm server");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Newcomer {
+            child,
+            addr,
+            lines,
+            log,
+            _scratch: scratch,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the "listening" line; None if it did not come.
+    fn wait_listening(&self, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// True if the "listening" line has come (without waiting).
+    fn printed_listening(&self) -> bool {
+        self.lines.try_iter().any(|l| l.contains("listening on"))
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Nothing accepts connections on its port.
+    fn refuses_connections(&self) -> bool {
+        TcpStream::connect_timeout(&self.addr, Duration::from_millis(500)).is_err()
+    }
+
+    fn send(&self, req: &Request) -> Response {
+        Conn::open(self.addr)
+            .send(req)
+            .unwrap_or_else(|e| panic!("{} {}: {e}\nlog:\n{}", req.method, req.target, self.log()))
+    }
+}
+
+impl Fragments for Newcomer {
+    fn fragment(&self, id: &str, path: &str, start: u64, bytes: &[u8], total: u64) -> Response {
+        self.send(&fragment_request(id, path, start, bytes, total))
+    }
+}
+
+impl Drop for Newcomer {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- second server's log ----\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port on 127.0.0.1 that nothing listens on, below the kernel's ephemeral range (so no
+/// outgoing connection of this test takes it meanwhile).
+fn free_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(7);
+    (0..500u32)
+        .map(|i| 20_000 + ((seed.wrapping_add(i * 7919)) % 12_000) as u16)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A force-deleted pod's replacement on the same volume: the second server waits, without
+/// serving, while the first one lives and keeps acknowledging fragments; once the first is killed
+/// it starts within a few seconds and knows the session at the offset the first last
+/// acknowledged, not the one on disk when it was started.
+#[test]
+fn a_second_server_on_a_held_data_folder_waits_and_then_resumes_where_the_first_stopped() {
+    let mut a = Server::start(&[]);
+    let data = random_bytes(SIZE, 0xD1_0C);
+    let path = "/dumps/handover.bin";
+    let id = a.create_session(path);
+    let early = send_range(&a, &id, path, &data, 0, 3 * FRAG);
+
+    let mut b = Newcomer::start(&a.data_dir, free_port());
+    let mut started_anyway = false;
+    let waits = wait_until(Duration::from_secs(15), || {
+        started_anyway = b.printed_listening();
+        started_anyway
+            || b.log()
+                .contains("another bitsfarm server holds this data folder")
+    });
+    assert!(
+        !started_anyway,
+        "the second server started on a data folder the first one holds"
+    );
+    assert!(
+        waits,
+        "the second server does not say it waits for the folder"
+    );
+    assert!(b.is_running(), "the second server gave up at once");
+    assert!(
+        b.refuses_connections(),
+        "the second server serves a data folder the first one holds"
+    );
+
+    // The first server goes on; the second must not have read the folder yet.
+    let late = send_range(&a, &id, path, &data, early as usize, 9 * FRAG);
+    assert!(late > early);
+    thread::sleep(Duration::from_millis(600));
+    assert!(
+        !b.printed_listening() && b.refuses_connections(),
+        "the second server started while the first one held the folder"
+    );
+    assert_eq!(
+        a.get("/healthz").status,
+        200,
+        "the first server still serves"
+    );
+
+    let killed = Instant::now();
+    a.kill();
+    let line = b
+        .wait_listening(Duration::from_secs(10))
+        .expect("the second server starts once the first is gone");
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the second server took {took:?} to start after the first died"
+    );
+    assert!(line.contains(&b.addr.to_string()), "{line}");
+    assert!(
+        b.log().contains("the other server left the data folder"),
+        "log:\n{}",
+        b.log()
+    );
+    eprintln!("second server listening {took:?} after the first was killed");
+    assert_eq!(b.send(&Request::new("GET", "/healthz")).status, 200);
+
+    // The session is where the first server left it.
+    let after = late as usize + FRAG;
+    let r = b.fragment(
+        &id,
+        path,
+        after as u64,
+        &data[after..after + FRAG],
+        SIZE as u64,
+    );
+    assert_error(&r, 416, None, "a fragment past the acknowledged offset");
+    assert_eq!(
+        r.received(),
+        Some(late),
+        "the second server names the offset the first last acknowledged ({early} was on disk when it started)"
+    );
+    let r = b.fragment(&id, path, 0, &data[..FRAG], SIZE as u64);
+    assert_eq!(
+        (r.status, r.received()),
+        (200, Some(late)),
+        "a retransmit of fragment 0: {r:?}"
+    );
+
+    resume(&b, &id, path, &data, late);
+    let r = b.send(&Request::bits("Close-Session", path).header("BITS-Session-Id", &id));
+    assert_eq!(r.status, 200, "Close-Session on the second server: {r:?}");
+    assert_eq!(
+        file_sha256(&a.data_dir.join("dumps/handover.bin")),
+        sha256_hex(&data),
+        "the committed file equals the source"
+    );
+}
+
+/// A pod stopped while its server still waits for the data folder (its preStop drain sends
+/// SIGUSR1, the kubelet SIGTERM) goes at once instead of waiting for a folder it never served.
+#[test]
+fn a_server_waiting_for_its_data_folder_stops_on_a_signal() {
+    let a = Server::start(&[]);
+    for signal in [
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let mut b = Newcomer::start(&a.data_dir, free_port());
+        assert!(
+            wait_until(Duration::from_secs(15), || b
+                .log()
+                .contains("another bitsfarm server holds this data folder")),
+            "the second server does not say it waits"
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.child.id() as i32), signal).unwrap();
+        let mut status = None;
+        wait_until(Duration::from_secs(5), || {
+            status = b.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        let status = status.unwrap_or_else(|| panic!("{signal:?} did not stop a waiting server"));
+        assert!(status.success(), "{signal:?}: exit {status}\n{}", b.log());
+        assert!(
+            b.log().contains("stopped by a signal before serving"),
+            "{}",
+            b.log()
+        );
+    }
+    assert_eq!(
+        a.get("/healthz").status,
+        200,
+        "the first server still serves"
     );
 }

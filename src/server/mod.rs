@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod dir_lock;
 pub mod handoff;
 pub mod hooks;
 pub mod http;
@@ -36,6 +37,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    DirLock(#[from] dir_lock::DirLockError),
     #[error("cannot listen on {addr}: {source}; is another process using it?")]
     Bind {
         addr: SocketAddr,
@@ -200,7 +203,8 @@ impl Server {
         ));
         let mut dirs = Vec::new();
         for d in &config.directories {
-            let mut dir = UploadDir::open(d.clone(), metrics.clone(), config.sync)?;
+            let lock = dir_lock::DataDirLock::acquire(&d.data_dir, dir_lock::DEFAULT_WAIT).await?;
+            let mut dir = UploadDir::open(d.clone(), metrics.clone(), config.sync, lock)?;
             dir.set_session_counter(sessions.clone());
             dir.set_notifier(notifier.clone());
             dirs.push(Arc::new(dir));

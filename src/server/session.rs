@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::dir_lock::DataDirLock;
 use super::hooks;
 use super::limits::SessionCounter;
 use super::metrics::{Metrics, OutcomeLabels};
@@ -178,6 +179,8 @@ pub struct UploadDir {
     sync: bool,
     /// Open sessions per user and in all, shared by the server's directories.
     counter: Arc<SessionCounter>,
+    /// Held for as long as the directory is served: no other server recovers it meanwhile.
+    _lock: DataDirLock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,11 +192,13 @@ pub enum StoreError {
 }
 
 impl UploadDir {
-    /// Opens (creating if needed) the data folder and recovers every session found on disk.
+    /// Opens (creating if needed) the data folder and recovers every session found on disk; `lock`
+    /// is this server's hold on that folder.
     pub fn open(
         config: UploadDirConfig,
         metrics: Arc<Metrics>,
         sync: bool,
+        lock: DataDirLock,
     ) -> Result<Self, StoreError> {
         let prepare = |path: &Path| {
             fs::create_dir_all(path).map_err(|source| StoreError::Prepare {
@@ -223,6 +228,7 @@ impl UploadDir {
             notifier: Notifier::new(),
             sync,
             counter: Arc::new(SessionCounter::default()),
+            _lock: lock,
         };
         dir.recover();
         Ok(dir)

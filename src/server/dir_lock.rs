@@ -1,0 +1,164 @@
+//! One server per data folder. Two servers on one folder would each recover the sessions into
+//! memory and then disagree with the disk and with each other. That happens on Kubernetes when a
+//! pod is force-deleted: the StatefulSet starts its replacement on the same volume while the old
+//! container is still being killed. The newcomer waits for the old one to exit (the kernel drops
+//! an `flock` with its holder), then recovers what the old one left.
+
+use std::fs::{self, File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::paths::SESSION_DIR;
+
+/// The lock file, inside the folder that no upload can name.
+pub const LOCK_FILE: &str = "lock";
+
+/// How long a server waits for another one to leave its data folder before it gives up.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirLockError {
+    #[error("cannot open the lock file {path}: {source}; check that the data folder is writable")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another bitsfarm server has been using the data folder {dir} for {waited_s} s (it holds \
+         {path}); stop it, or give this server a data folder of its own"
+    )]
+    Held {
+        dir: PathBuf,
+        path: PathBuf,
+        waited_s: u64,
+    },
+}
+
+/// An exclusive hold on a data folder, released when dropped or when the process ends.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the data folder `dir`, waiting up to `wait` for a server that holds it to exit.
+    pub async fn acquire(dir: &Path, wait: Duration) -> Result<DataDirLock, DirLockError> {
+        let state = dir.join(SESSION_DIR);
+        let path = state.join(LOCK_FILE);
+        let open_err = |source| DirLockError::Open {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&state).map_err(open_err)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(open_err)?;
+        let start = Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    if told {
+                        info!(dir = %dir.display(), waited_ms = start.elapsed().as_millis() as u64, "the other server left the data folder");
+                    }
+                    return Ok(DataDirLock { _file: file });
+                }
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(open_err(e)),
+            }
+            if start.elapsed() >= wait {
+                return Err(DirLockError::Held {
+                    dir: dir.to_path_buf(),
+                    path,
+                    waited_s: start.elapsed().as_secs(),
+                });
+            }
+            if !told {
+                warn!(dir = %dir.display(), "another bitsfarm server holds this data folder (a pod being replaced?); waiting for it to exit");
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_holder_waits_for_the_first_and_then_gets_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DataDirLock::acquire(dir.path(), DEFAULT_WAIT)
+            .await
+            .unwrap();
+        let err = DataDirLock::acquire(dir.path(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        // What an operator reads when a server gives up: who holds which folder, and what to do.
+        let msg = err.to_string();
+        assert!(msg.contains("another bitsfarm server"), "{msg}");
+        assert!(
+            msg.contains(&format!("data folder {} ", dir.path().display())),
+            "the error names the folder: {msg}"
+        );
+        let lock = dir.path().join(SESSION_DIR).join(LOCK_FILE);
+        assert!(
+            msg.contains(&lock.display().to_string()),
+            "the error names the lock file: {msg}"
+        );
+        assert!(msg.contains("a data folder of its own"), "{msg}");
+        assert!(matches!(err, DirLockError::Held { .. }), "{err:?}");
+        let path = dir.path().to_path_buf();
+        let second =
+            tokio::spawn(async move { DataDirLock::acquire(&path, Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!second.is_finished(), "the second took a held folder");
+        drop(first);
+        let got = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second gets the folder once the first lets go")
+            .unwrap();
+        assert!(got.is_ok(), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_folder_that_cannot_hold_the_lock_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_folder = dir.path().join("file");
+        std::fs::write(&not_a_folder, b"x").unwrap();
+        let err = DataDirLock::acquire(&not_a_folder, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DirLockError::Open { .. }), "{err:?}");
+        assert!(
+            msg.contains(
+                &not_a_folder
+                    .join(SESSION_DIR)
+                    .join(LOCK_FILE)
+                    .display()
+                    .to_string()
+            ),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_released_folder_is_taken_at_once_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(
+            DataDirLock::acquire(dir.path(), DEFAULT_WAIT)
+                .await
+                .unwrap(),
+        );
+        // No wait at all: the lock must be free the moment the first holder is dropped.
+        let again = DataDirLock::acquire(dir.path(), Duration::ZERO).await;
+        assert!(again.is_ok(), "{again:?}");
+    }
+}
