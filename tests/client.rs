@@ -3,8 +3,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use common::{Server, random_bytes, sha256_hex, wait_until};
@@ -187,4 +189,169 @@ fn exit_codes_say_what_went_wrong() {
     .unwrap();
     assert_eq!(down.status.code(), Some(3), "{}", report(&down));
     assert!(started.elapsed() >= Duration::from_secs(2));
+}
+
+/// Lines a child prints on stdout, collected by a thread.
+fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A port on 127.0.0.1 that nothing listens on, below the kernel's ephemeral range (so no
+/// outgoing connection of this test takes it meanwhile).
+fn free_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(7);
+    (0..500u32)
+        .map(|i| 20_000 + ((seed.wrapping_add(i * 7919)) % 12_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A child process SIGKILLed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The server a session's host id names refuses connections for a while (it is not up yet): the
+/// client retries, and fragments that never reached a socket are not counted as sent. When that
+/// server comes up on the session's data folder, the upload finishes with exactly the file's size
+/// on the wire.
+#[test]
+fn fragments_to_a_host_that_refuses_connections_are_retried_but_not_counted_as_sent() {
+    let port = free_port();
+    let host_id = format!("127.0.0.1:{port}");
+    // The server that takes Create-Session names a host id where nothing listens yet.
+    let mut front = Server::start(&["--host-id", &host_id]);
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = random_bytes(1 << 20, 33);
+    let file = dir.path().join("late.bin");
+    std::fs::write(&file, &data).unwrap();
+    let started = Instant::now();
+    let mut child = upload_cmd(
+        &file,
+        &format!("http://{}/c/late.bin", front.addr),
+        &[
+            "--retry-delay",
+            "1",
+            "--no-progress-timeout",
+            "60",
+            "--no-resume",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = line_channel(child.stdout.take().unwrap());
+    let mut client = Killed(child);
+
+    // Two refused fragments (a retry each) before the host comes up.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen
+        .iter()
+        .filter(|l: &&String| l.contains("\"retry\""))
+        .count()
+        < 2
+    {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| panic!("fewer than 2 retries within 30 s: {seen:#?}"));
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("the client's output ended ({e}): {seen:#?}"),
+        }
+    }
+    for l in seen.iter().filter(|l| l.contains("\"retry\"")) {
+        assert!(
+            l.contains("connect"),
+            "the retry is for a refused connection: {l}"
+        );
+    }
+    assert!(
+        !seen.iter().any(|l| l.contains("\"progress\"")),
+        "a fragment got through to a host that is not up: {seen:#?}"
+    );
+
+    // The host id's server comes up on the session's data folder (the front server lets go of it).
+    front.kill();
+    let log = std::fs::File::create(dir.path().join("host.log")).unwrap();
+    let mut host = Command::new(BIN)
+        .args(["serve", "--listen", &host_id, "--data-dir"])
+        .arg(&front.data_dir)
+        .env("RUST_LOG", "bitsfarm=info")
+        .env_remove("BITSFARM_HOST_ID")
+        .env_remove("BITSFARM_TEST_PAUSE_AT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let host_lines = line_channel(host.stdout.take().unwrap());
+    let _host = Killed(host);
+    let first = host_lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the host id's server starts");
+    assert!(first.contains(&host_id), "{first}");
+
+    let out = wait_exit_of(&mut client.0, &lines, &mut seen);
+    let r: serde_json::Value = seen
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .next_back()
+        .unwrap_or_default();
+    assert_eq!(out, Some(0), "{seen:#?}");
+    let report = &r["report"];
+    assert_eq!(
+        report["bytes_sent"].as_u64(),
+        Some(data.len() as u64),
+        "refused fragments were counted as sent: {r}"
+    );
+    assert!(report["retries"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(report["sessions"], 1, "{r}");
+    assert_eq!(report["restarts"], 0, "{r}");
+    assert_eq!(report["fallbacks"], 0, "{r}");
+    assert_eq!(report["host_id"], host_id.as_str(), "{r}");
+    assert_eq!(
+        sha256_hex(&std::fs::read(front.data_dir.join("c/late.bin")).unwrap()),
+        sha256_hex(&data)
+    );
+    eprintln!("uploaded in {:?}", started.elapsed());
+}
+
+/// Waits (at most 60 s) for `child` to exit, collecting its stdout lines into `seen`; its exit code.
+fn wait_exit_of(
+    child: &mut Child,
+    lines: &Receiver<String>,
+    seen: &mut Vec<String>,
+) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        seen.extend(lines.try_iter());
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            panic!("the client did not finish within 60 s: {seen:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while let Ok(l) = lines.recv_timeout(Duration::from_secs(2)) {
+        seen.push(l);
+    }
+    status.code()
 }

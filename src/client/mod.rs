@@ -119,6 +119,20 @@ pub enum Event {
     Reply { bytes: u64 },
 }
 
+/// A packet that got no answer: the connection failed or broke, or the answer did not come in time.
+#[derive(Debug)]
+struct NoAnswer {
+    message: String,
+    /// The connection was never made, so none of the packet went on the wire.
+    unsent: bool,
+}
+
+impl From<NoAnswer> for String {
+    fn from(e: NoAnswer) -> String {
+        e.message
+    }
+}
+
 /// One Ack as the client sees it.
 #[derive(Debug)]
 struct Ack {
@@ -256,8 +270,11 @@ impl Uploader {
         session: Option<&str>,
         extra: &[(&str, String)],
         body: Vec<u8>,
-    ) -> Result<Ack, String> {
-        let method = Method::from_bytes(b"BITS_POST").map_err(|e| e.to_string())?;
+    ) -> Result<Ack, NoAnswer> {
+        let method = Method::from_bytes(b"BITS_POST").map_err(|e| NoAnswer {
+            message: e.to_string(),
+            unsent: true,
+        })?;
         let mut req = self
             .http
             .request(method, url.clone())
@@ -270,14 +287,17 @@ impl Uploader {
             req = req.header(*k, v);
         }
         let resp = req.body(body).send().await.map_err(|e| {
-            let mut msg = e.to_string();
+            let mut message = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
+                message.push_str(": ");
+                message.push_str(&s.to_string());
                 src = s.source();
             }
-            msg
+            NoAnswer {
+                message,
+                unsent: e.is_connect(),
+            }
         })?;
         let ack = Ack {
             status: resp.status(),
@@ -461,7 +481,9 @@ impl Uploader {
             let result = self
                 .packet(&s.target, "Fragment", Some(&s.id), &extra, body)
                 .await;
-            report.bytes_sent += sent;
+            if !matches!(&result, Err(e) if e.unsent) {
+                report.bytes_sent += sent;
+            }
             match result {
                 Ok(ack) => match classify(&ack) {
                     Verdict::Ok => {
@@ -518,7 +540,7 @@ impl Uploader {
                     }
                 },
                 Err(e) => {
-                    last_error = e;
+                    last_error = e.into();
                     self.transient(s, url, &mut report, &mut events, &last_error)
                         .await;
                 }
@@ -554,7 +576,7 @@ impl Uploader {
                 }
                 Ok(ack) => return Err(refused(&ack, "Close-Session was refused")),
                 Err(e) => {
-                    last_error = e;
+                    last_error = e.into();
                     self.wait_retry(&mut report, &mut events, &last_error).await;
                 }
             }
