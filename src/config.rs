@@ -704,6 +704,14 @@ impl UploadDirConfig {
                         "notify-url {url:?} contains spaces or control characters"
                     )));
                 }
+                // A relative URL is resolved against the upload URL; an absolute one must be HTTP.
+                if let Ok(abs) = url::Url::parse(url)
+                    && !matches!(abs.scheme(), "http" | "https")
+                {
+                    return Err(invalid(format!(
+                        "notify-url {url:?} is not an http:// or https:// URL: the server application is reached over HTTP"
+                    )));
+                }
             }
         }
         let positive = |name: &str, v: Option<u64>, default: u64| match v {
@@ -783,6 +791,20 @@ mod tests {
         assert_eq!(d.max_upload_size, None);
         assert!(!d.allow_overwrites && !d.allow_downloads);
         assert_eq!(d.notify_type, NotifyType::None);
+    }
+
+    #[test]
+    fn a_backend_url_is_http_or_relative() {
+        let with = |url: &str| {
+            let file =
+                ConfigFile::parse(&format!("notify-type: by-value\nnotify-url: {url}\n")).unwrap();
+            ServerConfig::from_parts(file, &ServeArgs::default())
+        };
+        for ok in ["http://app:8090/in", "https://app/in", "/app/in", "notify"] {
+            assert!(with(ok).is_ok(), "{ok} refused: {:?}", with(ok).err());
+        }
+        let err = with("ftp://app/in").unwrap_err().to_string();
+        assert!(err.contains("not an http:// or https:// URL"), "{err}");
     }
 
     #[test]
