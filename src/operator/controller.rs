@@ -332,16 +332,8 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
         status.scale_down = Some(record);
     }
     patch_status(&farms, &name, &status).await?;
-    for (reason, note) in transitions(&old_status, &status, farm.spec.replicas) {
-        publish(
-            ctx,
-            &reference,
-            EventType::Normal,
-            reason,
-            "Reconcile",
-            note,
-        )
-        .await;
+    for (type_, reason, note) in transitions(&old_status, &status, farm.spec.replicas) {
+        publish(ctx, &reference, type_, reason, "Reconcile", note).await;
     }
     let ready =
         conditions::find(&status.conditions, conditions::READY).is_some_and(|c| c.status == "True");
@@ -641,6 +633,8 @@ pub fn failing_pods(pods: &[Pod]) -> Vec<FailingPod> {
         "CrashLoopBackOff",
         "ImagePullBackOff",
         "ErrImagePull",
+        // imagePullPolicy Never and the image is not on the node: it never will be by itself.
+        "ErrImageNeverPull",
         "InvalidImageName",
         "CreateContainerConfigError",
         "CreateContainerError",
@@ -651,10 +645,17 @@ pub fn failing_pods(pods: &[Pod]) -> Vec<FailingPod> {
         .filter_map(|p| {
             let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
             statuses.iter().find_map(|cs| {
-                let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
-                FAILING.contains(&reason.as_str()).then(|| FailingPod {
+                let reason = cs.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
+                // The kubelet alternates the two at every pull attempt; one name for both keeps
+                // the farm's status (and its writes) still while nothing else changes.
+                let reason = if reason == "ErrImagePull" {
+                    "ImagePullBackOff"
+                } else {
+                    reason
+                };
+                FAILING.contains(&reason).then(|| FailingPod {
                     pod: p.name_any(),
-                    reason,
+                    reason: reason.to_string(),
                 })
             })
         })
@@ -719,19 +720,21 @@ pub fn status_for(
 }
 
 /// The events a user should see for the step from `old` to `new`: the farm created, scaled, or
-/// rolled out with a new configuration.
+/// rolled out with a new configuration (Normal), and pods that started failing (Warning).
 pub fn transitions(
     old: &UploadFarmStatus,
     new: &UploadFarmStatus,
     replicas: i32,
-) -> Vec<(&'static str, String)> {
+) -> Vec<(EventType, &'static str, String)> {
     let mut out = Vec::new();
     match (&old.config_hash, &new.config_hash) {
         (None, Some(_)) => out.push((
+            EventType::Normal,
             "Created",
             format!("created the farm's objects for {replicas} upload servers"),
         )),
         (Some(a), Some(b)) if a != b => out.push((
+            EventType::Normal,
             "ConfigRolledOut",
             format!("the server configuration changed ({a} -> {b}); rolling it out to the pods"),
         )),
@@ -740,9 +743,20 @@ pub fn transitions(
     let before = old.hosts.len();
     if old.config_hash.is_some() && before != new.hosts.len() {
         out.push((
+            EventType::Normal,
             "Scaled",
             format!("scaled from {before} to {replicas} upload servers"),
         ));
+    }
+    // Failing pods only show in the farm's conditions; an event puts them in `kubectl describe`
+    // and in whatever collects the cluster's warnings.
+    let failing = |s: &UploadFarmStatus| {
+        conditions::find(&s.conditions, conditions::DEGRADED)
+            .filter(|c| c.status == "True" && c.reason == "PodsFailing")
+            .map(|c| c.message.clone())
+    };
+    if let (None, Some(message)) = (failing(old), failing(new)) {
+        out.push((EventType::Warning, "PodsFailing", message));
     }
     out
 }

@@ -564,13 +564,22 @@ fn failing_pods_are_told_from_starting_ones() {
     let pods: Vec<Pod> = serde_json::from_value(json!([
         {"metadata": {"name": "farm-0"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}},
         {"metadata": {"name": "farm-1"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}},
+        {"metadata": {"name": "farm-2"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull"}}}]}},
+        {"metadata": {"name": "farm-3"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull"}}}]}},
     ]))
     .unwrap();
     let failing = failing_pods(&pods);
-    assert_eq!(failing.len(), 1);
+    let got: Vec<(&str, &str)> = failing
+        .iter()
+        .map(|f| (f.pod.as_str(), f.reason.as_str()))
+        .collect();
     assert_eq!(
-        (failing[0].pod.as_str(), failing[0].reason.as_str()),
-        ("farm-0", "CrashLoopBackOff")
+        got,
+        [
+            ("farm-0", "CrashLoopBackOff"),
+            ("farm-2", "ErrImageNeverPull"),
+            ("farm-3", "ImagePullBackOff"),
+        ]
     );
 }
 
@@ -581,14 +590,37 @@ fn events_for_created_scaled_and_rolled_out() {
         config_hash: Some("a".into()),
         ..Default::default()
     };
-    assert_eq!(transitions(&none, &new, 1)[0].0, "Created");
+    assert_eq!(transitions(&none, &new, 1)[0].1, "Created");
     let old = new.clone();
     assert!(transitions(&old, &new, 0).is_empty());
     let rolled = UploadFarmStatus {
         config_hash: Some("b".into()),
         ..Default::default()
     };
-    assert_eq!(transitions(&old, &rolled, 0)[0].0, "ConfigRolledOut");
+    assert_eq!(transitions(&old, &rolled, 0)[0].1, "ConfigRolledOut");
+    // Pods that start failing: one Warning, not repeated while they keep failing.
+    let degraded = |reason: &str| UploadFarmStatus {
+        config_hash: Some("b".into()),
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Degraded".into(),
+            status: "True".into(),
+            reason: reason.into(),
+            message: "farm-0: ImagePullBackOff".into(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        }],
+        ..Default::default()
+    };
+    let failing = degraded("PodsFailing");
+    let events = transitions(&rolled, &failing, 1);
+    assert!(
+        matches!(events.as_slice(), [(EventType::Warning, "PodsFailing", m)] if m.contains("ImagePullBackOff")),
+        "{events:?}"
+    );
+    assert!(transitions(&failing, &failing, 1).is_empty());
+    assert!(transitions(&degraded("ApplyFailed"), &degraded("ApplyFailed"), 1).is_empty());
 }
 
 #[tokio::test]
