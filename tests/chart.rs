@@ -647,21 +647,8 @@ fn the_chart_version_is_the_binary_version_and_carries_no_crds() {
     assert!(chart.join("values.schema.json").exists());
 }
 
-/// The image the chart runs is the one the Dockerfile builds: the same binary, on PATH as
-/// `bitsfarm` (the chart and the farm pods run `command: [bitsfarm]`), as uid 65532 (the chart's
-/// runAsUser and the farm pods' fsGroup).
-#[test]
-fn the_dockerfile_builds_the_binary_the_chart_runs() {
-    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
-    assert!(text.contains("cargo build --release --locked"));
-    assert!(text.contains("/usr/local/bin/bitsfarm"));
-    assert!(text.contains("USER 65532:65532"));
-    assert!(text.contains(r#"ENTRYPOINT ["/usr/local/bin/bitsfarm"]"#));
-    let values =
-        std::fs::read_to_string(root().join("charts/bitsfarm-operator/templates/deployment.yaml"))
-            .unwrap();
-    assert!(values.contains("runAsUser: 65532"));
-}
+// That the image the Dockerfile builds runs the binary this chart runs (`bitsfarm` on PATH, as
+// uid 65532) is checked on a built image by tests/dockerfile.rs.
 
 fn example(name: &str) -> String {
     std::fs::read_to_string(root().join("examples").join(name)).unwrap()
