@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use bitsfarm::api::UploadFarm;
 use futures_util::FutureExt as _;
 use harness::{
-    Cluster, condition, events_of, eventually, manifest_dir, metric, owned_by, say, tail,
+    Cluster, condition, events_of, eventually, manifest_dir, metric, objects_where, owned_by, say,
+    tail,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -430,43 +431,14 @@ async fn uploadfarm_operator_against_a_real_api_server() {
 /// Nothing the operator made, and no farm pod, is left in `namespaces`.
 async fn nothing_left(c: &Cluster, namespaces: &[&str]) -> Result<(), String> {
     let mut left = Vec::new();
+    let managed = ListParams::default().labels(MANAGED);
+    let pods = ListParams::default().labels(FARM_PODS);
     for ns in namespaces {
-        let managed = ListParams::default().labels(MANAGED);
-        let pods = ListParams::default().labels(FARM_PODS);
-        let e = |x: kube::Error| x.to_string();
-        for o in c
-            .api::<StatefulSet>(ns)
-            .list(&managed)
-            .await
-            .map_err(e)?
-            .items
-        {
-            left.push(format!("StatefulSet {ns}/{}", o.name_any()));
-        }
-        for o in c.api::<Service>(ns).list(&managed).await.map_err(e)?.items {
-            left.push(format!("Service {ns}/{}", o.name_any()));
-        }
-        for o in c
-            .api::<ConfigMap>(ns)
-            .list(&managed)
-            .await
-            .map_err(e)?
-            .items
-        {
-            left.push(format!("ConfigMap {ns}/{}", o.name_any()));
-        }
-        for o in c
-            .api::<NetworkPolicy>(ns)
-            .list(&managed)
-            .await
-            .map_err(e)?
-            .items
-        {
-            left.push(format!("NetworkPolicy {ns}/{}", o.name_any()));
-        }
-        for o in c.api::<Pod>(ns).list(&pods).await.map_err(e)?.items {
-            left.push(format!("Pod {ns}/{}", o.name_any()));
-        }
+        left.extend(objects_where::<StatefulSet>(c, ns, &managed, |_| true).await?);
+        left.extend(objects_where::<Service>(c, ns, &managed, |_| true).await?);
+        left.extend(objects_where::<ConfigMap>(c, ns, &managed, |_| true).await?);
+        left.extend(objects_where::<NetworkPolicy>(c, ns, &managed, |_| true).await?);
+        left.extend(objects_where::<Pod>(c, ns, &pods, |_| true).await?);
     }
     if left.is_empty() {
         Ok(())

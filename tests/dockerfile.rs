@@ -265,44 +265,37 @@ struct TarEntry {
     data: Vec<u8>,
 }
 
-/// A ustar reader, enough for the archives image.py writes (no long names, no extensions).
+/// Every entry of a tar archive, by path.
 fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
     let mut entries = BTreeMap::new();
-    let mut pos = 0;
-    while pos + 512 <= bytes.len() {
-        let header = &bytes[pos..pos + 512];
-        if header.iter().all(|&b| b == 0) {
-            break;
-        }
-        let field = |from: usize, to: usize| {
-            let raw = &header[from..to];
-            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-            String::from_utf8_lossy(&raw[..end]).trim().to_string()
-        };
-        let octal = |from: usize, to: usize| {
-            let text = field(from, to);
-            u64::from_str_radix(&text, 8).unwrap_or_else(|e| panic!("tar field {text:?}: {e}"))
-        };
-        let prefix = field(345, 500);
-        let name = field(0, 100);
-        let name = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
-        let size = usize::try_from(octal(124, 136)).expect("a size that fits");
-        let data = bytes[pos + 512..pos + 512 + size].to_vec();
+    let mut archive = tar::Archive::new(bytes);
+    for entry in archive.entries().expect("a tar archive") {
+        let mut entry = entry.expect("a tar entry");
+        let header = entry.header().clone();
+        let name = entry
+            .path()
+            .expect("an entry path")
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let link = entry
+            .link_name()
+            .ok()
+            .flatten()
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).expect("read a tar entry");
         entries.insert(
-            name.trim_end_matches('/').to_string(),
+            name,
             TarEntry {
-                mode: u32::try_from(octal(100, 108)).expect("a mode"),
-                uid: octal(108, 116),
-                kind: header[156],
-                link: field(157, 257),
+                mode: header.mode().expect("a mode"),
+                uid: header.uid().expect("a uid"),
+                kind: header.entry_type().as_byte(),
+                link,
                 data,
             },
         );
-        pos += 512 + size.div_ceil(512) * 512;
     }
     entries
 }

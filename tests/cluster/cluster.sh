@@ -805,7 +805,14 @@ run() {
   . "$dir/env"
   export BITSFARM_E2E_IMAGE
   BITSFARM_E2E_IMAGE="bitsfarm:$(crate_version)"
-  "$@" || rc=$?
+  # In the background, so that a signal to this script is handled now and not when CMD ends.
+  "$@" <&0 &
+  local child=$!
+  # shellcheck disable=SC2064 # expand $child now
+  trap "kill -TERM $child 2>/dev/null; wait $child; exit 143" TERM
+  # shellcheck disable=SC2064
+  trap "kill -INT $child 2>/dev/null; wait $child; exit 130" INT
+  wait "$child" || rc=$?
   if [[ $rc -ne 0 ]]; then
     export BITSFARM_KEEP_CLUSTER_STATE=1
     log "command failed ($rc); cluster logs kept in $dir/logs"

@@ -279,6 +279,34 @@ impl Cluster {
     }
 }
 
+/// "Kind ns/name" of every object of kind `K` in `ns` that `lp` lists and `keep` picks.
+pub async fn objects_where<K>(
+    c: &Cluster,
+    ns: &str,
+    lp: &ListParams,
+    keep: impl Fn(&K) -> bool,
+) -> Result<Vec<String>, String>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    <K as Resource>::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).to_string();
+    let list = c
+        .api::<K>(ns)
+        .list(lp)
+        .await
+        .map_err(|e| format!("list {kind} in {ns}: {e}"))?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|o| keep(o))
+        .map(|o| format!("{kind} {ns}/{}", o.name_any()))
+        .collect())
+}
+
 pub fn condition<'a>(farm: &'a UploadFarm, type_: &str) -> Option<&'a Condition> {
     farm.status
         .as_ref()?
