@@ -868,10 +868,20 @@ async fn pod_deleted_mid_upload(c: &Cluster, file: &Path, sha: &str) {
         "{owner} came back with another volume"
     );
     assert_eq!(receiver_copies(c, sha).await, 1, "copies at the receiver");
+    // Whether the replacement found the old container still on the volume depends on how fast
+    // the kubelet killed it; say which it was.
+    let logs = c.kubectl(&["logs", "-n", NS, &owner]).await.stdout;
+    let waited = logs.contains("another bitsfarm server holds this data folder");
     say(&format!(
-        "  resumed on {host_id}: {} bytes sent for {UPLOAD_BYTES}, {} retries",
+        "  resumed on {host_id}: {} bytes sent for {UPLOAD_BYTES}, {} retries; the new server {} \
+         for the old one to leave the volume",
         report_u64(&done, "bytes_sent"),
-        report_u64(&done, "retries")
+        report_u64(&done, "retries"),
+        if waited {
+            "waited"
+        } else {
+            "did not have to wait"
+        }
     ));
 }
 
