@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::server::paths::UploadPrefix;
-use crate::server::protocol::MAX_HOST_ID_LEN;
+use crate::bits::paths::UploadPrefix;
+use crate::bits::protocol::MAX_HOST_ID_LEN;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./bitsfarm-data";

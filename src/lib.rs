@@ -1,6 +1,7 @@
 //! bitsfarm: a Linux-native BITS upload server, its farm, and a Kubernetes operator.
 
 pub mod api;
+pub mod bits;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -2,7 +2,7 @@
 //! to a value parsing to the same range.
 #![no_main]
 
-use bitsfarm_fuzz::server::protocol::FragmentRange;
+use bitsfarm_fuzz::bits::protocol::FragmentRange;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

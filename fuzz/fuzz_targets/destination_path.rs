@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path};
 
-use bitsfarm_fuzz::server::paths::{SESSION_DIR, destination_path, is_contained};
+use bitsfarm_fuzz::bits::paths::{SESSION_DIR, destination_path, is_contained};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

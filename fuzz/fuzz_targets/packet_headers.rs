@@ -3,8 +3,8 @@
 //! accepted packet has a known type, and no body unless it is a Fragment.
 #![no_main]
 
-use bitsfarm_fuzz::server::packet::parse_packet;
-use bitsfarm_fuzz::server::protocol::{PacketType, SessionId, negotiate_protocol};
+use bitsfarm_fuzz::bits::packet::parse_packet;
+use bitsfarm_fuzz::bits::protocol::{PacketType, SessionId, negotiate_protocol};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

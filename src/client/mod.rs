@@ -13,7 +13,7 @@ use reqwest::{Method, StatusCode, Url};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use crate::server::protocol::{BITS_1_5_UPLOAD_PROTOCOL, header, hresult, parse_hresult};
+use crate::bits::protocol::{BITS_1_5_UPLOAD_PROTOCOL, header, hresult, parse_hresult};
 use job::JobFile;
 
 /// Windows never shrinks fragments below 5 KB on 413 ([MC-BUP] <10>).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::paths::SESSION_DIR;
+use crate::bits::paths::SESSION_DIR;
 
 /// The lock file, inside the folder that no upload can name.
 pub const LOCK_FILE: &str = "lock";

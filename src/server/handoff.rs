@@ -20,9 +20,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 use url::Url;
 
-use super::protocol::SessionId;
 /// Seconds since the epoch, the clock forwarding proofs carry.
 pub use super::session::unix_now;
+use crate::bits::protocol::SessionId;
 
 /// Header of a forwarded request: `v1 from=ORDINAL ts=UNIX-SECONDS mac=BASE64URL`.
 pub const FORWARDED_HEADER: &str = "bitsfarm-forwarded";

@@ -17,13 +17,13 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use super::metrics::{ErrorLabels, PacketLabels};
-use super::packet::{Packet, header_str, parse_packet, required};
-use super::paths::{SESSION_DIR, destination_path};
-use super::protocol::{
-    Ack, BITS_POST, BitsError, FragmentRange, PacketType, SessionId, header, negotiate_protocol,
-};
 use super::session::{CreateRequest, Origin, REPLIES_DIR, REPLY_FILE, UploadDir};
 use super::{AppState, handoff};
+use crate::bits::packet::{Packet, header_str, parse_packet, required};
+use crate::bits::paths::{SESSION_DIR, destination_path};
+use crate::bits::protocol::{
+    Ack, BITS_POST, BitsError, FragmentRange, PacketType, SessionId, header, negotiate_protocol,
+};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -205,7 +205,7 @@ fn authenticate<B>(
                 || req.headers().contains_key(h::TRANSFER_ENCODING);
             let mut r = if is_bits_post(req) {
                 ack_response(
-                    Ack::from(super::auth_error()),
+                    Ack::from(BitsError::authentication_required()),
                     // An unread body cannot stay on the connection.
                     !with_body,
                 )
@@ -279,10 +279,10 @@ async fn bits_post(
                 .errors
                 .get_or_create(&ErrorLabels {
                     status: e.status,
-                    code: super::protocol::format_hresult(e.code),
+                    code: crate::bits::protocol::format_hresult(e.code),
                 })
                 .inc();
-            if e.status >= 500 && e.code != super::protocol::hresult::BG_E_SESSION_NOT_FOUND {
+            if e.status >= 500 && e.code != crate::bits::protocol::hresult::BG_E_SESSION_NOT_FOUND {
                 warn!(%path, packet = ?kind, error = %e, "packet failed");
             } else {
                 debug!(%path, packet = ?kind, error = %e, "packet refused");
@@ -347,7 +347,7 @@ where
                 state
                     .metrics
                     .limit_refused(super::limits::Limit::FragmentSize);
-                return Err(super::limits::fragment_too_large(range.len(), max));
+                return Err(BitsError::fragment_too_large(range.len(), max));
             }
             if let Some(enc) = header_str(headers, "content-encoding")?
                 && !enc.trim().eq_ignore_ascii_case("identity")

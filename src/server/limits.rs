@@ -5,12 +5,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use super::protocol::{BitsError, ErrorContext, hresult};
+use crate::bits::protocol::BitsError;
 
 /// `BITSNumberOfSessionsLimit`'s default.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 50;
-/// BG_E_HTTP_ERROR_503: what a client sees when a session limit is reached.
-pub const BG_E_HTTP_ERROR_503: u32 = 0x8019_01F7;
 
 /// The limits that refuse requests, as the `limit` label of `bitsfarm_limit_refusals_total`.
 /// The open-connections cap is not one: connections over it wait in the listen backlog.
@@ -52,31 +50,6 @@ pub struct Refused {
     pub error: BitsError,
 }
 
-/// The refusal of a new session over a limit: 503, which a Windows client retries later.
-pub fn session_limit(message: String) -> BitsError {
-    BitsError {
-        status: 503,
-        code: BG_E_HTTP_ERROR_503,
-        context: ErrorContext::RemoteFile,
-        message,
-        received_content_range: None,
-    }
-}
-
-/// A fragment larger than the server accepts: 413 (the client halves its fragments) with the
-/// spec's BG_E_TOO_LARGE.
-pub fn fragment_too_large(len: u64, max: u64) -> BitsError {
-    BitsError {
-        status: 413,
-        code: hresult::BG_E_TOO_LARGE,
-        context: ErrorContext::RemoteFile,
-        message: format!(
-            "the fragment is {len} bytes; this server accepts at most {max} per fragment"
-        ),
-        received_content_range: None,
-    }
-}
-
 /// Counts the sessions that are receiving (created, not closed, cancelled or expired), per owner
 /// and in all, across every upload directory of the server.
 #[derive(Debug, Default)]
@@ -114,7 +87,7 @@ impl SessionCounter {
         {
             return Err(Refused {
                 limit: Limit::Sessions,
-                error: session_limit(format!(
+                error: BitsError::session_limit(format!(
                     "the server already has {max} open sessions; retry later"
                 )),
             });
@@ -124,7 +97,7 @@ impl SessionCounter {
         {
             return Err(Refused {
                 limit: Limit::SessionsPerUser,
-                error: session_limit(format!(
+                error: BitsError::session_limit(format!(
                     "user {user:?} already has {max} open sessions; close or cancel some, or retry later"
                 )),
             });
@@ -217,6 +190,7 @@ impl Drop for ActivityGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bits::protocol::hresult;
 
     #[test]
     fn per_user_and_per_server_limits() {
@@ -225,7 +199,10 @@ mod tests {
         c.try_acquire(Some("a")).unwrap();
         let r = c.try_acquire(Some("a")).unwrap_err();
         assert_eq!(r.limit, Limit::SessionsPerUser);
-        assert_eq!((r.error.status, r.error.code), (503, BG_E_HTTP_ERROR_503));
+        assert_eq!(
+            (r.error.status, r.error.code),
+            (503, hresult::BG_E_HTTP_ERROR_503)
+        );
         c.try_acquire(Some("b")).unwrap();
         let r = c.try_acquire(None).unwrap_err();
         assert_eq!(r.limit, Limit::Sessions, "server limit");

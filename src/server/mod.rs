@@ -9,9 +9,6 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod notify;
-pub mod packet;
-pub mod paths;
-pub mod protocol;
 pub mod session;
 pub mod tls;
 
@@ -426,17 +423,5 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
-    }
-}
-
-/// The 401 Ack: BG_E_HTTP_ERROR_401; the client answers the `WWW-Authenticate` challenge and
-/// sends the packet again.
-pub fn auth_error() -> protocol::BitsError {
-    protocol::BitsError {
-        status: 401,
-        code: 0x8019_0191,
-        context: protocol::ErrorContext::RemoteFile,
-        message: "authentication required".into(),
-        received_content_range: None,
     }
 }

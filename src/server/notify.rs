@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::protocol::{BitsError, SessionId, hresult};
+use crate::bits::protocol::{BitsError, SessionId, hresult};
 use crate::config::NotifyType;
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";

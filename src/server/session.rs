@@ -30,8 +30,8 @@ use super::hooks;
 use super::limits::SessionCounter;
 use super::metrics::{Metrics, OutcomeLabels};
 use super::notify::{self, Delivery, DeliveryOutcome, Notifier};
-use super::paths::SESSION_DIR;
-use super::protocol::{Ack, BitsError, FragmentRange, SessionId, header};
+use crate::bits::paths::SESSION_DIR;
+use crate::bits::protocol::{Ack, BitsError, FragmentRange, SessionId, header};
 use crate::config::{NotifyType, UploadDirConfig};
 
 pub const REQUESTS_DIR: &str = "Requests";
@@ -301,7 +301,8 @@ impl UploadDir {
             .cloned()
             .ok_or_else(BitsError::session_not_found)?;
         let session = slot.lock_owned().await;
-        if session.removed || !super::paths::same_url_path(&session.record.url_path, url_path) {
+        if session.removed || !crate::bits::paths::same_url_path(&session.record.url_path, url_path)
+        {
             return Err(BitsError::session_not_found());
         }
         if self.expired(&session, SystemTime::now()) {
@@ -1061,7 +1062,7 @@ fn load_session(dir: &Path) -> io::Result<Option<Session>> {
         .components()
         .next()
         .is_some_and(|c| c.as_os_str().eq_ignore_ascii_case(SESSION_DIR));
-    if !super::paths::is_contained(&record.destination)
+    if !crate::bits::paths::is_contained(&record.destination)
         || record.destination.as_os_str().is_empty()
         || names_session_dir
     {

@@ -112,6 +112,11 @@ pub mod hresult {
     pub const NOTIFICATION_TIMEOUT: u32 = 0x8007_0112;
     /// Generic failure, for errors of the server's own (I/O) that fit no other code.
     pub const E_FAIL: u32 = 0x8000_4005;
+    /// BG_E_HTTP_ERROR_401: the client answers the `WWW-Authenticate` challenge.
+    pub const BG_E_HTTP_ERROR_401: u32 = 0x8019_0191;
+    pub const BG_E_HTTP_ERROR_404: u32 = 0x8019_0194;
+    /// BG_E_HTTP_ERROR_503: transient; a Windows client retries later.
+    pub const BG_E_HTTP_ERROR_503: u32 = 0x8019_01F7;
 }
 
 /// `0x` and eight upper-case hex digits, the form bitsfarm sends.
@@ -163,7 +168,7 @@ impl BitsError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(404, 0x8019_0194, message)
+        Self::new(404, hresult::BG_E_HTTP_ERROR_404, message)
     }
 
     pub fn session_not_found() -> Self {
@@ -191,7 +196,7 @@ impl BitsError {
     pub fn draining() -> Self {
         Self::new(
             503,
-            0x8019_01F7,
+            hresult::BG_E_HTTP_ERROR_503,
             "this server is draining and takes no new sessions; retry",
         )
     }
@@ -199,7 +204,27 @@ impl BitsError {
     /// A packet for a session another farm member holds, when that member was reached but did
     /// not answer: transient, so the client retries (and keeps its session).
     pub fn owner_unreachable(message: impl Into<String>) -> Self {
-        Self::new(503, 0x8019_01F7, message)
+        Self::new(503, hresult::BG_E_HTTP_ERROR_503, message)
+    }
+
+    /// The 401 Ack: the client answers the `WWW-Authenticate` challenge and sends the packet again.
+    pub fn authentication_required() -> Self {
+        Self::new(401, hresult::BG_E_HTTP_ERROR_401, "authentication required")
+    }
+
+    /// A new session refused by a limit: 503, which a Windows client retries later.
+    pub fn session_limit(message: impl Into<String>) -> Self {
+        Self::new(503, hresult::BG_E_HTTP_ERROR_503, message)
+    }
+
+    /// A fragment larger than the server accepts: 413 (the client halves its fragments) with the
+    /// spec's BG_E_TOO_LARGE.
+    pub fn fragment_too_large(len: u64, max: u64) -> Self {
+        Self::new(
+            413,
+            hresult::BG_E_TOO_LARGE,
+            format!("the fragment is {len} bytes; this server accepts at most {max} per fragment"),
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
