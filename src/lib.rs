@@ -10,3 +10,4 @@ pub mod operator;
 pub mod receiver;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

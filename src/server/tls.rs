@@ -2,7 +2,7 @@
 //! re-read when their files change, so cert-manager's rotation needs no restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -16,13 +16,7 @@ use tracing::{info, warn};
 /// How often the certificate files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Installs `ring` as the process's rustls provider (reqwest's rustls uses it too). Idempotent.
-pub fn install_ring_provider() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
+pub use crate::tls::install_ring_provider;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
