@@ -278,7 +278,7 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
     // The same UploadFarmSpec -> server configuration mapping the operator uses.
     let (mut server, spec_replicas) = match &args.file {
         Some(path) => {
-            let farm = crate::operator::render::load_farm(path)?;
+            let farm = crate::api::manifest::load_farm(path)?;
             let config = crate::api::server_config(&farm.spec)?;
             (config, usize::try_from(farm.spec.replicas).unwrap_or(0))
         }

@@ -1,6 +1,9 @@
 //! The `UploadFarm` custom resource (`bitsfarm.io/v1alpha1`): the public contract between a farm's
 //! owner and the operator. Field docs become the CRD's descriptions (`kubectl explain`), serde
 //! defaults become schema defaults, and `x_kube(validation)` rules become CEL rules.
+//!
+//! Also what follows from a spec without a cluster: reading a manifest (`manifest`), the server
+//! configuration (`server_config`) and how the members reach each other (`membership`).
 
 use std::collections::BTreeMap;
 
@@ -10,6 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub mod manifest;
+pub mod membership;
 mod server_config;
 pub use server_config::{
     ADMIN_PORT, DATA_ROOT, InvalidSpec, SECRETS_ROOT, SERVER_PORT, server_config,

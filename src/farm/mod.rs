@@ -14,7 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
-use crate::config::{ConfigFile, HandoffSettings, NotifyType};
+use crate::api::membership;
+use crate::config::{ConfigFile, NotifyType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FarmError {
@@ -111,22 +112,16 @@ impl FarmPlan {
         c.shared_listen = Some(self.shared);
         c.admin_listen = None;
         c.host_id = self.host_ids.then(|| addr.to_string());
-        c.handoff =
-            if self.handoff {
-                Some(HandoffSettings {
-                    secret_file: self.secret_file(),
-                    ordinal: Some(u16::try_from(index).map_err(|_| {
-                        FarmError::Invalid(format!("member {index} is beyond 65535"))
-                    })?),
-                    peers: (0..self.replicas)
-                        .map(|i| self.member_addr(i).map(|a| format!("http://{a}")))
-                        .collect::<Result<_, _>>()?,
-                    peer_url_template: None,
-                    ca_file: None,
-                })
-            } else {
-                None
-            };
+        c.handoff = if self.handoff {
+            let me = u16::try_from(index)
+                .map_err(|_| FarmError::Invalid(format!("member {index} is beyond 65535")))?;
+            let members = (0..self.replicas)
+                .map(|i| self.member_addr(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(membership::local(&members, me, self.secret_file()))
+        } else {
+            None
+        };
         if c.directories.is_empty() {
             c.data_dir = Some(dir.join("data"));
         } else {

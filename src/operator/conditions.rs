@@ -124,11 +124,11 @@ fn condition(type_: &str, status: &str, reason: &str, message: String) -> Condit
     }
 }
 
-/// Marks `Progressing` as a scale-down waiting for draining servers (`Draining`).
-pub fn set_draining(conditions: &mut [Condition], message: String) {
+/// Marks `Progressing` as a scale-down waiting for draining servers (`Draining`), as of `now`.
+pub fn set_draining(conditions: &mut [Condition], message: String, now: Timestamp) {
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == PROGRESSING) {
         if c.status != TRUE {
-            c.last_transition_time = Time(Timestamp::now());
+            c.last_transition_time = Time(now);
         }
         c.status = TRUE.into();
         c.reason = "Draining".into();

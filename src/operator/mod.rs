@@ -1,16 +1,24 @@
 //! The UploadFarm operator: turns each UploadFarm into a ConfigMap, a headless Service, a
 //! StatefulSet, one Service per pod, a shared Service and, if asked, a NetworkPolicy, and
 //! reports how the farm is doing.
+//!
+//! - `controller`: the reconcile, orchestration only; `apply`: apply and prune what a farm owns,
+//!   every kind in one sweep; `error`: why a reconcile failed.
+//! - Pure: `resources` (the children), `status` (status and events), `conditions`, `scale_down`.
+//! - `rbac` (the API access the calls above need), `health`, `metrics`, `render`, `commands`.
 
+pub mod apply;
 pub mod commands;
 pub mod conditions;
 pub mod controller;
+pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod rbac;
 pub mod render;
 pub mod resources;
 pub mod scale_down;
+pub mod status;
 
 #[cfg(test)]
 mod fixtures;

@@ -1,7 +1,8 @@
 //! The Kubernetes API access the operator needs, kept next to the code that makes the calls.
 //!
 //! `RULES` is the least-privilege rule set: one entry per resource, with the verbs of every call
-//! the operator makes (in `super::run`, `super::controller` and kube's event `Recorder`) and why.
+//! the operator makes (in `super::run`, `super::controller`, `super::apply` and kube's event
+//! `Recorder`) and why.
 //! Two tests hold it to the truth:
 //! - the unit test below drives reconcile (create, scale-down, invalid and malformed farms,
 //!   repeated events, a NetworkPolicy applied and one swept away), the startup wait for the CRD and the watches against a recording mock API
@@ -64,8 +65,9 @@ pub const RULES: &[Rule] = &[
         api_group: "",
         resource: "services",
         verbs: &["create", "delete", "list", "patch", "watch"],
-        why: "server-side apply of the headless, per-pod and shared Services, the owns-watch, the \
-              list of a farm's per-pod Services, and delete of those of ordinals a scale-down removed",
+        why: "server-side apply of the headless, per-pod and shared Services, the owns-watch, and \
+              the sweep: the list of a farm's Services by its labels and delete of those it owns \
+              and no longer asks for (the per-pod Services of ordinals a scale-down removed)",
     },
     Rule {
         api_group: "",
@@ -100,8 +102,8 @@ pub const RULES: &[Rule] = &[
         resource: "networkpolicies",
         verbs: &["create", "delete", "list", "patch", "watch"],
         why: "server-side apply of a farm's NetworkPolicy when spec.networkPolicy.enabled, the \
-              owns-watch that puts back one edited or deleted by hand, and, once a farm no longer \
-              asks for it, the list by the farm's labels and delete of the one the farm owns",
+              owns-watch that puts back one edited or deleted by hand, and the sweep: the list by \
+              the farm's labels and, once a farm no longer asks for it, delete of the one it owns",
     },
     Rule {
         api_group: "events.k8s.io",
@@ -228,8 +230,9 @@ mod tests {
     }
 
     /// Answers every request plausibly and records it: applies are echoed, status writes answer
-    /// the whole farm, per-pod Service lists name ordinals 0..4 (so a 2-replica farm deletes two),
-    /// other lists are empty and watches end at once.
+    /// the whole farm, the sweep's lists answer with the first farm's per-pod Services of
+    /// ordinals 0..4 (so that farm at 2 replicas deletes two) and its NetworkPolicy, other lists
+    /// are empty and watches end at once.
     async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, log: Log, farms: Vec<Value>) {
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().to_string();
@@ -287,7 +290,7 @@ mod tests {
                     let policy = resources::network_policy(&f).unwrap();
                     (200, Some(list(vec![serde_json::to_value(policy).unwrap()])))
                 }
-                "GET" if path.ends_with("/services") && query.contains("host-service") => {
+                "GET" if path.ends_with("/services") && query.contains("managed-by") => {
                     let f: UploadFarm = serde_json::from_value(farms[0].clone()).unwrap();
                     let items = (0..4)
                         .map(|i| serde_json::to_value(resources::host_service(&f, i)).unwrap())
@@ -330,8 +333,8 @@ mod tests {
             Arc::new(serde_json::from_value::<DeserializeGuard<UploadFarm>>(v.clone()).unwrap())
         };
 
-        // Reconcile: create (applies, the scale-down sweep, the sweep of a NetworkPolicy the farm
-        // no longer asks for, pods, status, an event).
+        // Reconcile: create (applies, the sweep of the per-pod Services a scale-down left and of a
+        // NetworkPolicy the farm no longer asks for, pods, status, an event).
         reconcile(guard(&valid), ctx.clone()).await.unwrap();
         // A farm with a NetworkPolicy: applied.
         reconcile(guard(&guarded), ctx.clone()).await.unwrap();

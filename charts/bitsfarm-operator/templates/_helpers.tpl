@@ -66,8 +66,9 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["create", "get", "list", "patch", "watch"]
-# The headless, per-pod and shared Services: server-side apply, the owns-watch, the list of a
-# farm's per-pod Services, and delete of the per-pod Services of ordinals removed by a scale-down.
+# The headless, per-pod and shared Services: server-side apply, the owns-watch, and the sweep: the
+# list of a farm's Services by its labels and delete of those it owns and no longer asks for (the
+# per-pod Services of ordinals removed by a scale-down).
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "delete", "list", "patch", "watch"]
@@ -91,8 +92,8 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
   resources: ["pods"]
   verbs: ["list"]
 # A farm's NetworkPolicy (spec.networkPolicy.enabled): server-side apply, the owns-watch that puts
-# back one edited or deleted by hand, and, once a farm no longer asks for it, the list by the
-# farm's labels and delete of the one the farm owns (never a policy someone else made).
+# back one edited or deleted by hand, and the sweep: the list by the farm's labels and, once a farm
+# no longer asks for it, delete of the one the farm owns (never a policy someone else made).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "delete", "list", "patch", "watch"]

@@ -1,12 +1,17 @@
+use std::ops::Range;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 use super::*;
 use crate::operator::fixtures::{ApiServer, Seen, context, list, status_error};
 use crate::operator::resources::CONFIG_HASH_ANNOTATION;
 
 const NS: &str = "uploads";
+
+/// What the sweep lists by, for every kind: everything the operator made for the farm.
+const OWNED: &str = "app.kubernetes.io/instance=farm,app.kubernetes.io/name=bitsfarm,app.kubernetes.io/managed-by=bitsfarm-operator";
 
 fn farm(spec: Value, status: Option<Value>) -> UploadFarm {
     let mut v = json!({
@@ -29,8 +34,29 @@ fn svc_path(name: &str) -> String {
     format!("/api/v1/namespaces/{NS}/services/{name}")
 }
 
+fn config_map_path() -> String {
+    format!("/api/v1/namespaces/{NS}/configmaps/farm-config")
+}
+
+fn stateful_set_path() -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm")
+}
+
+fn network_policy_path(name: &str) -> String {
+    format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies{name}")
+}
+
 fn host_service_json(i: i32) -> Value {
     serde_json::to_value(resources::host_service(&farm(json!({}), None), i)).unwrap()
+}
+
+/// Every Service a farm that ran `replicas` servers has, as the API server lists them.
+fn farm_services(replicas: i32) -> Vec<Value> {
+    let f = farm(json!({}), None);
+    let mut out = vec![serde_json::to_value(resources::headless_service(&f)).unwrap()];
+    out.extend((0..replicas).map(host_service_json));
+    out.push(serde_json::to_value(resources::shared_service(&f)).unwrap());
+    out
 }
 
 /// The status write, answered with the whole farm as the API server does.
@@ -90,78 +116,96 @@ async fn expect_handoff_secret(api: &mut ApiServer, exists: bool) {
     );
 }
 
-fn network_policy_path(name: &str) -> String {
-    format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies{name}")
-}
-
-/// A farm without `spec.networkPolicy` looks for the NetworkPolicy it may have made before
-/// (by its labels) and finds none.
-async fn expect_no_network_policy(api: &mut ApiServer) {
-    let l = api
-        .expect("GET", &network_policy_path(""), 200, |_| {
-            list("NetworkPolicyList", vec![])
-        })
-        .await;
-    assert!(
-        l.query.contains("app.kubernetes.io%2Finstance%3Dfarm")
-            && l.query.contains("component%3Dnetwork-policy"),
-        "{}",
-        l.query
-    );
-}
-
-/// The live StatefulSet, read when the status hints at a scale-down.
-async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
-    api.expect(
-        "GET",
-        &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"),
-        200,
-        |_| {
-            json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-                   "metadata": {"name": "farm", "namespace": NS},
-                   "spec": {"replicas": replicas, "serviceName": "farm-headless", "selector": {}, "template": {}}})
-        },
-    )
-    .await;
-}
-
-/// The requests of one reconcile after any drains: the handoff Secret (kept), the ConfigMap, the
-/// headless Service, no NetworkPolicy, the StatefulSet at `replicas`, the per-pod Services
-/// `0..replicas` and the shared one, the list of per-pod Services (answered with `0..listed`),
-/// the deletes of those at or above `replicas`, and the pod list. Gives the ConfigMap and
-/// StatefulSet applies for a closer look.
-async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Seen, Seen) {
+/// The applies that come before the pods' own: the handoff Secret (kept), the ConfigMap and the
+/// headless Service. Gives the ConfigMap apply.
+async fn expect_config(api: &mut ApiServer) -> Seen {
     expect_handoff_secret(api, true).await;
-    let cm = api
-        .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-        .await;
+    let cm = api.expect_apply(&config_map_path()).await;
     api.expect_apply(&svc_path("farm-headless")).await;
-    expect_no_network_policy(api).await;
-    let sts = api
-        .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-        .await;
-    assert_eq!(sts.body["spec"]["replicas"], replicas);
+    cm
+}
+
+/// The per-pod Services `0..replicas`, then the shared one.
+async fn expect_services(api: &mut ApiServer, replicas: i32) {
     for i in 0..replicas {
         api.expect_apply(&svc_path(&format!("farm-{i}"))).await;
     }
     api.expect_apply(&svc_path("farm")).await;
-    api.expect(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/services"),
-        200,
-        |_| list("ServiceList", (0..listed).map(host_service_json).collect()),
-    )
-    .await;
-    for i in replicas..listed {
-        api.expect("DELETE", &svc_path(&format!("farm-{i}")), 200, |_| {
-            host_service_json(i)
-        })
-        .await;
+}
+
+/// One kind's part of the sweep: the farm's objects listed by its labels (answered with
+/// `listed`), then the deletes of `deleted`, by name.
+async fn expect_sweep_of(
+    api: &mut ApiServer,
+    collection: &str,
+    kind: &str,
+    listed: Vec<Value>,
+    deleted: &[String],
+) {
+    let answer = list(kind, listed.clone());
+    let l = api.expect("GET", collection, 200, |_| answer).await;
+    let selector = url::form_urlencoded::parse(l.query.as_bytes())
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| v.into_owned());
+    assert_eq!(selector.as_deref(), Some(OWNED), "{}", l.query);
+    for name in deleted {
+        let gone = listed
+            .iter()
+            .find(|o| o["metadata"]["name"] == name.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
+        api.expect("DELETE", &format!("{collection}/{name}"), 200, |_| gone)
+            .await;
     }
+}
+
+/// The sweep: the farm's Services (answered with `farm_services(listed)`, of which the per-pod
+/// Services `deleted` go), then its NetworkPolicies (answered with `policies`, of which
+/// `deleted_policies` go).
+async fn expect_sweep(
+    api: &mut ApiServer,
+    listed: i32,
+    deleted: Range<i32>,
+    policies: Vec<Value>,
+    deleted_policies: &[&str],
+) {
+    let gone: Vec<String> = deleted.map(|i| format!("farm-{i}")).collect();
+    let services = format!("/api/v1/namespaces/{NS}/services");
+    expect_sweep_of(api, &services, "ServiceList", farm_services(listed), &gone).await;
+    let gone: Vec<String> = deleted_policies.iter().map(|n| n.to_string()).collect();
+    let policy_list = network_policy_path("");
+    expect_sweep_of(api, &policy_list, "NetworkPolicyList", policies, &gone).await;
+}
+
+async fn expect_pods(api: &mut ApiServer) {
     api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
         list("PodList", vec![])
     })
     .await;
+}
+
+/// The live StatefulSet, read when the status hints at a scale-down.
+async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
+    api.expect("GET", &stateful_set_path(), 200, |_| {
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+               "metadata": {"name": "farm", "namespace": NS},
+               "spec": {"replicas": replicas, "serviceName": "farm-headless", "selector": {}, "template": {}}})
+    })
+    .await;
+}
+
+/// The requests of one reconcile of a farm without a NetworkPolicy, after any drains: the
+/// handoff Secret (kept), the ConfigMap, the headless Service, the StatefulSet at `replicas`, the
+/// per-pod Services `0..replicas` and the shared one, the sweep (the farm's Services listed with
+/// per-pod ones `0..listed`, the deletes of those at or above `replicas`; no NetworkPolicy
+/// listed), and the pod list. Gives the ConfigMap and StatefulSet applies for a closer look.
+async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Seen, Seen) {
+    let cm = expect_config(api).await;
+    let sts = api.expect_apply(&stateful_set_path()).await;
+    assert_eq!(sts.body["spec"]["replicas"], replicas);
+    expect_services(api, replicas).await;
+    expect_sweep(api, listed, replicas..listed, vec![], &[]).await;
+    expect_pods(api).await;
     (cm, sts)
 }
 
@@ -174,6 +218,12 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .unwrap()
 }
 
+/// Starts reconciling `f` against a mocked API server, which the test then answers.
+fn start(f: &UploadFarm) -> (ApiServer, JoinHandle<Result<Action, Error>>) {
+    let (ctx, api) = context();
+    (api, tokio::spawn(reconcile(guard(f), ctx)))
+}
+
 async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), f)
         .await
@@ -182,14 +232,11 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn creating_a_farm_applies_every_child_then_reports() {
-    let (ctx, mut api) = context();
     let f = farm(json!({"replicas": 3}), None);
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         expect_handoff_secret(&mut api, false).await;
-        let cm = api
-            .expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
+        let cm = api.expect_apply(&config_map_path()).await;
         assert!(
             cm.body["data"]["config.yaml"]
                 .as_str()
@@ -197,10 +244,7 @@ async fn creating_a_farm_applies_every_child_then_reports() {
                 .contains("host-id")
         );
         api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        let sts = api
-            .expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
+        let sts = api.expect_apply(&stateful_set_path()).await;
         assert_eq!(sts.body["spec"]["replicas"], 3);
         assert_eq!(sts.body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
         for i in 0..3 {
@@ -211,19 +255,9 @@ async fn creating_a_farm_applies_every_child_then_reports() {
             );
         }
         api.expect_apply(&svc_path("farm")).await;
-        let l = api
-            .expect(
-                "GET",
-                &format!("/api/v1/namespaces/{NS}/services"),
-                200,
-                |_| list("ServiceList", (0..3).map(host_service_json).collect()),
-            )
-            .await;
-        assert!(l.query.contains("component%3Dhost-service"), "{}", l.query);
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        // Everything listed is asked for: the sweep deletes nothing.
+        expect_sweep(&mut api, 3, 0..0, vec![], &[]).await;
+        expect_pods(&mut api).await;
         let st = expect_status(&mut api, &f).await;
         let status = &st.body["status"];
         assert_eq!(status["observedGeneration"], 2);
@@ -276,12 +310,21 @@ async fn expect_drains(api: &mut ApiServer, sessions: &[(i32, i64)]) {
     }
 }
 
+/// A farm that ran 3 servers and now asks for 1, with the scale-down `record` of the last look
+/// (none at the first).
+fn shrinking(record: Option<Value>) -> UploadFarm {
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let mut status = running_status(&hash, 3);
+    if let Some(r) = record {
+        status["scaleDown"] = r;
+    }
+    farm(json!({"replicas": 1}), Some(status))
+}
+
 #[tokio::test]
 async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_sessions() {
-    let (ctx, mut api) = context();
-    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
-    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let f = shrinking(None);
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 0), (1, 3)]).await;
@@ -314,7 +357,6 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
 
 #[tokio::test]
 async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept() {
-    let (ctx, mut api) = context();
     let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
     let mut status = running_status(&hash, 3);
     status["scaleDown"] = json!({
@@ -322,7 +364,7 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
         "startedAt": "2026-01-01T00:00:00Z", "deadline": "2026-01-02T00:00:00Z",
     });
     let f = farm(json!({"replicas": 3}), Some(status));
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         expect_live_replicas(&mut api, 3).await;
         for i in [1, 2] {
@@ -351,15 +393,11 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
 
 #[tokio::test]
 async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
-    let (ctx, mut api) = context();
-    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
-    let mut status = running_status(&hash, 3);
-    status["scaleDown"] = json!({
+    let f = shrinking(Some(json!({
         "fromReplicas": 3, "toReplicas": 1, "sessionsLeft": 3,
         "startedAt": "2020-01-01T00:00:00Z", "deadline": "2020-01-02T00:00:00Z",
-    });
-    let f = farm(json!({"replicas": 1}), Some(status));
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    })));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         expect_live_replicas(&mut api, 3).await;
         expect_drains(&mut api, &[(2, 1), (1, 1)]).await;
@@ -379,10 +417,8 @@ async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
 
 #[tokio::test]
 async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
-    let (ctx, mut api) = context();
-    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
-    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 3)));
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let f = shrinking(None);
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         // Both servers drained: nothing to wait for.
         expect_live_replicas(&mut api, 3).await;
@@ -401,13 +437,12 @@ async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
 
 #[tokio::test]
 async fn a_changed_backend_rolls_the_config_hash() {
-    let (ctx, mut api) = context();
     let old_hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
     let f = farm(
         json!({"replicas": 1, "backend": {"url": "http://app/in", "notification": "ByValue"}}),
         Some(running_status(&old_hash, 1)),
     );
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
         let (cm, sts) = expect_children(&mut api, 1, 1).await;
         assert!(
@@ -432,6 +467,25 @@ async fn a_changed_backend_rolls_the_config_hash() {
     api.done().await;
 }
 
+/// The failure's status write: Degraded with `reason` and a message that names `names`, not
+/// Ready; then its Warning event with the same reason.
+async fn expect_failure_reported(api: &mut ApiServer, f: &UploadFarm, reason: &str, names: &str) {
+    let st = expect_status(api, f).await;
+    let degraded = condition(&st.body["status"], "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some(reason))
+    );
+    assert!(
+        degraded["message"].as_str().unwrap().contains(names),
+        "{degraded}"
+    );
+    assert_eq!(condition(&st.body["status"], "Ready")["status"], "False");
+    let ev = expect_event(api).await;
+    assert_eq!(ev.body["type"], "Warning");
+    assert_eq!(ev.body["reason"], reason);
+}
+
 #[tokio::test]
 async fn an_api_error_is_degraded_with_an_event_and_requeued() {
     let (ctx, mut api) = context();
@@ -439,33 +493,13 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
     let g = guard(&f);
     let reconciler = tokio::spawn(reconcile(g.clone(), ctx.clone()));
     with_timeout(async {
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        expect_no_network_policy(&mut api).await;
-        api.expect(
-            "PATCH",
-            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"),
-            403,
-            |_| status_error(403, "Forbidden", "statefulsets.apps is forbidden"),
-        )
+        expect_config(&mut api).await;
+        api.expect("PATCH", &stateful_set_path(), 403, |_| {
+            status_error(403, "Forbidden", "statefulsets.apps is forbidden")
+        })
         .await;
-        let st = expect_status(&mut api, &f).await;
-        let degraded = condition(&st.body["status"], "Degraded");
-        assert_eq!(degraded["status"], "True");
-        assert_eq!(degraded["reason"], "ApplyFailed");
-        assert!(
-            degraded["message"]
-                .as_str()
-                .unwrap()
-                .contains("StatefulSet farm"),
-            "{degraded}"
-        );
-        assert_eq!(condition(&st.body["status"], "Ready")["status"], "False");
-        let ev = expect_event(&mut api).await;
-        assert_eq!(ev.body["type"], "Warning");
-        assert_eq!(ev.body["reason"], "ApplyFailed");
+        // Nothing after the refusal: no Services, no sweep.
+        expect_failure_reported(&mut api, &f, "ApplyFailed", "StatefulSet farm").await;
     })
     .await;
     let err = reconciler.await.unwrap().unwrap_err();
@@ -496,28 +530,69 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
 }
 
 #[tokio::test]
-async fn an_invalid_spec_applies_nothing_and_says_why() {
-    let (ctx, mut api) = context();
-    let f = farm(json!({"backend": {"notification": "ByValue"}}), None);
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+async fn a_refused_delete_in_the_sweep_is_reported_like_a_refused_apply() {
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 2)));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
-        let st = expect_status(&mut api, &f).await;
-        let degraded = condition(&st.body["status"], "Degraded");
-        assert_eq!(
-            (degraded["status"].as_str(), degraded["reason"].as_str()),
-            (Some("True"), Some("InvalidSpec"))
-        );
-        assert!(
-            degraded["message"]
-                .as_str()
-                .unwrap()
-                .contains("spec.backend.url")
-        );
-        let ev = expect_event(&mut api).await;
-        assert_eq!(ev.body["reason"], "InvalidSpec");
+        // The status says 2 servers: the live StatefulSet says 1, so there is nothing to drain.
+        expect_live_replicas(&mut api, 1).await;
+        expect_config(&mut api).await;
+        api.expect_apply(&stateful_set_path()).await;
+        expect_services(&mut api, 1).await;
+        let services = format!("/api/v1/namespaces/{NS}/services");
+        api.expect("GET", &services, 200, |_| {
+            list("ServiceList", farm_services(2))
+        })
+        .await;
+        api.expect("DELETE", &svc_path("farm-1"), 403, |_| {
+            status_error(403, "Forbidden", "services \"farm-1\" is forbidden")
+        })
+        .await;
+        expect_failure_reported(&mut api, &f, "ApplyFailed", "deleting the Service farm-1").await;
+    })
+    .await;
+    let err = reconciler.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Prune { kind: "Service", name, .. } if name == "farm-1"),
+        "{err}"
+    );
+    assert_eq!(err.metric_label(), "delete");
+    api.done().await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_applies_nothing_and_says_why() {
+    let f = farm(json!({"backend": {"notification": "ByValue"}}), None);
+    let (mut api, reconciler) = start(&f);
+    with_timeout(async {
+        expect_failure_reported(&mut api, &f, "InvalidSpec", "spec.backend.url").await;
     })
     .await;
     assert_eq!(reconciler.await.unwrap().unwrap(), Action::await_change());
+    api.done().await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_stops_before_any_server_is_asked_to_drain() {
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(
+        json!({"replicas": 1, "backend": {"notification": "ByValue"}}),
+        Some(running_status(&hash, 3)),
+    );
+    let (ctx, mut api) = context();
+    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    with_timeout(async {
+        // No StatefulSet read and no drain: straight to the status.
+        expect_failure_reported(&mut api, &f, "InvalidSpec", "spec.backend.url").await;
+    })
+    .await;
+    assert_eq!(reconciler.await.unwrap().unwrap(), Action::await_change());
+    assert!(
+        ctx.metrics
+            .encode()
+            .contains("reconcile_failures_total{error=\"invalid_spec\"} 1")
+    );
     api.done().await;
 }
 
@@ -550,82 +625,8 @@ fn backoff_doubles_up_to_five_minutes() {
     assert_eq!(backoff(30), Duration::from_secs(300));
 }
 
-#[test]
-fn surplus_services_are_those_at_or_above_replicas() {
-    let svcs: Vec<Service> = (0..4)
-        .map(|i| resources::host_service(&farm(json!({}), None), i))
-        .collect();
-    assert_eq!(surplus_host_services(&svcs, 2), ["farm-2", "farm-3"]);
-    assert!(surplus_host_services(&svcs, 4).is_empty());
-}
-
-#[test]
-fn failing_pods_are_told_from_starting_ones() {
-    let pods: Vec<Pod> = serde_json::from_value(json!([
-        {"metadata": {"name": "farm-0"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}},
-        {"metadata": {"name": "farm-1"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}},
-        {"metadata": {"name": "farm-2"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull"}}}]}},
-        {"metadata": {"name": "farm-3"}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull"}}}]}},
-    ]))
-    .unwrap();
-    let failing = failing_pods(&pods);
-    let got: Vec<(&str, &str)> = failing
-        .iter()
-        .map(|f| (f.pod.as_str(), f.reason.as_str()))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            ("farm-0", "CrashLoopBackOff"),
-            ("farm-2", "ErrImageNeverPull"),
-            ("farm-3", "ImagePullBackOff"),
-        ]
-    );
-}
-
-#[test]
-fn events_for_created_scaled_and_rolled_out() {
-    let none = UploadFarmStatus::default();
-    let new = UploadFarmStatus {
-        config_hash: Some("a".into()),
-        ..Default::default()
-    };
-    assert_eq!(transitions(&none, &new, 1)[0].1, "Created");
-    let old = new.clone();
-    assert!(transitions(&old, &new, 0).is_empty());
-    let rolled = UploadFarmStatus {
-        config_hash: Some("b".into()),
-        ..Default::default()
-    };
-    assert_eq!(transitions(&old, &rolled, 0)[0].1, "ConfigRolledOut");
-    // Pods that start failing: one Warning, not repeated while they keep failing.
-    let degraded = |reason: &str| UploadFarmStatus {
-        config_hash: Some("b".into()),
-        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-            type_: "Degraded".into(),
-            status: "True".into(),
-            reason: reason.into(),
-            message: "farm-0: ImagePullBackOff".into(),
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                jiff::Timestamp::UNIX_EPOCH,
-            ),
-            observed_generation: None,
-        }],
-        ..Default::default()
-    };
-    let failing = degraded("PodsFailing");
-    let events = transitions(&rolled, &failing, 1);
-    assert!(
-        matches!(events.as_slice(), [(EventType::Warning, "PodsFailing", m)] if m.contains("ImagePullBackOff")),
-        "{events:?}"
-    );
-    assert!(transitions(&failing, &failing, 1).is_empty());
-    assert!(transitions(&degraded("ApplyFailed"), &degraded("ApplyFailed"), 1).is_empty());
-}
-
 #[tokio::test]
 async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
-    let (ctx, mut api) = context();
     let f = farm(
         json!({"replicas": 1,
                "backend": {"url": "https://ingest.example.com/in", "notification": "ByValue"},
@@ -633,12 +634,9 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
                                  "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "clients"}}}]}}),
         None,
     );
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
+        expect_config(&mut api).await;
         let np = api
             .expect_apply(&network_policy_path("/farm-network-policy"))
             .await;
@@ -658,21 +656,12 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
             "{egress:?}"
         );
         // Only then the pods.
-        api.expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        api.expect_apply(&svc_path("farm-0")).await;
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", vec![host_service_json(0)]),
-        )
-        .await;
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        api.expect_apply(&stateful_set_path()).await;
+        expect_services(&mut api, 1).await;
+        // The policy the farm asks for is listed by the sweep, and kept.
+        let ours = np.body.clone();
+        expect_sweep(&mut api, 1, 0..0, vec![ours], &[]).await;
+        expect_pods(&mut api).await;
         expect_status(&mut api, &f).await;
         let ev = expect_event(&mut api).await;
         assert_eq!(ev.body["reason"], "Created");
@@ -684,7 +673,6 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
 
 #[tokio::test]
 async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
-    let (ctx, mut api) = context();
     let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
     let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 1)));
     let with_policy = farm(json!({"networkPolicy": {"enabled": true}}), None);
@@ -693,38 +681,20 @@ async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
     let mut theirs = ours.clone();
     theirs["metadata"]["name"] = json!("handmade");
     theirs["metadata"]["ownerReferences"] = Value::Null;
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
-        api.expect("GET", &network_policy_path(""), 200, |_| {
-            list("NetworkPolicyList", vec![theirs.clone(), ours.clone()])
-        })
-        .await;
-        api.expect(
-            "DELETE",
-            &network_policy_path("/farm-network-policy"),
-            200,
-            |_| ours.clone(),
+        expect_config(&mut api).await;
+        api.expect_apply(&stateful_set_path()).await;
+        expect_services(&mut api, 1).await;
+        expect_sweep(
+            &mut api,
+            1,
+            0..0,
+            vec![theirs.clone(), ours.clone()],
+            &["farm-network-policy"],
         )
         .await;
-        api.expect_apply(&format!("/apis/apps/v1/namespaces/{NS}/statefulsets/farm"))
-            .await;
-        api.expect_apply(&svc_path("farm-0")).await;
-        api.expect_apply(&svc_path("farm")).await;
-        api.expect(
-            "GET",
-            &format!("/api/v1/namespaces/{NS}/services"),
-            200,
-            |_| list("ServiceList", vec![host_service_json(0)]),
-        )
-        .await;
-        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
-            list("PodList", vec![])
-        })
-        .await;
+        expect_pods(&mut api).await;
         expect_status(&mut api, &f).await;
     })
     .await;
@@ -734,17 +704,13 @@ async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
 
 #[tokio::test]
 async fn a_refused_network_policy_stops_before_the_pods() {
-    let (ctx, mut api) = context();
     let f = farm(
         json!({"replicas": 1, "networkPolicy": {"enabled": true}}),
         None,
     );
-    let reconciler = tokio::spawn(reconcile(guard(&f), ctx.clone()));
+    let (mut api, reconciler) = start(&f);
     with_timeout(async {
-        expect_handoff_secret(&mut api, true).await;
-        api.expect_apply(&format!("/api/v1/namespaces/{NS}/configmaps/farm-config"))
-            .await;
-        api.expect_apply(&svc_path("farm-headless")).await;
+        expect_config(&mut api).await;
         api.expect(
             "PATCH",
             &network_policy_path("/farm-network-policy"),
@@ -759,17 +725,13 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         )
         .await;
         // No StatefulSet: pods that should be restricted are not started unrestricted.
-        let st = expect_status(&mut api, &f).await;
-        let degraded = condition(&st.body["status"], "Degraded");
-        assert_eq!(degraded["reason"], "ApplyFailed");
-        assert!(
-            degraded["message"]
-                .as_str()
-                .unwrap()
-                .contains("NetworkPolicy farm-network-policy"),
-            "{degraded}"
-        );
-        expect_event(&mut api).await;
+        expect_failure_reported(
+            &mut api,
+            &f,
+            "ApplyFailed",
+            "NetworkPolicy farm-network-policy",
+        )
+        .await;
     })
     .await;
     let err = reconciler.await.unwrap().unwrap_err();
@@ -784,53 +746,4 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         "{err}"
     );
     api.done().await;
-}
-
-#[test]
-fn with_tls_the_status_shows_https_addresses_with_the_port() {
-    let now = Timestamp::now();
-    let tls = |spec: Value| {
-        let mut spec = spec;
-        spec["security"] = json!({"tlsSecretName": "farm-tls"});
-        status_for(
-            &farm(spec, None),
-            &UploadFarmStatus::default(),
-            None,
-            &[],
-            None,
-            now,
-        )
-    };
-    // Default port: 443, and no port in the host ids or the URL.
-    let s = tls(json!({"replicas": 2}));
-    assert_eq!(
-        s.url.as_deref(),
-        Some("https://farm.uploads.svc.cluster.local")
-    );
-    assert_eq!(
-        s.address.as_deref(),
-        Some("farm.uploads.svc.cluster.local:443")
-    );
-    assert_eq!(s.hosts[1].host_id, "farm-1.uploads.svc.cluster.local");
-    // Another port is in every address clients are given.
-    let s = tls(json!({"replicas": 2, "service": {"port": 8443}}));
-    assert_eq!(
-        s.url.as_deref(),
-        Some("https://farm.uploads.svc.cluster.local:8443")
-    );
-    assert_eq!(s.hosts[0].host_id, "farm-0.uploads.svc.cluster.local:8443");
-    // Plain http on its default port, as before.
-    let s = status_for(
-        &farm(json!({"replicas": 1}), None),
-        &UploadFarmStatus::default(),
-        None,
-        &[],
-        None,
-        now,
-    );
-    assert_eq!(
-        s.url.as_deref(),
-        Some("http://farm.uploads.svc.cluster.local")
-    );
-    assert_eq!(s.hosts[0].host_id, "farm-0.uploads.svc.cluster.local");
 }

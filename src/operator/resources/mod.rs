@@ -10,13 +10,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::api::membership::{self, HANDOFF_SECRET_KEY};
 use crate::api::{InvalidSpec, UploadFarm, server_config};
 
 mod network_policy;
 mod services;
 mod statefulset;
 
-pub use network_policy::{backend_ports, network_policy, stale_network_policies};
+pub use network_policy::{backend_ports, network_policy};
 pub use services::{headless_service, host_service, shared_service};
 pub use statefulset::{apply_body as stateful_set_apply_body, drain_timeout, stateful_set};
 
@@ -26,7 +27,7 @@ pub const MANAGED_BY: &str = "bitsfarm-operator";
 pub const APP_NAME: &str = "bitsfarm";
 /// Pod-template annotation holding the config hash: changing it rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "bitsfarm.io/config-hash";
-/// Label on per-pod Services naming their ordinal, so scale-down can find the surplus ones.
+/// Label on per-pod Services naming their ordinal.
 pub const ORDINAL_LABEL: &str = "bitsfarm.io/ordinal";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
@@ -122,6 +123,15 @@ pub fn selector_string(farm: &str) -> String {
         .join(",")
 }
 
+/// The label selector of everything the operator made for a farm (all its children carry these
+/// labels): what the sweep of leftover children lists, kind by kind.
+pub fn owned_selector(farm: &str) -> String {
+    format!(
+        "{},app.kubernetes.io/managed-by={MANAGED_BY}",
+        selector_string(farm)
+    )
+}
+
 /// The `app.kubernetes.io/*` labels of every child.
 pub fn labels(farm: &str, component: &str) -> BTreeMap<String, String> {
     let mut l = selector_labels(farm);
@@ -158,10 +168,6 @@ fn owner(farm: &UploadFarm) -> Option<OwnerReference> {
     farm.controller_owner_ref(&())
 }
 
-/// Where the handoff Secret is mounted below `SECRETS_ROOT`, and its one key.
-pub const HANDOFF_SECRET_DIR: &str = "handoff";
-pub const HANDOFF_SECRET_KEY: &str = "secret";
-
 /// The farm's handoff Secret holding `secret` (64 hex characters from the operator's random
 /// source). Created once and never rewritten: a new secret would orphan every open session id.
 pub fn handoff_secret(farm: &UploadFarm, secret: &str) -> k8s_openapi::api::core::v1::Secret {
@@ -182,31 +188,15 @@ pub fn handoff_secret(farm: &UploadFarm, secret: &str) -> k8s_openapi::api::core
 }
 
 /// The server configuration as the ConfigMap's `config.yaml`, and its hash: the configuration
-/// plus what only the farm's name gives, how the servers reach each other for session handoff. Each member is addressed through the headless Service (straight
-/// to the pod, ready or not, so a draining member stays reachable).
+/// plus what only the farm's name gives, how the servers reach each other for session handoff.
 pub fn config_yaml(farm: &UploadFarm) -> Result<(String, String), InvalidSpec> {
     let mut file = server_config(&farm.spec)?;
     let names = Names::of(farm);
-    let tls = farm
-        .spec
-        .security
-        .as_ref()
-        .is_some_and(|s| s.tls_secret_name.is_some());
-    let secrets = std::path::Path::new(crate::api::SECRETS_ROOT);
-    file.handoff = Some(crate::config::HandoffSettings {
-        secret_file: secrets.join(HANDOFF_SECRET_DIR).join(HANDOFF_SECRET_KEY),
-        ordinal: None,
-        peers: Vec::new(),
-        peer_url_template: Some(format!(
-            "{}://{}-{{ordinal}}.{}.{{namespace}}.svc:{}",
-            if tls { "https" } else { "http" },
-            names.farm,
-            names.headless_service(),
-            crate::api::SERVER_PORT
-        )),
-        // cert-manager puts the issuing CA next to the certificate.
-        ca_file: tls.then(|| secrets.join("tls").join("ca.crt")),
-    });
+    file.handoff = Some(membership::pods(
+        &farm.spec,
+        &names.stateful_set(),
+        &names.headless_service(),
+    ));
     let yaml = file
         .to_yaml()
         .map_err(|e| InvalidSpec(format!("cannot write the server configuration: {e}")))?;
@@ -233,7 +223,7 @@ pub struct Children {
     pub config_hash: String,
     pub config_map: ConfigMap,
     pub headless_service: Service,
-    /// `None` when the spec asks for no NetworkPolicy (an earlier one is then deleted).
+    /// `None` when the spec asks for no NetworkPolicy (an earlier one is then swept away).
     pub network_policy: Option<NetworkPolicy>,
     pub stateful_set: StatefulSet,
     pub host_services: Vec<Service>,
@@ -267,20 +257,51 @@ pub fn check_name(name: &str) -> Result<(), InvalidSpec> {
     }
 }
 
-pub fn children(farm: &UploadFarm, opts: &BuildOptions) -> Result<Children, InvalidSpec> {
+/// A farm whose spec was checked and turned into its server configuration: every child follows
+/// from it and from how many servers run, which only a scale-down under way makes differ from the
+/// spec. Checking first lets an invalid spec stop a reconcile before it asks any server to drain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked<'a> {
+    farm: &'a UploadFarm,
+    yaml: String,
+    config_hash: String,
+    network_policy: Option<NetworkPolicy>,
+}
+
+/// Checks the farm's name and spec, and writes the servers' configuration.
+pub fn check(farm: &UploadFarm) -> Result<Checked<'_>, InvalidSpec> {
     check_name(&farm.name_any())?;
     let (yaml, config_hash) = config_yaml(farm)?;
-    Ok(Children {
-        config_map: config_map(farm, &yaml),
-        headless_service: headless_service(farm),
-        network_policy: network_policy(farm)?,
-        stateful_set: stateful_set(farm, &config_hash, opts),
-        host_services: (0..farm.spec.replicas.max(0))
-            .map(|i| host_service(farm, i))
-            .collect(),
-        shared_service: shared_service(farm),
+    Ok(Checked {
+        farm,
+        yaml,
         config_hash,
+        network_policy: network_policy(farm)?,
     })
+}
+
+impl Checked<'_> {
+    /// The children of a farm that runs `servers` upload servers: the spec's replicas, or more
+    /// while a scale-down waits for the servers it removes to drain (they keep their pods and
+    /// their own Services, so their clients reach them, until they are done).
+    pub fn children(&self, opts: &BuildOptions, servers: i32) -> Children {
+        let farm = self.farm;
+        let servers = servers.max(farm.spec.replicas);
+        Children {
+            config_map: config_map(farm, &self.yaml),
+            headless_service: headless_service(farm),
+            network_policy: self.network_policy.clone(),
+            stateful_set: stateful_set(farm, &self.config_hash, servers, opts),
+            host_services: (0..servers.max(0)).map(|i| host_service(farm, i)).collect(),
+            shared_service: shared_service(farm),
+            config_hash: self.config_hash.clone(),
+        }
+    }
+}
+
+/// The children of the farm as its spec asks for them.
+pub fn children(farm: &UploadFarm, opts: &BuildOptions) -> Result<Children, InvalidSpec> {
+    Ok(check(farm)?.children(opts, farm.spec.replicas))
 }
 
 impl Children {
@@ -300,11 +321,15 @@ impl Children {
         out.push(serde_json::to_value(&self.shared_service)?);
         Ok(out)
     }
-}
 
-/// The ordinal a per-pod Service stands for, from its label.
-pub fn service_ordinal(svc: &Service) -> Option<i32> {
-    svc.labels().get(ORDINAL_LABEL)?.parse().ok()
+    /// The name of every Service the farm asks for: what the sweep of leftover Services keeps.
+    pub fn service_names(&self) -> Vec<String> {
+        std::iter::once(&self.headless_service)
+            .chain(&self.host_services)
+            .chain(std::iter::once(&self.shared_service))
+            .map(ResourceExt::name_any)
+            .collect()
+    }
 }
 
 /// The in-cluster address of the shared Service (`host:port`).

@@ -1,6 +1,6 @@
 //! The farm's optional NetworkPolicy (`spec.networkPolicy`): who may reach the servers and whom
-//! they may reach. Pure: the controller applies what this builds, or deletes the policy it made
-//! when the farm no longer asks for one.
+//! they may reach. Pure: the controller applies what this builds; the sweep of leftover children
+//! deletes the policy it made once the farm no longer asks for one.
 //!
 //! Ports are the pods' own (`SERVER_PORT`, `ADMIN_PORT`), not the Services': network policies
 //! match traffic after a Service has forwarded it to a pod.
@@ -157,28 +157,6 @@ pub fn network_policy(farm: &UploadFarm) -> Result<Option<NetworkPolicy>, Invali
     }))
 }
 
-/// Of the NetworkPolicies listed by the farm's labels, the names of those to delete when the spec
-/// asks for none: the ones whose controller is this farm (same uid). A farm without a uid (never
-/// stored) owns nothing.
-pub fn stale_network_policies(farm: &UploadFarm, listed: &[NetworkPolicy]) -> Vec<String> {
-    let Some(uid) = farm.metadata.uid.as_deref() else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = listed
-        .iter()
-        .filter(|p| {
-            p.metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.controller == Some(true) && o.kind == "UploadFarm" && o.uid == uid)
-        })
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    names.sort();
-    names
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
@@ -322,29 +300,6 @@ mod tests {
             [tcp(8090), tcp(9000)],
             "backendPorts replace the URLs' ports, sorted and once each"
         );
-    }
-
-    #[test]
-    fn only_policies_this_farm_controls_are_stale() {
-        let on = farm_with("farm", json!({"networkPolicy": {"enabled": true}}));
-        let ours = network_policy(&on).unwrap().unwrap();
-        let mut foreign = ours.clone();
-        foreign.metadata.name = Some("handmade".into());
-        foreign.metadata.owner_references = None;
-        let mut other_farm = ours.clone();
-        other_farm.metadata.name = Some("farm-before-recreation".into());
-        if let Some(refs) = other_farm.metadata.owner_references.as_mut() {
-            refs[0].uid = "uid-old".into();
-        }
-        let listed = [foreign, ours, other_farm];
-        let off = farm_with("farm", json!({}));
-        assert_eq!(
-            stale_network_policies(&off, &listed),
-            ["farm-network-policy"]
-        );
-        let mut unsaved = off.clone();
-        unsaved.metadata.uid = None;
-        assert!(stale_network_policies(&unsaved, &listed).is_empty());
     }
 
     #[test]

@@ -17,9 +17,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT,
-    HANDOFF_SECRET_DIR, Names, labels, meta, selector_labels,
+    BuildOptions, COMPONENT_SERVER, CONFIG_FILE_NAME, CONFIG_HASH_ANNOTATION, CONFIG_MOUNT, Names,
+    labels, meta, selector_labels,
 };
+use crate::api::membership::HANDOFF_SECRET_DIR;
 use crate::api::{ADMIN_PORT, DATA_ROOT, SECRETS_ROOT, SERVER_PORT, UploadFarm};
 
 /// The uid the server runs as: not root, and the owner of the session volume (fsGroup).
@@ -219,7 +220,13 @@ pub fn drain_timeout(spec: &crate::api::UploadFarmSpec) -> i64 {
         .max(1)
 }
 
-pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -> StatefulSet {
+/// The StatefulSet of `replicas` servers running the configuration `config_hash` names.
+pub fn stateful_set(
+    farm: &UploadFarm,
+    config_hash: &str,
+    replicas: i32,
+    opts: &BuildOptions,
+) -> StatefulSet {
     let names = Names::of(farm);
     let spec = &farm.spec;
     let mut pod_annotations = spec.pod_annotations.clone().unwrap_or_default();
@@ -259,7 +266,7 @@ pub fn stateful_set(farm: &UploadFarm, config_hash: &str, opts: &BuildOptions) -
     StatefulSet {
         metadata: meta(farm, names.stateful_set(), COMPONENT_SERVER, None),
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(replicas),
             service_name: Some(names.headless_service()),
             // The servers do not depend on each other: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),

@@ -1,4 +1,4 @@
-use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
 use serde_json::json;
 
 use super::*;
@@ -22,16 +22,12 @@ fn opts() -> BuildOptions {
     }
 }
 
+fn pod_spec(sts: &StatefulSet) -> PodSpec {
+    sts.spec.as_ref().unwrap().template.spec.clone().unwrap()
+}
+
 fn container(sts: &StatefulSet) -> Container {
-    sts.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .clone()
+    pod_spec(sts).containers[0].clone()
 }
 
 #[test]
@@ -107,7 +103,7 @@ fn per_pod_services_select_their_pod_and_carry_type_and_annotations() {
     assert_eq!(spec.ports.as_ref().unwrap()[0].port, 8443);
     let a = svc.metadata.annotations.as_ref().unwrap();
     assert_eq!((a["dns"].as_str(), a["pod"].as_str()), ("up1.x", "farm-1"));
-    assert_eq!(service_ordinal(&svc), Some(1));
+    assert_eq!(svc.labels()[ORDINAL_LABEL], "1");
     // 8443 is not http's port: the host id says it, or clients would knock on port 80.
     assert_eq!(host_id(&f, 1), "up1.x:8443");
 }
@@ -229,7 +225,7 @@ fn statefulset_runs_the_server_with_its_config_probes_and_restricted_security() 
 #[test]
 fn empty_dir_only_when_asked_and_retention_only_on_new_servers() {
     let f = farm_with("farm", json!({"storage": {"emptyDir": true}}));
-    let sts = stateful_set(&f, "h", &opts());
+    let sts = stateful_set(&f, "h", 1, &opts());
     let spec = sts.spec.unwrap();
     assert!(spec.volume_claim_templates.is_none());
     assert!(
@@ -246,7 +242,7 @@ fn empty_dir_only_when_asked_and_retention_only_on_new_servers() {
         pvc_retention_policy: true,
         ..opts()
     };
-    let spec = stateful_set(&f, "h", &new).spec.unwrap();
+    let spec = stateful_set(&f, "h", 1, &new).spec.unwrap();
     assert_eq!(
         spec.persistent_volume_claim_retention_policy
             .unwrap()
@@ -277,7 +273,7 @@ fn scheduling_knobs_and_image_reach_the_pods() {
             "affinity": {"podAntiAffinity": {}},
         }),
     );
-    let sts = stateful_set(&f, "h", &opts());
+    let sts = stateful_set(&f, "h", 1, &opts());
     let pod = sts.spec.as_ref().unwrap().template.spec.clone().unwrap();
     assert_eq!(pod.node_selector.unwrap()["disk"], "ssd");
     assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("k"));
@@ -290,13 +286,14 @@ fn scheduling_knobs_and_image_reach_the_pods() {
 
 #[test]
 fn immutable_statefulset_fields_depend_on_the_name_only() {
-    let a = stateful_set(&farm_with("farm", json!({"replicas": 1})), "h1", &opts());
+    let a = stateful_set(&farm_with("farm", json!({"replicas": 1})), "h1", 1, &opts());
     let b = stateful_set(
         &farm_with(
             "farm",
             json!({"replicas": 5, "backend": {"url": "http://x", "notification": "ByValue"}}),
         ),
         "h2",
+        5,
         &opts(),
     );
     let (a, b) = (a.spec.unwrap(), b.spec.unwrap());
@@ -337,7 +334,7 @@ fn volume_claim_templates_are_applied_as_the_api_server_stores_them() {
     // volumeClaimTemplates is an atomic list for server-side apply: anything that differs from
     // the stored template (defaults, a null creationTimestamp) turns each re-apply into a write.
     let f = farm_with("farm", json!({}));
-    let sts = stateful_set(&f, "h", &opts());
+    let sts = stateful_set(&f, "h", 1, &opts());
     let body = stateful_set_apply_body(&sts).unwrap();
     let t = &body["spec"]["volumeClaimTemplates"][0];
     assert!(t["metadata"]["creationTimestamp"].is_null());
@@ -359,6 +356,7 @@ fn volume_claim_templates_are_applied_as_the_api_server_stores_them() {
     let e = stateful_set(
         &farm_with("farm", json!({"storage": {"emptyDir": true}})),
         "h",
+        1,
         &opts(),
     );
     assert_eq!(
@@ -389,15 +387,7 @@ fn names_that_cannot_name_services_build_nothing() {
 fn stopping_pods_drain_for_the_drain_timeout_then_the_fallback_timeout() {
     let pre_stop = |f: &UploadFarm| {
         let sts = children(f, &opts()).unwrap().stateful_set;
-        let grace = sts
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .termination_grace_period_seconds;
+        let grace = pod_spec(&sts).termination_grace_period_seconds;
         let cmd = container(&sts)
             .lifecycle
             .and_then(|l| l.pre_stop)
@@ -482,7 +472,7 @@ fn bearer_tokens_come_from_their_own_secret() {
         file.users_file.as_deref(),
         Some(std::path::Path::new("/var/run/secrets/bitsfarm/auth/users"))
     );
-    let mounts = secret_mounts(&stateful_set(&f, "h", &opts()));
+    let mounts = secret_mounts(&stateful_set(&f, "h", 1, &opts()));
     assert!(
         mounts.contains(&("tokens".into(), "/var/run/secrets/bitsfarm/tokens".into())),
         "{mounts:?}"
@@ -497,7 +487,7 @@ fn bearer_tokens_come_from_their_own_secret() {
         "farm",
         json!({"security": {"authSecretName": "creds", "tokensSecretName": "creds"}}),
     );
-    let mounts = secret_mounts(&stateful_set(&f, "h", &opts()));
+    let mounts = secret_mounts(&stateful_set(&f, "h", 1, &opts()));
     assert_eq!(
         mounts.iter().filter(|(s, _)| s == "creds").count(),
         2,
@@ -508,7 +498,7 @@ fn bearer_tokens_come_from_their_own_secret() {
     let file = crate::config::ConfigFile::parse(&config_yaml(&f).unwrap().0).unwrap();
     assert!(file.tokens_file.is_none());
     assert!(
-        !secret_mounts(&stateful_set(&f, "h", &opts()))
+        !secret_mounts(&stateful_set(&f, "h", 1, &opts()))
             .iter()
             .any(|(_, m)| m.ends_with("/tokens"))
     );
@@ -632,4 +622,32 @@ fn without_tls_addresses_stay_plain_http_on_80() {
         ["ConfigMap", "Service", "NetworkPolicy", "StatefulSet"],
         "the policy is rendered, before the pods"
     );
+}
+
+#[test]
+fn a_scale_down_under_way_keeps_the_draining_servers_and_their_services() {
+    let f = farm_with("farm", json!({"replicas": 1}));
+    let checked = check(&f).unwrap();
+    let draining = checked.children(&opts(), 3);
+    assert_eq!(
+        draining.stateful_set.spec.as_ref().unwrap().replicas,
+        Some(3)
+    );
+    let hosts: Vec<_> = draining
+        .host_services
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    assert_eq!(hosts, ["farm-0", "farm-1", "farm-2"]);
+    assert_eq!(
+        draining.service_names(),
+        ["farm-headless", "farm-0", "farm-1", "farm-2", "farm"]
+    );
+    // Done draining, or no scale-down at all: the spec's size, never less.
+    assert_eq!(checked.children(&opts(), 1), children(&f, &opts()).unwrap());
+    assert_eq!(checked.children(&opts(), 0), children(&f, &opts()).unwrap());
+    // Only the number of servers differs.
+    let done = checked.children(&opts(), 1);
+    assert_eq!(draining.config_map, done.config_map);
+    assert_eq!(draining.config_hash, done.config_hash);
 }
