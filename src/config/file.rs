@@ -48,7 +48,8 @@ pub struct ServeArgs {
 /// directory keys, `DirectoryKeys` (each `directories:` entry), with the merges that go key by
 /// key. The directory keys are written into the top level rather than `#[serde(flatten)]`ed:
 /// flatten cannot deny unknown keys, and it buffers YAML scalars before it knows their type, so
-/// `data-dir: 2024` would stop parsing and errors would lose their line and column.
+/// `data-dir: 2024` would stop parsing, and a bad value's error would point at the start of the
+/// mapping instead of the value.
 ///
 /// The order of the keys is the order of the file's keys (in `to_yaml` and in the list an unknown
 /// key's error gives) and of `--help`. A `bool` key is a switch on the command line: `num_args = 0,
@@ -76,6 +77,8 @@ macro_rules! config_keys {
         /// directory keys they omit from the top level.
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
         #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+        // Without a group of its own: clap would print one in an error's usage line in place of
+        // the flags that were given.
         #[group(skip)]
         pub struct ConfigFile {
             $(
@@ -334,6 +337,20 @@ mod tests {
         };
         let yaml = file.to_yaml().unwrap();
         assert_eq!(ConfigFile::parse(&yaml).unwrap(), file, "{yaml}");
+    }
+
+    #[test]
+    fn a_value_is_read_as_its_keys_type_and_a_bad_one_is_pointed_at() {
+        // What `#[serde(flatten)]` would break (see `config_keys!`).
+        let f = ConfigFile::parse("data-dir: 2024\nhost-id: 10\ndirectories:\n  - data-dir: 7\n")
+            .unwrap();
+        assert_eq!(f.data_dir, Some("2024".into()));
+        assert_eq!(f.host_id.as_deref(), Some("10"));
+        assert_eq!(f.directories[0].data_dir, Some("7".into()));
+        let e = ConfigFile::parse("listen: 127.0.0.1:1\nmax-upload-size: lots\n").unwrap_err();
+        assert!(e.contains("line 2 column 18"), "{e}");
+        let e = ConfigFile::parse("directories:\n  - upload-pth: /a\n").unwrap_err();
+        assert!(e.contains("unknown field `upload-pth`"), "{e}");
     }
 
     #[test]
