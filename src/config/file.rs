@@ -45,8 +45,8 @@ pub struct ServeArgs {
 
 /// Writes each key, listed once in the call below, into every place that needs it: `ConfigFile`
 /// (the file's top level, and the flags: a key's doc comment is its `--help`) and, for the
-/// directory keys, `DirectoryKeys` (each `directories:` entry), with the merges that go key by
-/// key. The directory keys are written into the top level rather than `#[serde(flatten)]`ed:
+/// directory keys, `DirectoryKeys` (each `directories:` entry); and the merges that go key by key
+/// (`or`, `defaults`, `with_defaults`, `inherit`). The directory keys are written into the top level rather than `#[serde(flatten)]`ed:
 /// flatten cannot deny unknown keys, and it buffers YAML scalars before it knows their type, so
 /// `data-dir: 2024` would stop parsing, and a bad value's error would point at the start of the
 /// mapping instead of the value.
