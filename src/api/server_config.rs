@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use crate::config::{ConfigFile, DirectorySettings, NotifyType, ServeArgs, ServerConfig};
+use crate::config::{ConfigFile, DirectoryKeys, NotifyType, ServeArgs, ServerConfig};
 
 use super::{Backend, Limits, Notification, UploadFarmSpec};
 
@@ -93,21 +93,32 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
             "spec.hostIds.template {template:?} must contain {{pod}} or {{ordinal}}, or every server would hand out the same address"
         )));
     }
-    let mut file = ConfigFile {
-        listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], SERVER_PORT))),
-        admin_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
-        host_id: Some(spec.host_id_template()),
-        host_id_fallback_timeout: Some(seconds(
-            "spec.hostIds.fallbackTimeoutSeconds",
-            spec.host_ids.fallback_timeout_seconds,
-        )?),
+    // Checked before the directory keys: of several mistakes, the one reported stays the same.
+    let fallback_timeout = seconds(
+        "spec.hostIds.fallbackTimeoutSeconds",
+        spec.host_ids.fallback_timeout_seconds,
+    )?;
+    let mut defaults = DirectoryKeys {
         upload_path: Some(spec.upload_path.clone()),
         data_dir: Some(PathBuf::from(DATA_ROOT).join("files")),
         session_timeout: Some(seconds(
             "spec.sessionTimeoutSeconds",
             spec.session_timeout_seconds,
         )?),
-        ..ConfigFile::default()
+        ..DirectoryKeys::default()
+    };
+    if let Some(b) = &spec.backend {
+        apply_backend(&mut defaults, b, "spec.backend")?;
+    }
+    if let Some(l) = &spec.limits {
+        apply_limits(&mut defaults, l, "spec.limits")?;
+    }
+    let mut file = ConfigFile {
+        listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], SERVER_PORT))),
+        admin_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))),
+        host_id: Some(spec.host_id_template()),
+        host_id_fallback_timeout: Some(fallback_timeout),
+        ..ConfigFile::with_defaults(defaults)
     };
     if let Some(sec) = &spec.security {
         let secret_file =
@@ -126,32 +137,26 @@ pub fn server_config(spec: &UploadFarmSpec) -> Result<ConfigFile, InvalidSpec> {
             file.notify_header_file = secret_file("backend", "header");
         }
     }
-    if let Some(b) = &spec.backend {
-        apply_backend(&mut DirFields::Top(&mut file), b, "spec.backend")?;
-    }
-    if let Some(l) = &spec.limits {
-        apply_limits(&mut DirFields::Top(&mut file), l, "spec.limits")?;
-    }
     let mut used = HashSet::new();
     for (i, d) in spec.directories.iter().enumerate() {
         let at = format!("spec.directories[{i}]");
-        let mut dir = DirectorySettings {
+        let mut dir = DirectoryKeys {
             upload_path: Some(d.path.clone()),
             data_dir: Some(
                 PathBuf::from(DATA_ROOT)
                     .join("dirs")
                     .join(folder_name(&d.path, i, &mut used)),
             ),
-            ..DirectorySettings::default()
+            ..DirectoryKeys::default()
         };
-        {
-            let mut fields = DirFields::Dir(&mut dir);
-            if let Some(b) = &d.backend {
-                apply_backend(&mut fields, b, &format!("{at}.backend"))?;
-            }
-            if let Some(l) = &d.limits {
-                apply_limits(&mut fields, l, &format!("{at}.limits"))?;
-            }
+        if let Some(b) = &d.backend {
+            apply_backend(&mut dir, b, &format!("{at}.backend"))?;
+            // A backend is taken whole: an empty URL keeps the directory from inheriting the
+            // farm's.
+            dir.notify_url.get_or_insert_default();
+        }
+        if let Some(l) = &d.limits {
+            apply_limits(&mut dir, l, &format!("{at}.limits"))?;
         }
         file.directories.push(dir);
     }
@@ -187,14 +192,7 @@ fn seconds(field: &str, v: i64) -> Result<u64, InvalidSpec> {
     }
 }
 
-/// The directory keys live in two places (top level and entries); this lets one function
-/// fill either.
-enum DirFields<'a> {
-    Top(&'a mut ConfigFile),
-    Dir(&'a mut DirectorySettings),
-}
-
-fn apply_backend(to: &mut DirFields<'_>, b: &Backend, at: &str) -> Result<(), InvalidSpec> {
+fn apply_backend(to: &mut DirectoryKeys, b: &Backend, at: &str) -> Result<(), InvalidSpec> {
     let url = b.url.clone().filter(|u| !u.is_empty());
     if b.notification != Notification::None && url.is_none() {
         return Err(InvalidSpec(format!(
@@ -208,23 +206,13 @@ fn apply_backend(to: &mut DirFields<'_>, b: &Backend, at: &str) -> Result<(), In
         Notification::ByValue => NotifyType::ByValue,
     };
     let timeout = seconds(&format!("{at}.timeoutSeconds"), b.timeout_seconds)?;
-    // A backend is taken whole: a directory that names one does not inherit the farm's URL.
-    match to {
-        DirFields::Top(f) => {
-            f.notify_type = Some(notify_type);
-            f.notify_url = url;
-            f.notify_timeout = Some(timeout);
-        }
-        DirFields::Dir(d) => {
-            d.notify_type = Some(notify_type);
-            d.notify_url = Some(url.unwrap_or_default());
-            d.notify_timeout = Some(timeout);
-        }
-    }
+    to.notify_type = Some(notify_type);
+    to.notify_url = url;
+    to.notify_timeout = Some(timeout);
     Ok(())
 }
 
-fn apply_limits(to: &mut DirFields<'_>, l: &Limits, at: &str) -> Result<(), InvalidSpec> {
+fn apply_limits(to: &mut DirectoryKeys, l: &Limits, at: &str) -> Result<(), InvalidSpec> {
     let max = match l.max_upload_size_bytes {
         None => None,
         Some(v) => match u64::try_from(v) {
@@ -236,15 +224,11 @@ fn apply_limits(to: &mut DirFields<'_>, l: &Limits, at: &str) -> Result<(), Inva
             }
         },
     };
-    let (m, o) = match to {
-        DirFields::Top(f) => (&mut f.max_upload_size, &mut f.allow_overwrites),
-        DirFields::Dir(d) => (&mut d.max_upload_size, &mut d.allow_overwrites),
-    };
     if max.is_some() {
-        *m = max;
+        to.max_upload_size = max;
     }
     if l.allow_overwrites.is_some() {
-        *o = l.allow_overwrites;
+        to.allow_overwrites = l.allow_overwrites;
     }
     Ok(())
 }

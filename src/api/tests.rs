@@ -306,6 +306,14 @@ fn server_config_maps_backends_limits_and_directories() {
     assert_eq!(file.directories[1].notify_type, Some(NotifyType::None));
     assert_eq!(file.directories[1].allow_overwrites, Some(true));
     assert_ne!(file.directories[0].data_dir, file.directories[1].data_dir);
+    // An empty URL is what keeps /b from inheriting the farm's; the top level writes none.
+    assert_eq!(file.notify_url.as_deref(), Some("http://app/in"));
+    assert_eq!(file.directories[0].notify_url, None);
+    assert_eq!(file.directories[1].notify_url.as_deref(), Some(""));
+    let quiet = farm(json!({"backend": {"notification": "None"}}));
+    let quiet = server_config(&quiet.spec).unwrap();
+    assert_eq!(quiet.notify_type, Some(NotifyType::None));
+    assert_eq!(quiet.notify_url, None);
     let c = ServerConfig::from_parts(
         {
             let mut p = file.clone();
@@ -318,6 +326,7 @@ fn server_config_maps_backends_limits_and_directories() {
     assert_eq!(c.directories[0].notify_type, NotifyType::ByValue);
     assert_eq!(c.directories[1].notify_type, NotifyType::None);
     assert_eq!(c.directories[1].max_upload_size, Some(100));
+    assert_eq!(c.directories[1].notify_url, None);
 }
 
 #[test]

@@ -53,12 +53,6 @@ pub enum HandoffError {
         path: std::path::PathBuf,
         len: usize,
     },
-    #[error("handoff peer address {0:?} is not an http(s) URL with a host and no path")]
-    BadPeer(String),
-    #[error(
-        "handoff peer template {0:?} must contain {{ordinal}} and expand to an http(s) URL with a host and no path"
-    )]
-    BadTemplate(String),
     #[error("this member's ordinal {ordinal} has no entry in the handoff peer list of {len}")]
     SelfMissing { ordinal: u16, len: usize },
 }
@@ -202,51 +196,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Where each member of the farm answers, by ordinal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peers {
-    /// One base URL per ordinal (the local farm: one port each).
-    List(Vec<Url>),
-    /// A URL with `{ordinal}` (Kubernetes: each pod's own Service), for a farm whose size changes.
-    Template(String),
-}
-
-impl Peers {
-    pub fn list(urls: &[String]) -> Result<Self, HandoffError> {
-        urls.iter()
-            .map(|u| base_url(u).ok_or_else(|| HandoffError::BadPeer(u.clone())))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Peers::List)
-    }
-
-    pub fn template(t: &str) -> Result<Self, HandoffError> {
-        if !t.contains("{ordinal}") || base_url(&t.replace("{ordinal}", "0")).is_none() {
-            return Err(HandoffError::BadTemplate(t.to_string()));
-        }
-        Ok(Peers::Template(t.to_string()))
-    }
-
-    /// The base URL of member `ordinal`, if the farm has such a member.
-    pub fn address(&self, ordinal: u16) -> Option<Url> {
-        match self {
-            Peers::List(l) => l.get(usize::from(ordinal)).cloned(),
-            Peers::Template(t) => base_url(&t.replace("{ordinal}", &ordinal.to_string())),
-        }
-    }
-}
-
-/// An `http(s)://host[:port]` URL with no path beyond `/`, no query and no credentials.
-fn base_url(s: &str) -> Option<Url> {
-    let u = Url::parse(s).ok()?;
-    let ok = matches!(u.scheme(), "http" | "https")
-        && u.host_str().is_some_and(|h| !h.is_empty())
-        && (u.path() == "/" || u.path().is_empty())
-        && u.query().is_none()
-        && u.fragment().is_none()
-        && u.username().is_empty()
-        && u.password().is_none();
-    ok.then_some(u)
-}
+pub use crate::config::Peers;
 
 /// This member's place in the farm: who it is, where the others are, and the shared key.
 #[derive(Debug, Clone)]
@@ -579,29 +529,6 @@ mod tests {
         for bad in ["", "v2 from=1 ts=1 mac=AA", "v1 from=1", "v1 junk"] {
             assert!(k.verify_forward(bad, now, &req()).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn peers_come_from_a_list_or_a_template() {
-        let l = Peers::list(&[
-            "http://127.0.0.1:8081".into(),
-            "http://127.0.0.1:8082/".into(),
-        ])
-        .unwrap();
-        assert_eq!(
-            l.address(1).map(|u| u.to_string()),
-            Some("http://127.0.0.1:8082/".into())
-        );
-        assert_eq!(l.address(2), None);
-        let t = Peers::template("https://web-{ordinal}.ns.svc:443").unwrap();
-        assert_eq!(
-            t.address(12).map(|u| u.to_string()),
-            Some("https://web-12.ns.svc/".into())
-        );
-        for bad in ["http://x/path", "ftp://x", "not a url", "http://u:p@x"] {
-            assert!(Peers::list(&[bad.into()]).is_err(), "{bad}");
-        }
-        assert!(Peers::template("http://web.ns.svc").is_err());
     }
 
     #[test]

@@ -7,9 +7,6 @@ use std::time::Instant;
 
 use crate::bits::protocol::BitsError;
 
-/// `BITSNumberOfSessionsLimit`'s default.
-pub const DEFAULT_SESSIONS_PER_USER: usize = 50;
-
 /// The limits that refuse requests, as the `limit` label of `bitsfarm_limit_refusals_total`.
 /// The open-connections cap is not one: connections over it wait in the listen backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
