@@ -21,6 +21,11 @@ pub fn is_bits_post(method: &Method, headers: &HeaderMap) -> bool {
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case(BITS_POST)))
 }
 
+/// GET or HEAD: what reads a reply, a completed file, or an admin endpoint.
+pub fn is_get_or_head(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
 /// Whether a request says it carries a body (a `Content-Length` other than 0, or chunked): an
 /// answer that leaves such a body unread must close the connection.
 pub fn has_body(headers: &HeaderMap) -> bool {
@@ -173,6 +178,12 @@ mod tests {
         );
         let other = headers(&[(header::METHOD_OVERRIDE, "PUT")]);
         assert!(!is_bits_post(&Method::POST, &other));
+    }
+
+    #[test]
+    fn reads_are_get_and_head() {
+        assert!(is_get_or_head(&Method::GET) && is_get_or_head(&Method::HEAD));
+        assert!(!is_get_or_head(&Method::POST));
     }
 
     #[test]

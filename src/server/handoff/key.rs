@@ -7,14 +7,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 
-use super::HandoffError;
+use super::error::{HandoffError, MIN_SECRET_LEN};
 use crate::bits::protocol::SessionId;
 
 /// How far a forwarded request's clock may be from ours before it is refused as a replay.
 pub const MAX_FORWARD_SKEW_SECS: u64 = 300;
-/// A secret shorter than this is refused: the tag and the forwarding proof are only as strong
-/// as the key.
-pub const MIN_SECRET_LEN: usize = 32;
 
 const ID_DOMAIN: &[u8] = b"bitsfarm session owner v1\0";
 const FORWARD_DOMAIN: &[u8] = b"bitsfarm forwarded packet v1\0";

@@ -3,7 +3,7 @@
 
 use url::Url;
 
-use super::HandoffError;
+use super::error::HandoffError;
 use super::key::FarmKey;
 use crate::bits::protocol::SessionId;
 

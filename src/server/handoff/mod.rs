@@ -13,39 +13,15 @@
 //! again (one hop at most, no loops), and only a forwarded packet that proves itself may say
 //! which host the client used (for the `BITS-Original-Request-URL` of the delivery).
 
+mod error;
 mod forward;
 mod key;
 mod membership;
 
+pub use error::{HandoffError, MIN_SECRET_LEN};
 pub use forward::{FORWARDED_HEADER, ForwardFailure, Forwarder, Handoff, ORIGINAL_HOST_HEADER};
-pub use key::{FarmKey, ForwardedRequest, MAX_FORWARD_SKEW_SECS, MIN_SECRET_LEN};
+pub use key::{FarmKey, ForwardedRequest, MAX_FORWARD_SKEW_SECS};
 pub use membership::{Membership, Peers};
 
 /// Seconds since the epoch, the clock forwarding proofs carry.
 pub use super::session::unix_now;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HandoffError {
-    #[error(
-        "cannot read the farm secret {path}: {source}; handoff needs the same secret file on every member"
-    )]
-    ReadSecret {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "the farm secret {path} holds {len} bytes; it needs at least {MIN_SECRET_LEN} (e.g. `head -c 32 /dev/urandom | base64`)"
-    )]
-    ShortSecret {
-        path: std::path::PathBuf,
-        len: usize,
-    },
-    #[error("handoff peer address {0:?} is not an http(s) URL with a host and no path")]
-    BadPeer(String),
-    #[error(
-        "handoff peer template {0:?} must contain {{ordinal}} and expand to an http(s) URL with a host and no path"
-    )]
-    BadTemplate(String),
-    #[error("this member's ordinal {ordinal} has no entry in the handoff peer list of {len}")]
-    SelfMissing { ordinal: u16, len: usize },
-}

@@ -8,8 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use super::Body;
-use super::response::{not_allowed, text};
+use super::response::{Body, not_allowed, text};
 use crate::bits::paths::{SESSION_DIR, destination_path};
 use crate::bits::protocol::SessionId;
 use crate::server::session::{REPLIES_DIR, REPLY_FILE};

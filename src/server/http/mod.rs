@@ -9,24 +9,20 @@ mod relay;
 mod response;
 
 use std::convert::Infallible;
-use std::io;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header as h};
-use http_body_util::combinators::UnsyncBoxBody;
+use http::{HeaderValue, Request, Response, StatusCode, header as h};
 use hyper::body::Incoming;
 use tracing::debug;
 
 pub use download::serve_file;
 pub use packet::body_stream;
+pub use response::Body;
 use response::{ack_response, text};
 
 use super::state::AppState;
 use crate::bits::protocol::{Ack, BitsError};
 use crate::bits::request;
-
-pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +40,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let admin_here = matches!(role, Role::Admin | Role::Main { with_admin: true });
-    if admin_here && let Some(r) = response::admin(&state, role, &req) {
+    if admin_here && let Some(r) = response::admin(&state, role == Role::Admin, &req) {
         return Ok(r);
     }
     if role == Role::Admin {
@@ -67,16 +63,12 @@ pub async fn handle(
     if request::is_bits_post(req.method(), req.headers()) {
         return Ok(packet::bits_post(&state, req, user.as_deref(), original_host).await);
     }
-    if is_get(req.method()) {
+    if request::is_get_or_head(req.method()) {
         return Ok(download::download(&state, req, user.as_deref()).await);
     }
     Ok(response::not_allowed(
         "this is a BITS upload server: send BITS_POST packets\n",
     ))
-}
-
-fn is_get(method: &Method) -> bool {
-    method == Method::GET || method == Method::HEAD
 }
 
 /// The authenticated user (`None` when authentication is off), or the 401 to answer with.
@@ -115,11 +107,4 @@ fn authenticate<B>(
         }
     }
     Err(Box::new(r))
-}
-
-/// The Host the client asked for (our listen address when it sent none).
-fn request_host(state: &AppState, headers: &HeaderMap) -> String {
-    request::host(headers)
-        .map(str::to_string)
-        .unwrap_or_else(|| state.config.listen.to_string())
 }

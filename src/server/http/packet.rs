@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
-use super::response::ack_response;
-use super::{Body, request_host};
+use super::response::{Body, ack_response};
 use crate::bits::packet::{Packet, parse_packet};
 use crate::bits::paths::destination_path;
 use crate::bits::protocol::{
@@ -184,6 +183,13 @@ async fn create_session(
         state.config.host_id.as_deref(),
         state.config.host_id_fallback_timeout,
     ))
+}
+
+/// The Host the client asked for (our listen address when it sent none).
+pub fn request_host(state: &AppState, headers: &HeaderMap) -> String {
+    request::host(headers)
+        .map(str::to_string)
+        .unwrap_or_else(|| state.config.listen.to_string())
 }
 
 /// The request body as a stream of chunks, each of which must arrive within `idle`, so a stalled

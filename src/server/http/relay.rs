@@ -10,9 +10,8 @@ use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
 use super::download::reply_session;
-use super::packet::body_stream;
-use super::response::{ack_response, text};
-use super::{Body, is_get, request_host};
+use super::packet::{body_stream, request_host};
+use super::response::{Body, ack_response, text};
 use crate::bits::protocol::{Ack, BitsError, SessionId};
 use crate::bits::request;
 use crate::server::handoff::{self, ForwardFailure, Forwarder};
@@ -79,7 +78,7 @@ fn named_session<B>(state: &AppState, req: &Request<B>) -> Option<(SessionId, &'
     if request::is_bits_post(req.method(), req.headers()) {
         return request::named_session(req.headers()).map(|(id, kind)| (id, kind.as_str()));
     }
-    if is_get(req.method()) {
+    if request::is_get_or_head(req.method()) {
         let (_, below) = state.directory_for(req.uri().path())?;
         return Some((reply_session(below)?, "Reply"));
     }

@@ -3,11 +3,15 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header as h};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
-use super::{Body, Role, is_get};
 use crate::bits::protocol::{Ack, BITS_POST};
+use crate::bits::request;
 use crate::server::state::AppState;
+
+/// The body of every response, boxed: text, an empty Ack, a file, or another member's answer.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
@@ -51,8 +55,13 @@ pub fn ack_response(ack: Ack, keep_alive: bool) -> Response<Body> {
 }
 
 /// The admin endpoint a request is for, answered; `None` when it is for none of them.
-pub fn admin<B>(state: &AppState, role: Role, req: &Request<B>) -> Option<Response<Body>> {
-    if is_get(req.method()) {
+/// `admin_listener`: the request came in on an admin listener of its own.
+pub fn admin<B>(
+    state: &AppState,
+    admin_listener: bool,
+    req: &Request<B>,
+) -> Option<Response<Body>> {
+    if request::is_get_or_head(req.method()) {
         return match req.uri().path() {
             "/healthz" => Some(text(StatusCode::OK, "ok\n")),
             "/readyz" => Some(readiness(state)),
@@ -63,7 +72,7 @@ pub fn admin<B>(state: &AppState, role: Role, req: &Request<B>) -> Option<Respon
     }
     // With authentication on, draining is only offered on a separate admin listener: on the
     // upload address it would let any client (or any uploader) take the server out of service.
-    if (role == Role::Admin || state.auth.is_none())
+    if (admin_listener || state.auth.is_none())
         && req.method() == Method::POST
         && req.uri().path() == "/drain"
     {
