@@ -6,3 +6,4 @@
 pub mod packet;
 pub mod paths;
 pub mod protocol;
+pub mod request;

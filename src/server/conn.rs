@@ -1,5 +1,6 @@
-//! One accepted connection: optional TLS handshake, HTTP/1.1 with header and idle keep-alive
-//! timeouts, and the open-connections permit it holds until it closes.
+//! Connections: the listeners, their accept loops under the open-connections cap, and each
+//! accepted connection (optional TLS handshake, HTTP/1.1 with header and idle keep-alive
+//! timeouts, and the open-connections permit it holds until it closes).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,24 +11,164 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
-use tracing::debug;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::{debug, warn};
 
-use super::AppState;
 use super::http::{self, Role};
 use super::limits::ConnActivity;
+use super::state::{AppState, ServerError};
+use crate::config::ServerConfig;
 
-/// Serves `stream` on its own task. `permit` (the open-connections cap) is released when the
-/// connection ends.
-pub fn spawn(
-    state: Arc<AppState>,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
-    peer: SocketAddr,
+/// The sockets a server listens on.
+pub struct Listeners {
+    /// Uploads (and the admin endpoints when they have no listener of their own).
+    pub main: TcpListener,
+    pub admin: Option<TcpListener>,
+    /// The address every member of a local farm shares; left when draining.
+    pub shared: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &ServerConfig) -> Result<Self, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        let main = bind(config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let shared = match config.shared_listen {
+            Some(addr) => {
+                Some(bind_shared(addr).map_err(|source| ServerError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        Ok(Listeners {
+            main,
+            admin,
+            shared,
+        })
+    }
+}
+
+/// A listener that several processes bind at once; Linux hands each connection to one of them.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A connection a listener accepted, for the server loop to serve.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub role: Role,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// One accept loop per listener, each sending what it accepts to the server loop.
+pub struct Acceptors {
+    /// Each loop, and whether its listener is the shared address.
+    tasks: Vec<(JoinHandle<()>, bool)>,
+}
+
+impl Acceptors {
+    /// Starts accepting on every listener; at most `max_connections` upload connections are
+    /// open at once (the admin listener is not capped).
+    pub fn start(listeners: Listeners, max_connections: usize) -> (Self, mpsc::Receiver<Accepted>) {
+        let main_role = Role::Main {
+            with_admin: listeners.admin.is_none(),
+        };
+        let mut accepts = vec![(listeners.main, main_role, false)];
+        if let Some(s) = listeners.shared {
+            accepts.push((s, main_role, true));
+        }
+        if let Some(a) = listeners.admin {
+            accepts.push((a, Role::Admin, false));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        // Past the cap, connections wait in the listen backlog.
+        let cap = Arc::new(Semaphore::new(max_connections));
+        let tasks = accepts
+            .into_iter()
+            .map(|(listener, role, shared)| {
+                let task = tokio::spawn(accept_loop(listener, role, cap.clone(), tx.clone()));
+                (task, shared)
+            })
+            .collect();
+        (Acceptors { tasks }, rx)
+    }
+
+    /// The loops on the shared address, to leave it when draining.
+    pub fn shared(&self) -> Vec<AbortHandle> {
+        self.tasks
+            .iter()
+            .filter(|(_, shared)| *shared)
+            .map(|(task, _)| task.abort_handle())
+            .collect()
+    }
+
+    pub fn stop(self) {
+        for (task, _) in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
     role: Role,
-    permit: Option<OwnedSemaphorePermit>,
+    cap: Arc<Semaphore>,
+    tx: mpsc::Sender<Accepted>,
 ) {
+    loop {
+        let permit = match role {
+            Role::Admin => None,
+            Role::Main { .. } => match cap.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            },
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let accepted = Accepted {
+                    stream,
+                    peer,
+                    role,
+                    permit,
+                };
+                if tx.send(accepted).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves an accepted connection on its own task. Its permit (the open-connections cap) is
+/// released when the connection ends.
+pub fn spawn(state: Arc<AppState>, graceful: &GracefulShutdown, accepted: Accepted) {
+    let Accepted {
+        stream,
+        peer,
+        role,
+        permit,
+    } = accepted;
     let _ = stream.set_nodelay(true);
     let tls = match role {
         Role::Main { .. } => state.tls.clone(),

@@ -1,0 +1,110 @@
+//! The HTTP front: routes each request to the admin endpoints, to the member that owns its
+//! session, to the session store as a BITS packet, or to a download, and answers everything else.
+//! `packet` is the packet -> session call, `download` the GETs, `relay` the handoff to other
+//! members, `response` the answers themselves (Acks, plain text, the admin endpoints).
+
+mod download;
+mod packet;
+mod relay;
+mod response;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode, header as h};
+use hyper::body::Incoming;
+use tracing::debug;
+
+pub use download::serve_file;
+pub use packet::body_stream;
+pub use response::Body;
+use response::{ack_response, text};
+
+use super::state::AppState;
+use crate::bits::protocol::{Ack, BitsError};
+use crate::bits::request;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Uploads, and the admin endpoints too unless they have a listener of their own.
+    Main {
+        with_admin: bool,
+    },
+    Admin,
+}
+
+pub async fn handle(
+    state: Arc<AppState>,
+    role: Role,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let admin_here = matches!(role, Role::Admin | Role::Main { with_admin: true });
+    if admin_here && let Some(r) = response::admin(&state, role == Role::Admin, &req) {
+        return Ok(r);
+    }
+    if role == Role::Admin {
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    // Every request to the upload side is authenticated on its own (see protocol-decisions.md).
+    let user = match authenticate(&state, &req) {
+        Ok(user) => user,
+        Err(denied) => return Ok(*denied),
+    };
+    let mut original_host = None;
+    if let Some(fwd) = &state.handoff {
+        match relay::route(&state, fwd, &req) {
+            relay::Route::Here => {}
+            relay::Route::Forwarded(host) => original_host = Some(host),
+            relay::Route::Refused(r) => return Ok(r),
+            relay::Route::Owner(to) => return Ok(relay::forward(&state, fwd, req, to).await),
+        }
+    }
+    if request::is_bits_post(req.method(), req.headers()) {
+        return Ok(packet::bits_post(&state, req, user.as_deref(), original_host).await);
+    }
+    if request::is_get_or_head(req.method()) {
+        return Ok(download::download(&state, req, user.as_deref()).await);
+    }
+    Ok(response::not_allowed(
+        "this is a BITS upload server: send BITS_POST packets\n",
+    ))
+}
+
+/// The authenticated user (`None` when authentication is off), or the 401 to answer with.
+fn authenticate<B>(
+    state: &AppState,
+    req: &Request<B>,
+) -> Result<Option<String>, Box<Response<Body>>> {
+    let Some(auth) = &state.auth else {
+        return Ok(None);
+    };
+    let presented = req
+        .headers()
+        .get(h::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let why = match auth.authenticate(presented) {
+        Ok(user) => return Ok(Some(user)),
+        Err(why) => why,
+    };
+    debug!(path = %req.uri().path(), reason = ?why, "request not authenticated");
+    state.metrics.auth_failed(why.metric_reason());
+    // An unread body cannot stay on the connection.
+    let keep_alive = !request::has_body(req.headers());
+    let mut r = if request::is_bits_post(req.method(), req.headers()) {
+        ack_response(Ack::from(BitsError::authentication_required()), keep_alive)
+    } else {
+        let mut r = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+        if !keep_alive {
+            r.headers_mut()
+                .insert(h::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    };
+    for c in auth.challenges() {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            r.headers_mut().append(h::WWW_AUTHENTICATE, v);
+        }
+    }
+    Err(Box::new(r))
+}
