@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+pub use super::clock::unix_now;
 use super::dir_lock::DataDirLock;
+use super::disk::{blocking, io_error};
 use super::hooks;
 use super::limits::SessionCounter;
 use super::metrics::{Metrics, OutcomeLabels};
@@ -874,32 +876,6 @@ impl UploadDir {
             return Err(BitsError::session_not_found());
         }
         Ok(())
-    }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BitsError> + Send + 'static,
-) -> Result<T, BitsError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BitsError::internal(format!("a storage task failed: {e}")))?
-}
-
-/// Maps an I/O failure to the answer a client can act on.
-pub fn io_error(e: io::Error) -> BitsError {
-    if e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull {
-        warn!(error = %e, "disk full");
-        BitsError::disk_full()
-    } else {
-        warn!(error = %e, "storage error");
-        BitsError::internal(format!("the server could not store the upload: {e}"))
     }
 }
 
