@@ -1,8 +1,10 @@
 //! The BITS upload server (`bitsfarm serve`).
 
 pub mod auth;
+pub mod clock;
 pub mod conn;
 pub mod dir_lock;
+pub mod disk;
 pub mod handoff;
 pub mod hooks;
 pub mod http;

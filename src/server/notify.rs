@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
+use super::disk::io_error;
 use crate::bits::protocol::{BitsError, SessionId, hresult};
 use crate::config::NotifyType;
 
@@ -224,15 +225,11 @@ impl Notifier {
             req = req.header(name, value);
         }
         if let Some(parent) = d.reply.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(super::session::io_error)?;
+            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
         }
         match d.kind {
             NotifyType::ByValue => {
-                let file = tokio::fs::File::open(d.data)
-                    .await
-                    .map_err(super::session::io_error)?;
+                let file = tokio::fs::File::open(d.data).await.map_err(io_error)?;
                 let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
                     file,
                     256 << 10,
@@ -290,9 +287,7 @@ impl Notifier {
         if d.kind == NotifyType::ByValue && static_url.is_none() {
             store_reply(resp, d.reply, d.sync).await?;
         } else if d.kind == NotifyType::ByReference && !d.reply.exists() && static_url.is_none() {
-            tokio::fs::write(d.reply, b"")
-                .await
-                .map_err(super::session::io_error)?;
+            tokio::fs::write(d.reply, b"").await.map_err(io_error)?;
         }
         info!(session = %d.session, url = %d.url, key = d.key, static_reply = static_url.is_some(), copy, "delivered to the server application");
         Ok((static_url, copy))
@@ -307,9 +302,7 @@ fn path_header(p: &Path) -> Result<String, BitsError> {
 
 async fn store_reply(resp: reqwest::Response, path: &Path, sync: bool) -> Result<(), BitsError> {
     let tmp: PathBuf = path.with_extension("part");
-    let mut f = tokio::fs::File::create(&tmp)
-        .await
-        .map_err(super::session::io_error)?;
+    let mut f = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
@@ -319,18 +312,14 @@ async fn store_reply(resp: reqwest::Response, path: &Path, sync: bool) -> Result
                 format!("the server application's reply broke off: {e}"),
             )
         })?;
-        f.write_all(&chunk)
-            .await
-            .map_err(super::session::io_error)?;
+        f.write_all(&chunk).await.map_err(io_error)?;
     }
-    f.flush().await.map_err(super::session::io_error)?;
+    f.flush().await.map_err(io_error)?;
     if sync {
-        f.sync_data().await.map_err(super::session::io_error)?;
+        f.sync_data().await.map_err(io_error)?;
     }
     drop(f);
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(super::session::io_error)
+    tokio::fs::rename(&tmp, path).await.map_err(io_error)
 }
 
 #[cfg(test)]

@@ -1,0 +1,236 @@
+//! Once-only delivery of a complete upload to the server application, and the ledger that keeps a
+//! later session for the same file from delivering it again.
+//!
+//! The session's lock is held throughout, so a retried final fragment or Close waits for the
+//! delivery in progress and then finds its outcome instead of sending a second notification.
+//! The HTTP side is `notify`'s.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::Digest;
+use tracing::{info, warn};
+
+use super::store::{DELIVERY_FILE, Session, Store, write_json};
+use super::writer::rebuild_hasher;
+use crate::bits::protocol::BitsError;
+use crate::config::{NotifyType, UploadDirConfig};
+use crate::server::clock::unix_now;
+use crate::server::disk::{blocking, io_error};
+use crate::server::hooks;
+use crate::server::metrics::{Metrics, OutcomeLabels};
+use crate::server::notify::{self, Delivery, DeliveryOutcome, Notifier};
+
+/// Where a packet was sent: the upload URL as the client sees it.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The `Host` the client used (in a farm: the member's host id).
+    pub host: String,
+    /// Path and query of the request.
+    pub path_and_query: String,
+}
+
+impl Origin {
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.host, self.path_and_query)
+    }
+}
+
+/// What delivering the uploads of one directory takes, borrowed from it for one packet.
+pub struct Deliverer<'a> {
+    pub config: &'a UploadDirConfig,
+    pub store: &'a Store,
+    pub notifier: &'a Notifier,
+    pub metrics: &'a Metrics,
+}
+
+impl Deliverer<'_> {
+    /// Hands a complete upload to the server application unless its delivery is already recorded,
+    /// and returns the reply URL for the final fragment's Ack. The outcome is on disk before this
+    /// returns, so a retried final fragment or Close after a success never notifies again.
+    pub async fn ensure_delivered(
+        &self,
+        session: &mut Session,
+        origin: &Origin,
+    ) -> Result<Option<String>, BitsError> {
+        let kind = self.config.notify_type;
+        if kind == NotifyType::None {
+            return Ok(None);
+        }
+        if session.delivery.is_none() {
+            let outcome = self.deliver(session, origin, kind).await?;
+            session.delivery = Some(outcome);
+            session.last_activity = SystemTime::now();
+            hooks::checkpoint(hooks::AFTER_RECORD).await;
+        }
+        Ok(Some(super::machine::reply_url(
+            &self.config.upload_path,
+            &session.record.id,
+            session.delivery.as_ref(),
+        )))
+    }
+
+    async fn deliver(
+        &self,
+        session: &mut Session,
+        origin: &Origin,
+        kind: NotifyType,
+    ) -> Result<DeliveryOutcome, BitsError> {
+        let id = session.record.id.clone();
+        let sha = upload_sha256(session).await?;
+        let key = notify::idempotency_key(&origin.path_and_query, &sha);
+        let reply = self.store.reply_path(&id);
+        let ledger = self.store.delivered.join(format!("{key}.json"));
+        let ledger_reply = self.store.delivered.join(format!("{key}.reply"));
+
+        // Delivered before, by an earlier session of this server: answer with that outcome.
+        let known = {
+            let (ledger, ledger_reply, reply) =
+                (ledger.clone(), ledger_reply.clone(), reply.clone());
+            blocking(move || Ok(load_ledger(&ledger, &ledger_reply, &reply))).await?
+        };
+        let outcome = if let Some(mut earlier) = known {
+            info!(session = %id, key, "already delivered by this server; not sent again");
+            self.metrics.duplicates_suppressed.inc();
+            earlier.suppressed_duplicate = true;
+            earlier.delivered_unix = unix_now();
+            earlier
+        } else {
+            hooks::checkpoint(hooks::BEFORE_NOTIFY).await;
+            let url = notify::notification_url(
+                self.config.notify_url.as_deref().unwrap_or_default(),
+                &origin.url(),
+            )?;
+            let result = self
+                .notifier
+                .deliver(Delivery {
+                    kind,
+                    url,
+                    original_url: &origin.url(),
+                    session: &id,
+                    key: &key,
+                    sha256: &sha,
+                    data: &session.data_path(),
+                    size: session.offset,
+                    reply: &reply,
+                    timeout: self.config.notify_timeout,
+                    sync: self.store.sync,
+                })
+                .await;
+            let label = match &result {
+                Ok(_) => "delivered",
+                Err(e) if e.status == 408 => "unreachable",
+                Err(_) => "refused",
+            };
+            self.metrics
+                .notifications
+                .get_or_create(&OutcomeLabels {
+                    outcome: label.to_string(),
+                })
+                .inc();
+            let (static_reply_url, copy_to_destination) = result?;
+            hooks::checkpoint(hooks::AFTER_NOTIFY).await;
+            DeliveryOutcome {
+                idempotency_key: key.clone(),
+                sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
+                delivered_unix: unix_now(),
+                static_reply_url,
+                copy_to_destination,
+                suppressed_duplicate: false,
+            }
+        };
+        let (dir, sync, o) = (session.dir.clone(), self.store.sync, outcome.clone());
+        blocking(move || {
+            write_json(&dir.join(DELIVERY_FILE), &o, sync).map_err(io_error)?;
+            // The ledger is a second copy for later sessions; losing it only costs a re-delivery
+            // with the same key, which the backend can recognise. The reply goes in first, whole,
+            // so an entry is never found without the reply it names.
+            let copied = o.static_reply_url.is_some() || copy_whole(&reply, &ledger_reply, sync);
+            if !copied {
+                warn!("cannot copy the reply into the delivery ledger");
+            } else if let Err(e) = write_json(&ledger, &o, sync) {
+                warn!(error = %e, "cannot write the delivery ledger");
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(outcome)
+    }
+
+    /// Forgets the deliveries older than the session timeout at `now`.
+    pub async fn sweep_ledger(&self, now: SystemTime) {
+        let (ledger, keep) = (self.store.delivered.clone(), self.config.session_timeout);
+        let _ = tokio::task::spawn_blocking(move || sweep_ledger(&ledger, keep, now)).await;
+    }
+}
+
+/// The SHA-256 of the whole upload: the running hash, or (only after a restart) the checkpoint
+/// resumed over what it did not cover.
+async fn upload_sha256(session: &mut Session) -> Result<Vec<u8>, BitsError> {
+    if let Some(h) = &session.hasher {
+        return Ok(h.clone().finalize().to_vec());
+    }
+    let (path, state, offset) = (
+        session.data_path(),
+        session.hash_state_path(),
+        session.offset,
+    );
+    let h = blocking(move || {
+        let mut f = File::open(&path).map_err(io_error)?;
+        rebuild_hasher(&mut f, &state, offset).map_err(io_error)
+    })
+    .await?;
+    session.hasher = Some(h.clone());
+    Ok(h.finalize().to_vec())
+}
+
+/// A delivery this server recorded for the same key, with its reply copied into `reply`.
+fn load_ledger(ledger: &Path, ledger_reply: &Path, reply: &Path) -> Option<DeliveryOutcome> {
+    let outcome: DeliveryOutcome = serde_json::from_slice(&fs::read(ledger).ok()?).ok()?;
+    if outcome.static_reply_url.is_none() {
+        // An entry without its reply (torn by a crash) is not trusted: the upload is delivered
+        // again, with the same key, rather than answered with an empty reply.
+        if !ledger_reply.is_file() {
+            return None;
+        }
+        fs::create_dir_all(reply.parent()?).ok()?;
+        fs::copy(ledger_reply, reply).ok()?;
+    }
+    Some(outcome)
+}
+
+/// Copies `from` to `to` through a temporary file and a rename, so `to` is whole or absent.
+fn copy_whole(from: &Path, to: &Path, sync: bool) -> bool {
+    let mut tmp = to.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let copied = fs::copy(from, &tmp).and_then(|_| {
+        if sync {
+            File::open(&tmp)?.sync_data()?;
+        }
+        fs::rename(&tmp, to)
+    });
+    if copied.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    copied.is_ok()
+}
+
+/// Forgets deliveries older than the session timeout: by then no client can still be retrying.
+fn sweep_ledger(dir: &Path, keep: Duration, now: SystemTime) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > keep);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}

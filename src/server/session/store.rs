@@ -1,0 +1,675 @@
+//! The session table of one data folder and its records on disk.
+//!
+//! On disk, under `<data-dir>/BITS-Sessions/Requests/{SESSION-ID}/`:
+//! - `session.json`: what the session is (destination, total, state), replaced atomically;
+//! - `requestfile.bin`: the bytes received so far. Bytes are only ever appended in order, so the
+//!   file's length is the next expected offset, and one `fdatasync` before the Ack makes both the
+//!   bytes and that offset durable: no separate metadata write per fragment;
+//! - `hash.state`: a checkpoint of the running SHA-256 (see `writer`).
+//!
+//! Memory holds one small `Session` per session, each behind its own lock; the table's lock is
+//! only held to look a session up, insert or remove it. No upload's bytes are ever held whole.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::bits::paths::SESSION_DIR;
+use crate::bits::protocol::{BitsError, SessionId};
+use crate::server::clock::unix_now;
+use crate::server::dir_lock::DataDirLock;
+use crate::server::disk::{blocking, io_error};
+use crate::server::limits::SessionCounter;
+use crate::server::metrics::Metrics;
+use crate::server::notify::DeliveryOutcome;
+
+pub const REQUESTS_DIR: &str = "Requests";
+pub const REPLIES_DIR: &str = "Replies";
+pub const DATA_FILE: &str = "requestfile.bin";
+pub const RECORD_FILE: &str = "session.json";
+pub const HASH_STATE_FILE: &str = "hash.state";
+pub const DELIVERY_FILE: &str = "delivery.json";
+pub const REPLY_FILE: &str = "responsefile.bin";
+/// Per data folder: one record per delivered idempotency key, so that a new session for the same
+/// file at the same URL is not delivered again.
+pub const DELIVERED_DIR: &str = "Delivered";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionState {
+    /// Fragments are being received (or all were, and Close has not come yet).
+    Receiving,
+    /// Closed: the file was committed (or an incomplete upload discarded). Kept as a tombstone so
+    /// that a retried Close-Session is answered 200 instead of "session not found".
+    Closed,
+    /// Cancelled; kept as a tombstone for a retried Cancel-Session.
+    Cancelled,
+}
+
+/// What `session.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The request path the session was created at; packets for it at another path are refused.
+    pub url_path: String,
+    /// Destination relative to the data folder.
+    pub destination: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_name: Option<String>,
+    pub created_unix: u64,
+    /// The upload's size, known from the first Fragment on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    pub state: SessionState,
+    /// The authenticated user that created the session (none when authentication is off, and in
+    /// records written before authentication existed). Only that user may use the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SessionId::parse(&s).ok_or_else(|| serde::de::Error::custom("not a braced GUID"))
+    }
+}
+
+/// One session in memory. The other rooms of `session` update it while they hold its lock.
+pub struct Session {
+    pub record: SessionRecord,
+    pub(super) dir: PathBuf,
+    /// Bytes stored so far: the next expected offset.
+    pub(super) offset: u64,
+    /// The running SHA-256 of bytes `0..offset`; None after a restart until it is rebuilt.
+    pub(super) hasher: Option<Sha256>,
+    pub(super) last_activity: SystemTime,
+    /// Set when the session left the table while a packet was waiting for it.
+    removed: bool,
+    /// The recorded outcome of the delivery to the server application, once there is one.
+    pub(super) delivery: Option<DeliveryOutcome>,
+}
+
+impl Session {
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.record.total == Some(self.offset)
+    }
+
+    pub(super) fn data_path(&self) -> PathBuf {
+        self.dir.join(DATA_FILE)
+    }
+
+    pub(super) fn hash_state_path(&self) -> PathBuf {
+        self.dir.join(HASH_STATE_FILE)
+    }
+
+    fn expired(&self, now: SystemTime, timeout: Duration) -> bool {
+        now.duration_since(self.last_activity)
+            .is_ok_and(|idle| idle > timeout)
+    }
+}
+
+type SessionSlot = Arc<tokio::sync::Mutex<Session>>;
+/// A session, locked for one packet.
+pub type Locked = tokio::sync::OwnedMutexGuard<Session>;
+
+/// What a Create-Session makes: the new id, where the upload goes, and who owns it.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// A fresh id: random, or minted with this member's owner tag when the farm hands off sessions.
+    pub id: SessionId,
+    pub url_path: String,
+    pub destination: PathBuf,
+    pub content_name: Option<String>,
+    /// The authenticated user creating the session.
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot prepare the data folder {path}: {source}; check that it exists and is writable"
+    )]
+    Prepare { path: PathBuf, source: io::Error },
+}
+
+/// The sessions of one data folder: the table, its folders and the count of open sessions.
+pub struct Store {
+    root: PathBuf,
+    requests: PathBuf,
+    replies: PathBuf,
+    pub(super) delivered: PathBuf,
+    sessions: Mutex<HashMap<SessionId, SessionSlot>>,
+    metrics: Arc<Metrics>,
+    /// Every write is synced before it is acknowledged.
+    pub(super) sync: bool,
+    /// Open sessions per user and in all, shared by the server's directories.
+    counter: Arc<SessionCounter>,
+    /// Held for as long as the directory is served: no other server recovers it meanwhile.
+    _lock: DataDirLock,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data folder and recovers every session found on disk; `lock`
+    /// is this server's hold on that folder.
+    pub fn open(
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+        sync: bool,
+        lock: DataDirLock,
+    ) -> Result<Self, StoreError> {
+        let prepare = |path: &Path| {
+            fs::create_dir_all(path).map_err(|source| StoreError::Prepare {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        prepare(data_dir)?;
+        let root = fs::canonicalize(data_dir).map_err(|source| StoreError::Prepare {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let requests = root.join(SESSION_DIR).join(REQUESTS_DIR);
+        let replies = root.join(SESSION_DIR).join(REPLIES_DIR);
+        let delivered = root.join(SESSION_DIR).join(DELIVERED_DIR);
+        for p in [&requests, &replies, &delivered] {
+            prepare(p)?;
+        }
+        let store = Store {
+            root,
+            requests,
+            replies,
+            delivered,
+            sessions: Mutex::new(HashMap::new()),
+            metrics,
+            sync,
+            counter: Arc::new(SessionCounter::default()),
+            _lock: lock,
+        };
+        store.recover();
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a session's reply from the backend is kept (and served from).
+    pub fn reply_path(&self, id: &SessionId) -> PathBuf {
+        self.replies.join(id.as_str()).join(REPLY_FILE)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, SessionSlot>> {
+        // A panic while holding this lock cannot leave the map half-updated (single inserts and
+        // removes), so a poisoned lock is still usable.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, id: &SessionId) -> Option<SessionSlot> {
+        self.table().get(id).cloned()
+    }
+
+    fn recover(&self) {
+        let entries = match fs::read_dir(&self.requests) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(dir = %self.requests.display(), error = %e, "cannot list sessions");
+                return;
+            }
+        };
+        let mut recovered = 0usize;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(SessionId::parse) else {
+                continue;
+            };
+            let dir = entry.path();
+            match load_session(&dir) {
+                Ok(Some(session)) if session.record.id == id => {
+                    if session.record.state == SessionState::Receiving {
+                        self.metrics.sessions_active.inc();
+                        self.counter.add(session.record.owner.as_deref());
+                    }
+                    self.table()
+                        .insert(id, Arc::new(tokio::sync::Mutex::new(session)));
+                    recovered += 1;
+                }
+                Ok(Some(_)) => {
+                    warn!(dir = %dir.display(), "session.json names another session; left alone")
+                }
+                Ok(None) => {
+                    // Created but never acknowledged (no session.json yet): nothing to keep.
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                Err(e) => warn!(dir = %dir.display(), error = %e, "unreadable session; left alone"),
+            }
+        }
+        if recovered > 0 {
+            info!(dir = %self.root.display(), sessions = recovered, "recovered sessions");
+        }
+    }
+
+    /// Looks a session up, locks it, and enforces the timeout and the URL it belongs to.
+    pub async fn lock(
+        &self,
+        id: &SessionId,
+        url_path: &str,
+        timeout: Duration,
+    ) -> Result<Locked, BitsError> {
+        let slot = self.slot(id).ok_or_else(BitsError::session_not_found)?;
+        let session = slot.lock_owned().await;
+        if session.removed || !crate::bits::paths::same_url_path(&session.record.url_path, url_path)
+        {
+            return Err(BitsError::session_not_found());
+        }
+        if session.expired(SystemTime::now(), timeout) {
+            self.remove(id, session, "expired").await;
+            return Err(BitsError::session_not_found());
+        }
+        Ok(session)
+    }
+
+    /// Removes a session from the table and from disk.
+    async fn remove(&self, id: &SessionId, mut session: Locked, why: &str) {
+        session.removed = true;
+        self.table().remove(id);
+        if session.record.state == SessionState::Receiving {
+            self.metrics.sessions_active.dec();
+            self.counter.release(session.record.owner.as_deref());
+            if why == "expired" {
+                self.metrics.sessions_expired.inc();
+            }
+        }
+        let dir = session.dir.clone();
+        let reply_dir = self.replies.join(id.as_str());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = fs::remove_dir_all(reply_dir);
+            fs::remove_dir_all(dir)
+        })
+        .await;
+        info!(session = %id, why, "session removed");
+    }
+
+    /// Creates a session, on disk first, if the session limits and the destination allow it.
+    pub async fn create(
+        &self,
+        req: CreateRequest,
+        allow_overwrites: bool,
+    ) -> Result<SessionId, BitsError> {
+        let dest = self.root.join(&req.destination);
+        let id = req.id.clone();
+        let dir = self.requests.join(id.as_str());
+        self.counter
+            .try_acquire(req.owner.as_deref())
+            .map_err(|refused| {
+                self.metrics.limit_refused(refused.limit);
+                refused.error
+            })?;
+        let owner = req.owner.clone();
+        let record = SessionRecord {
+            id: id.clone(),
+            url_path: req.url_path,
+            destination: req.destination,
+            content_name: req.content_name,
+            created_unix: unix_now(),
+            total: None,
+            state: SessionState::Receiving,
+            owner: req.owner,
+        };
+        let sync = self.sync;
+        let rec = record.clone();
+        let d = dir.clone();
+        let created = blocking(move || {
+            check_destination(&dest, allow_overwrites)?;
+            fs::create_dir(&d).map_err(io_error)?;
+            write_record(&d, &rec, sync).map_err(io_error)
+        })
+        .await;
+        if let Err(e) = created {
+            self.counter.release(owner.as_deref());
+            return Err(e);
+        }
+        let session = Session {
+            record,
+            dir,
+            offset: 0,
+            hasher: Some(Sha256::new()),
+            last_activity: SystemTime::now(),
+            removed: false,
+            delivery: None,
+        };
+        self.table()
+            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        self.metrics.sessions_created.inc();
+        self.metrics.sessions_active.inc();
+        Ok(id)
+    }
+
+    /// Records the upload's size, durably, the first time a fragment names it.
+    pub async fn record_total(&self, session: &mut Session, total: u64) -> Result<(), BitsError> {
+        let mut record = session.record.clone();
+        record.total = Some(total);
+        let (dir, sync) = (session.dir.clone(), self.sync);
+        let r = record.clone();
+        blocking(move || write_record(&dir, &r, sync).map_err(io_error)).await?;
+        session.record = record;
+        Ok(())
+    }
+
+    /// Ends a receiving session as a tombstone in `state` (so a retried Close or Cancel is answered
+    /// 200): commits the upload to `commit_to` first when given, then drops its data, hash
+    /// checkpoint and reply. The session no longer counts as open.
+    pub async fn end(
+        &self,
+        session: &mut Session,
+        state: SessionState,
+        commit_to: Option<PathBuf>,
+        allow_overwrites: bool,
+    ) -> Result<(), BitsError> {
+        let mut record = session.record.clone();
+        record.state = state;
+        let (dir, data, sync) = (session.dir.clone(), session.data_path(), self.sync);
+        let reply_dir = self.replies.join(record.id.as_str());
+        let rec = record.clone();
+        blocking(move || {
+            if let Some(dest) = commit_to {
+                commit(&data, &dest, allow_overwrites, sync)?;
+            }
+            write_record(&dir, &rec, sync).map_err(io_error)?;
+            let _ = fs::remove_file(&data);
+            let _ = fs::remove_file(dir.join(HASH_STATE_FILE));
+            let _ = fs::remove_dir_all(&reply_dir);
+            Ok(())
+        })
+        .await?;
+        session.record = record;
+        session.last_activity = SystemTime::now();
+        session.hasher = None;
+        self.metrics.sessions_active.dec();
+        self.counter.release(session.record.owner.as_deref());
+        Ok(())
+    }
+
+    /// Removes every session idle for longer than `timeout` at `now`. Sessions busy with a packet
+    /// are skipped: they are not idle.
+    pub async fn sweep_expired(&self, now: SystemTime, timeout: Duration) -> usize {
+        let slots: Vec<(SessionId, SessionSlot)> = self
+            .table()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut removed = 0;
+        for (id, slot) in slots {
+            let Ok(session) = slot.try_lock_owned() else {
+                continue;
+            };
+            if !session.removed && session.expired(now, timeout) {
+                self.remove(&id, session, "expired").await;
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    /// Shares `counter` with the server's other directories and counts this one's open sessions
+    /// in it (before any packet is served).
+    pub fn set_counter(&mut self, counter: Arc<SessionCounter>) {
+        let slots: Vec<SessionSlot> = self.table().values().cloned().collect();
+        for slot in slots {
+            if let Ok(s) = slot.try_lock()
+                && s.record.state == SessionState::Receiving
+            {
+                counter.add(s.record.owner.as_deref());
+            }
+        }
+        self.counter = counter;
+    }
+
+    /// Refuses, as an unknown session, a session that belongs to another user than `owner`
+    /// (`None`: authentication is off). Ownership never changes, so checking before the packet's
+    /// own lock is enough.
+    pub async fn check_owner(&self, id: &SessionId, owner: Option<&str>) -> Result<(), BitsError> {
+        let Some(slot) = self.slot(id) else {
+            return Ok(()); // unknown: the packet handler answers that itself
+        };
+        let session = slot.lock().await;
+        if session.record.owner.as_deref() != owner {
+            return Err(BitsError::session_not_found());
+        }
+        Ok(())
+    }
+
+    /// The reply file of an open session whose reply this server keeps (not a static URL).
+    pub async fn reply_file(&self, id: &SessionId, timeout: Duration) -> Option<PathBuf> {
+        let slot = self.slot(id)?;
+        let session = slot.lock_owned().await;
+        let open = !session.removed
+            && session.record.state == SessionState::Receiving
+            && !session.expired(SystemTime::now(), timeout);
+        let served_here = session
+            .delivery
+            .as_ref()
+            .is_some_and(|d| d.static_reply_url.is_none());
+        (open && served_here).then(|| self.reply_path(id))
+    }
+}
+
+/// Refuses a destination that is a folder, or an existing file when overwrites are off.
+fn check_destination(dest: &Path, allow_overwrites: bool) -> Result<(), BitsError> {
+    match fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => Err(BitsError::invalid(
+            "the upload URL names a folder on the server; upload to a file name",
+        )),
+        Ok(_) if !allow_overwrites => Err(BitsError::access_denied(
+            "a file with this name already exists and this directory does not allow overwrites",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Moves the finished upload to its destination in one atomic step. Without overwrites a hard link
+/// is made (it fails if the name exists, even when another upload got there first) and the session
+/// file is dropped afterwards; a link left by a crash between the two is recognised as our own.
+fn commit(data: &Path, dest: &Path, allow_overwrites: bool, sync: bool) -> Result<(), BitsError> {
+    if !data.exists() {
+        // A crash after the commit but before the tombstone was written: the file is in place.
+        if dest.exists() {
+            return Ok(());
+        }
+        return Err(BitsError::internal(
+            "the session's data file is missing; the upload must be sent again",
+        ));
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(20) {
+                BitsError::invalid(
+                    "a folder in the upload URL is a file on the server; choose another path",
+                )
+            } else {
+                io_error(e)
+            }
+        })?;
+    }
+    if allow_overwrites {
+        if dest.is_dir() {
+            return Err(BitsError::invalid(
+                "the upload URL names a folder on the server; upload to a file name",
+            ));
+        }
+        fs::rename(data, dest).map_err(io_error)?;
+    } else {
+        match fs::hard_link(data, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if !same_file(data, dest) {
+                    check_destination(dest, false)?;
+                }
+            }
+            Err(e) => return Err(io_error(e)),
+        }
+    }
+    if sync && let Some(parent) = dest.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error)?;
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn write_record(dir: &Path, record: &SessionRecord, sync: bool) -> io::Result<()> {
+    write_json(&dir.join(RECORD_FILE), record, sync)
+}
+
+/// Replaces a JSON file atomically (write, sync, rename, sync the folder).
+pub(super) fn write_json<T: Serialize>(path: &Path, value: &T, sync: bool) -> io::Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&json)?;
+        if sync {
+            f.sync_data()?;
+        }
+    }
+    fs::rename(&tmp, path)?;
+    if sync && let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn load_session(dir: &Path) -> io::Result<Option<Session>> {
+    let record_path = dir.join(RECORD_FILE);
+    let json = match fs::read(&record_path) {
+        Ok(j) => j,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let record: SessionRecord = serde_json::from_slice(&json).map_err(io::Error::other)?;
+    // The record names where Close will write: never trust it to stay inside the data folder.
+    let names_session_dir = record
+        .destination
+        .components()
+        .next()
+        .is_some_and(|c| c.as_os_str().eq_ignore_ascii_case(SESSION_DIR));
+    if !crate::bits::paths::is_contained(&record.destination)
+        || record.destination.as_os_str().is_empty()
+        || names_session_dir
+    {
+        return Err(io::Error::other(format!(
+            "destination {:?} leaves the data folder or names the session folder",
+            record.destination
+        )));
+    }
+    let data = dir.join(DATA_FILE);
+    let (offset, data_mtime) = match fs::metadata(&data) {
+        Ok(m) => (m.len(), m.modified().ok()),
+        Err(_) => (0, None),
+    };
+    let record_mtime = fs::metadata(&record_path)?.modified().ok();
+    let last_activity = data_mtime
+        .into_iter()
+        .chain(record_mtime)
+        .max()
+        .unwrap_or_else(SystemTime::now);
+    let delivery = fs::read(dir.join(DELIVERY_FILE))
+        .ok()
+        .and_then(|j| serde_json::from_slice(&j).ok());
+    Ok(Some(Session {
+        record,
+        dir: dir.to_path_buf(),
+        offset,
+        hasher: None,
+        last_activity,
+        removed: false,
+        delivery,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(destination: &str) -> SessionRecord {
+        SessionRecord {
+            id: SessionId::generate(),
+            url_path: "/a.bin".into(),
+            destination: PathBuf::from(destination),
+            content_name: None,
+            created_unix: 0,
+            total: Some(3),
+            state: SessionState::Receiving,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn a_session_comes_back_with_its_file_length_as_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_session(dir.path()).unwrap().is_none(), "no record yet");
+        let rec = record("sub/a.bin");
+        write_record(dir.path(), &rec, false).unwrap();
+        fs::write(dir.path().join(DATA_FILE), b"ab").unwrap();
+        let s = load_session(dir.path()).unwrap().unwrap();
+        assert_eq!((&s.record, s.offset, s.is_complete()), (&rec, 2, false));
+        assert!(s.hasher.is_none() && s.delivery.is_none());
+    }
+
+    #[test]
+    fn a_record_naming_a_place_outside_the_data_folder_is_refused() {
+        for destination in [
+            "../up.bin",
+            "/etc/passwd",
+            "",
+            "BITS-Sessions/x",
+            "bits-sessions",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write_record(dir.path(), &record(destination), false).unwrap();
+            assert!(load_session(dir.path()).is_err(), "{destination:?}");
+        }
+    }
+
+    #[test]
+    fn a_destination_may_not_be_a_folder_nor_an_existing_file_without_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        assert_eq!(check_destination(dir.path(), true).unwrap_err().status, 400);
+        assert_eq!(check_destination(&file, false).unwrap_err().status, 403);
+        assert!(check_destination(&file, true).is_ok());
+        assert!(check_destination(&dir.path().join("new"), false).is_ok());
+    }
+}

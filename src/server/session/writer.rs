@@ -1,0 +1,463 @@
+//! The write path of a Fragment: its body appended to the session's file, hashed on the way, and
+//! flushed before the Ack.
+//!
+//! `hash.state` next to the file is a checkpoint of the running SHA-256 (offset and hasher state),
+//! written after each fragment without a sync, so a restarted server only hashes what the
+//! checkpoint missed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::store::Session;
+use crate::bits::protocol::BitsError;
+use crate::server::disk::io_error;
+
+/// Fragments up to this size are read whole and written without a hand-off to another thread.
+const SMALL_FRAGMENT: u64 = 256 << 10;
+/// Chunks (as hyper received them) that may wait for the disk writer.
+const WRITE_QUEUE: usize = 16;
+/// Buffer for reading a session file back (rebuilding the hash after a restart).
+const WRITE_BUFFER: usize = 1 << 20;
+/// Received chunks are gathered up to this many bytes and written with one `writev`: few system
+/// calls, and no copy into a buffer of our own. Small enough to still be in cache for the hash.
+const WRITE_BATCH: usize = 512 << 10;
+/// Most chunks in one `writev` (Linux's IOV_MAX).
+const WRITE_IOVECS: usize = 1024;
+/// With syncing on, writeback of each this many bytes starts as soon as they are written, so the
+/// disk works while the rest of the fragment is still arriving and the flush before the Ack only
+/// waits for the tail.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
+/// Streams `body` to the session's file: skips `skip` bytes, appends the next `len` bytes at
+/// the current offset, flushes them (when `sync`), and advances the offset; with `hash`, the
+/// running hash follows. On any failure the file goes back to its previous length, so it only ever
+/// holds whole fragments' worth of acknowledged bytes.
+pub async fn append<S, E>(
+    session: &mut Session,
+    skip: u64,
+    len: u64,
+    body: &mut S,
+    hash: bool,
+    sync: bool,
+) -> Result<u64, BitsError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let path = session.data_path();
+    let state_path = session.hash_state_path();
+    let offset = session.offset;
+    let hasher = if hash { session.hasher.clone() } else { None };
+    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
+    let (result, failure) = if len <= SMALL_FRAGMENT && multi_thread {
+        // A small fragment is written and flushed on this worker thread (`block_in_place`): no
+        // hand-off to a blocking thread and back, which costs as much as the write itself.
+        let rx = read_small(body, skip, len).await?;
+        let result = tokio::task::block_in_place(|| {
+            write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+        });
+        (result, None)
+    } else {
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+        });
+        let failure = stream_to(tx, body, skip, len).await;
+        let result = writer
+            .await
+            .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
+        (result, failure)
+    };
+    match (result, failure) {
+        (Ok(done), None) if done.written == len => {
+            session.offset += done.written;
+            session.hasher = done.hasher;
+            Ok(done.written)
+        }
+        (Ok(_), failure) => {
+            let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+            Err(failure.unwrap_or_else(|| {
+                BitsError::invalid("the fragment body did not match its Content-Range")
+            }))
+        }
+        (Err(e), _) => {
+            let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+            // A rebuilt hasher may have been lost with the failed write; rebuild next time.
+            Err(io_error(e))
+        }
+    }
+}
+
+/// Reads a small fragment's body whole, before anything is written, so a body that fails to
+/// arrive writes nothing. The pieces wait in the queue the writer then drains.
+async fn read_small<S, E>(
+    body: &mut S,
+    mut skip: u64,
+    len: u64,
+) -> Result<mpsc::Receiver<Bytes>, BitsError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut remaining = len;
+    // Every piece holds at least one byte, so this never fills; slots are allocated as they are
+    // used.
+    let (tx, rx) = mpsc::channel::<Bytes>(SMALL_FRAGMENT as usize);
+    while let Some(chunk) = next_piece(body, &mut skip, &mut remaining).await? {
+        if tx.try_send(chunk).is_err() {
+            return Err(BitsError::internal(
+                "the write queue of a small fragment is full",
+            ));
+        }
+    }
+    if remaining > 0 {
+        return Err(short_body(remaining));
+    }
+    Ok(rx)
+}
+
+/// Passes a large fragment's body to the writer as it arrives, and says what was wrong with the
+/// body, if anything. Dropping `tx` at the end tells the writer the body is over.
+async fn stream_to<S, E>(
+    tx: mpsc::Sender<Bytes>,
+    body: &mut S,
+    mut skip: u64,
+    len: u64,
+) -> Option<BitsError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut remaining = len;
+    loop {
+        match next_piece(body, &mut skip, &mut remaining).await {
+            Ok(Some(chunk)) => {
+                if tx.send(chunk).await.is_err() {
+                    // The writer stopped early; its own error is the one reported.
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Some(e),
+        }
+    }
+    (remaining > 0).then(|| short_body(remaining))
+}
+
+struct Written {
+    written: u64,
+    /// The running hash, when hashing.
+    hasher: Option<Sha256>,
+}
+
+/// Cuts a session's data file back to its last acknowledged length (a failed write).
+fn rollback_to(s: &Session) -> impl FnOnce() + Send + 'static {
+    let path = s.data_path();
+    let offset = s.offset;
+    move || {
+        if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+            let _ = f.set_len(offset);
+        }
+    }
+}
+
+fn short_body(remaining: u64) -> BitsError {
+    BitsError::invalid(format!(
+        "the fragment body ended {remaining} bytes short of its Content-Range"
+    ))
+}
+
+/// The next piece of a fragment's body to write: the bytes already held (`skip`) are dropped,
+/// and a body longer than its Content-Range (`remaining`) is an error. `None` at the end.
+async fn next_piece<S, E>(
+    body: &mut S,
+    skip: &mut u64,
+    remaining: &mut u64,
+) -> Result<Option<Bytes>, BitsError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| BitsError::invalid(format!("the fragment body could not be read: {e}")))?;
+        if *skip > 0 {
+            let n = (*skip).min(chunk.len() as u64);
+            chunk = chunk.slice(n as usize..);
+            *skip -= n;
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        if chunk.len() as u64 > *remaining {
+            return Err(BitsError::invalid(
+                "the fragment body is longer than its Content-Range",
+            ));
+        }
+        *remaining -= chunk.len() as u64;
+        return Ok(Some(chunk));
+    }
+    Ok(None)
+}
+
+/// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
+/// when `hash`), then, when `sync`, flushes it: the bytes and the file length (the next offset)
+/// are durable when this returns.
+fn write_fragment(
+    path: &Path,
+    state_path: &Path,
+    offset: u64,
+    hasher: Option<Sha256>,
+    hash: bool,
+    mut rx: mpsc::Receiver<Bytes>,
+    sync: bool,
+) -> io::Result<Written> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut hasher = match (hash, hasher) {
+        (false, _) => None,
+        (true, Some(h)) => Some(h),
+        (true, None) => Some(rebuild_hasher(&mut file, state_path, offset)?),
+    };
+    if file.metadata()?.len() != offset {
+        file.set_len(offset)?;
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    let mut written = 0u64;
+    let mut writeback_from = offset;
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut ended = false;
+    while !ended {
+        // Wait for one chunk, then take what else is already queued, up to a batch.
+        let mut batch_len = 0usize;
+        while batch_len < WRITE_BATCH && batch.len() < WRITE_IOVECS {
+            let next = if batch.is_empty() {
+                rx.blocking_recv()
+            } else {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                        Some(c) => Some(c),
+                        None => {
+                            ended = true;
+                            break;
+                        }
+                    },
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(chunk) = next else {
+                ended = true;
+                break;
+            };
+            if let Some(h) = hasher.as_mut() {
+                h.update(&chunk);
+            }
+            batch_len += chunk.len();
+            batch.push(chunk);
+        }
+        if batch.is_empty() {
+            break;
+        }
+        write_all_chunks(&mut file, &batch)?;
+        batch.clear();
+        written += batch_len as u64;
+        let at = offset + written;
+        if sync && at - writeback_from >= WRITEBACK_STEP {
+            start_writeback(&file, writeback_from, at - writeback_from);
+            writeback_from = at;
+        }
+    }
+    if sync {
+        file.sync_data()?;
+    }
+    if let Some(h) = &hasher {
+        save_hash_state(state_path, offset + written, h);
+    }
+    Ok(Written { written, hasher })
+}
+
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut iov: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+    let mut rest = &mut iov[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start writing `len` bytes at `from` to the disk now, without waiting for
+/// them. Only a head start for the `fdatasync` that follows, which is the guarantee.
+fn start_writeback(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open.
+    unsafe {
+        nix::libc::sync_file_range(
+            file.as_raw_fd(),
+            from as nix::libc::off64_t,
+            len as nix::libc::off64_t,
+            nix::libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+const HASH_STATE_MAGIC: &[u8; 4] = b"BFH1";
+
+/// Best effort: a missing or stale checkpoint only means more hashing after a restart.
+fn save_hash_state(path: &Path, offset: u64, hasher: &Sha256) {
+    let state = hasher.serialize();
+    let mut buf = Vec::with_capacity(4 + 8 + state.len() + 8);
+    buf.extend_from_slice(HASH_STATE_MAGIC);
+    buf.extend_from_slice(&offset.to_le_bytes());
+    buf.extend_from_slice(state.as_slice());
+    let check = Sha256::digest(&buf);
+    buf.extend_from_slice(&check[..8]);
+    // Overwritten in place, not truncated: on ext4 a truncate-and-rewrite starts writeback of the
+    // file on close (auto_da_alloc), a disk write per fragment. The size is fixed, and a torn
+    // write fails the check, so in place is safe.
+    let saved = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&buf, 0)?;
+            if f.metadata()?.len() != buf.len() as u64 {
+                f.set_len(buf.len() as u64)?;
+            }
+            Ok(())
+        });
+    if let Err(e) = saved {
+        debug!(error = %e, "could not checkpoint the upload hash");
+    }
+}
+
+fn load_hash_state(path: &Path) -> Option<(u64, Sha256)> {
+    let buf = fs::read(path).ok()?;
+    let (body, check) = buf.split_at_checked(buf.len().checked_sub(8)?)?;
+    if Sha256::digest(body)[..8] != *check || body.get(..4)? != HASH_STATE_MAGIC {
+        return None;
+    }
+    let offset = u64::from_le_bytes(body.get(4..12)?.try_into().ok()?);
+    let state = SerializedState::<Sha256>::try_from(body.get(12..)?).ok()?;
+    Some((offset, Sha256::deserialize(&state).ok()?))
+}
+
+/// After a restart: resume the hash from the checkpoint, reading only the bytes it did not cover.
+pub fn rebuild_hasher(file: &mut File, state_path: &Path, offset: u64) -> io::Result<Sha256> {
+    let (mut at, mut hasher) = match load_hash_state(state_path) {
+        Some((at, h)) if at <= offset => (at, h),
+        _ => (0, Sha256::new()),
+    };
+    file.seek(SeekFrom::Start(at))?;
+    let mut buf = vec![0u8; WRITE_BUFFER];
+    while at < offset {
+        let want = ((offset - at) as usize).min(buf.len());
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the session file is shorter than its recorded offset",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hasher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::session::DATA_FILE;
+
+    /// Writes `chunks` at `offset` the way a Fragment does, with hashing and syncing on.
+    fn write_at(path: &Path, state: &Path, offset: u64, chunks: &[&'static [u8]]) -> Written {
+        let (tx, rx) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.try_send(Bytes::from_static(c)).unwrap();
+        }
+        drop(tx);
+        write_fragment(path, state, offset, None, true, rx, true).unwrap()
+    }
+
+    #[test]
+    fn a_fragment_lands_at_its_offset_and_cuts_off_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
+        // Bytes past the acknowledged offset (a write cut short by a crash) are not kept.
+        fs::write(&path, b"abcXXXX").unwrap();
+        let done = write_at(&path, &state, 3, &[b"de", b"f"]);
+        assert_eq!(done.written, 3);
+        assert_eq!(fs::read(&path).unwrap(), b"abcdef");
+        let hash = done.hasher.unwrap().finalize();
+        assert_eq!(
+            hash,
+            Sha256::digest(b"abcdef"),
+            "the hash covers the whole file"
+        );
+    }
+
+    #[test]
+    fn the_hash_resumes_from_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
+        write_at(&path, &state, 0, &[b"hello "]);
+        assert_eq!(load_hash_state(&state).map(|(at, _)| at), Some(6));
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"world")
+            .unwrap();
+        let mut f = File::open(&path).unwrap();
+        let h = rebuild_hasher(&mut f, &state, 11).unwrap();
+        assert_eq!(h.finalize(), Sha256::digest(b"hello world"));
+    }
+
+    #[test]
+    fn a_torn_or_foreign_checkpoint_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
+        write_at(&path, &state, 0, &[b"hello"]);
+        let mut saved = fs::read(&state).unwrap();
+        saved[5] ^= 1;
+        fs::write(&state, &saved).unwrap();
+        assert!(load_hash_state(&state).is_none());
+        fs::write(&state, b"short").unwrap();
+        assert!(load_hash_state(&state).is_none());
+        // Without a usable checkpoint the whole file is read again.
+        let h = rebuild_hasher(&mut File::open(&path).unwrap(), &state, 5).unwrap();
+        assert_eq!(h.finalize(), Sha256::digest(b"hello"));
+    }
+
+    #[test]
+    fn a_file_shorter_than_its_offset_cannot_be_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATA_FILE);
+        fs::write(&path, b"abc").unwrap();
+        let mut f = File::open(&path).unwrap();
+        let e = rebuild_hasher(&mut f, &dir.path().join("none"), 4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
