@@ -5,7 +5,8 @@ use std::io::Write;
 use anyhow::Context;
 
 use crate::config::{ServeArgs, ServerConfig};
-use crate::server::{Server, shutdown_signal};
+use crate::server::Server;
+use crate::shutdown::shutdown_signal;
 
 /// `bitsfarm serve`: prints one line naming the address (tests and scripts read it), then serves
 /// until SIGINT or SIGTERM.

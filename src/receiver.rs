@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::server::notify::{
+use crate::bits::notification::{
     IDEMPOTENCY_KEY, ORIGINAL_REQUEST_URL, REPR_DIGEST, REQUEST_DATAFILE_NAME,
     RESPONSE_DATAFILE_NAME, repr_digest,
 };

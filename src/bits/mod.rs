@@ -3,6 +3,7 @@
 //! path to a file below a data folder (`paths`). Nothing here touches a socket or a file; the
 //! server, the client and the fuzz targets all use it.
 
+pub mod notification;
 pub mod packet;
 pub mod paths;
 pub mod protocol;

@@ -205,7 +205,7 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
-    let shutdown = crate::server::shutdown_signal();
+    let shutdown = crate::shutdown::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -314,7 +314,7 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
             // The member stops taking new sessions, leaves the shared address, and exits once
             // its sessions are done.
             let url = format!("http://{}/drain", m.addr);
-            crate::server::tls::install_ring_provider();
+            crate::tls::install_ring_provider();
             match reqwest::Client::new().post(&url).send().await {
                 Ok(r) => {
                     let body = r.text().await.unwrap_or_default();

@@ -89,7 +89,7 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     tokio::spawn(async move {
-        crate::server::shutdown_signal().await;
+        crate::shutdown::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
 

@@ -224,6 +224,19 @@ fn start(f: &UploadFarm) -> (ApiServer, JoinHandle<Result<Action, Error>>) {
     (api, tokio::spawn(reconcile(guard(f), ctx)))
 }
 
+/// Reconciles `f` against a mocked API server that `expect` answers (within 10 s), then checks
+/// that the server was asked nothing more; gives what the reconcile returned.
+async fn scenario(
+    f: &UploadFarm,
+    expect: impl AsyncFnOnce(&mut ApiServer),
+) -> Result<Action, Error> {
+    let (mut api, reconciler) = start(f);
+    with_timeout(expect(&mut api)).await;
+    let result = reconciler.await.expect("the reconcile task");
+    api.done().await;
+    result
+}
+
 async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), f)
         .await
@@ -233,9 +246,8 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = T>) -> T {
 #[tokio::test]
 async fn creating_a_farm_applies_every_child_then_reports() {
     let f = farm(json!({"replicas": 3}), None);
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_handoff_secret(&mut api, false).await;
+    let result = scenario(&f, async |api| {
+        expect_handoff_secret(api, false).await;
         let cm = api.expect_apply(&config_map_path()).await;
         assert!(
             cm.body["data"]["config.yaml"]
@@ -256,9 +268,9 @@ async fn creating_a_farm_applies_every_child_then_reports() {
         }
         api.expect_apply(&svc_path("farm")).await;
         // Everything listed is asked for: the sweep deletes nothing.
-        expect_sweep(&mut api, 3, 0..0, vec![], &[]).await;
-        expect_pods(&mut api).await;
-        let st = expect_status(&mut api, &f).await;
+        expect_sweep(api, 3, 0..0, vec![], &[]).await;
+        expect_pods(api).await;
+        let st = expect_status(api, &f).await;
         let status = &st.body["status"];
         assert_eq!(status["observedGeneration"], 2);
         assert_eq!(status["hosts"].as_array().unwrap().len(), 3);
@@ -270,14 +282,13 @@ async fn creating_a_farm_applies_every_child_then_reports() {
         assert_eq!(condition(status, "Ready")["status"], "False");
         assert_eq!(condition(status, "Progressing")["status"], "True");
         assert_eq!(condition(status, "Degraded")["status"], "False");
-        let ev = expect_event(&mut api).await;
+        let ev = expect_event(api).await;
         assert_eq!(ev.body["reason"], "Created");
         assert_eq!(ev.body["type"], "Normal");
     })
     .await;
-    let action = reconciler.await.unwrap().unwrap();
+    let action = result.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    api.done().await;
 }
 
 fn running_status(hash: &str, replicas: i32) -> Value {
@@ -324,13 +335,12 @@ fn shrinking(record: Option<Value>) -> UploadFarm {
 #[tokio::test]
 async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_sessions() {
     let f = shrinking(None);
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_live_replicas(&mut api, 3).await;
-        expect_drains(&mut api, &[(2, 0), (1, 3)]).await;
+    let result = scenario(&f, async |api| {
+        expect_live_replicas(api, 3).await;
+        expect_drains(api, &[(2, 0), (1, 3)]).await;
         // No DELETE: the draining servers' clients still reach them by host id.
-        expect_children(&mut api, 3, 3).await;
-        let st = expect_status(&mut api, &f).await;
+        expect_children(api, 3, 3).await;
+        let st = expect_status(api, &f).await;
         let status = &st.body["status"];
         let progressing = condition(status, "Progressing");
         assert_eq!(progressing["status"], "True");
@@ -350,9 +360,8 @@ async fn a_scale_down_keeps_draining_servers_and_their_services_while_they_hold_
         assert_eq!(hosts[2]["draining"], true);
     })
     .await;
-    let action = reconciler.await.unwrap().unwrap();
+    let action = result.unwrap();
     assert_eq!(action, Action::requeue(DRAIN_POLL));
-    api.done().await;
 }
 
 #[tokio::test]
@@ -364,9 +373,8 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
         "startedAt": "2026-01-01T00:00:00Z", "deadline": "2026-01-02T00:00:00Z",
     });
     let f = farm(json!({"replicas": 3}), Some(status));
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_live_replicas(&mut api, 3).await;
+    let result = scenario(&f, async |api| {
+        expect_live_replicas(api, 3).await;
         for i in [1, 2] {
             let seen = api
                 .expect(
@@ -378,8 +386,8 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
                 .await;
             assert_eq!(seen.query, "cancel=true");
         }
-        expect_children(&mut api, 3, 3).await;
-        let st = expect_status(&mut api, &f).await;
+        expect_children(api, 3, 3).await;
+        let st = expect_status(api, &f).await;
         assert_eq!(st.body["status"]["scaleDown"], Value::Null);
         assert_ne!(
             condition(&st.body["status"], "Progressing")["reason"],
@@ -387,8 +395,7 @@ async fn growing_back_during_a_scale_down_cancels_the_drain_of_the_servers_kept(
         );
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 #[tokio::test]
@@ -397,42 +404,38 @@ async fn a_scale_down_past_its_drain_deadline_removes_the_servers_anyway() {
         "fromReplicas": 3, "toReplicas": 1, "sessionsLeft": 3,
         "startedAt": "2020-01-01T00:00:00Z", "deadline": "2020-01-02T00:00:00Z",
     })));
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_live_replicas(&mut api, 3).await;
-        expect_drains(&mut api, &[(2, 1), (1, 1)]).await;
-        expect_children(&mut api, 1, 3).await;
-        let st = expect_status(&mut api, &f).await;
+    let result = scenario(&f, async |api| {
+        expect_live_replicas(api, 3).await;
+        expect_drains(api, &[(2, 1), (1, 1)]).await;
+        expect_children(api, 1, 3).await;
+        let st = expect_status(api, &f).await;
         assert_eq!(st.body["status"]["scaleDown"], Value::Null);
         assert_ne!(
             condition(&st.body["status"], "Progressing")["reason"],
             "Draining"
         );
-        expect_event(&mut api).await;
+        expect_event(api).await;
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 #[tokio::test]
 async fn scaling_3_to_1_deletes_the_services_of_pods_1_and_2() {
     let f = shrinking(None);
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
+    let result = scenario(&f, async |api| {
         // Both servers drained: nothing to wait for.
-        expect_live_replicas(&mut api, 3).await;
-        expect_drains(&mut api, &[(2, 0), (1, 0)]).await;
-        expect_children(&mut api, 1, 3).await;
-        let st = expect_status(&mut api, &f).await;
+        expect_live_replicas(api, 3).await;
+        expect_drains(api, &[(2, 0), (1, 0)]).await;
+        expect_children(api, 1, 3).await;
+        let st = expect_status(api, &f).await;
         assert_eq!(st.body["status"]["hosts"].as_array().unwrap().len(), 1);
-        let ev = expect_event(&mut api).await;
+        let ev = expect_event(api).await;
         assert_eq!(ev.body["reason"], "Scaled");
         assert!(ev.body["note"].as_str().unwrap().contains("from 3 to 1"));
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 #[tokio::test]
@@ -442,9 +445,8 @@ async fn a_changed_backend_rolls_the_config_hash() {
         json!({"replicas": 1, "backend": {"url": "http://app/in", "notification": "ByValue"}}),
         Some(running_status(&old_hash, 1)),
     );
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        let (cm, sts) = expect_children(&mut api, 1, 1).await;
+    let result = scenario(&f, async |api| {
+        let (cm, sts) = expect_children(api, 1, 1).await;
         assert!(
             cm.body["data"]["config.yaml"]
                 .as_str()
@@ -457,14 +459,13 @@ async fn a_changed_backend_rolls_the_config_hash() {
             .unwrap()
             .to_string();
         assert_ne!(new_hash, old_hash);
-        let st = expect_status(&mut api, &f).await;
+        let st = expect_status(api, &f).await;
         assert_eq!(st.body["status"]["configHash"], new_hash);
-        let ev = expect_event(&mut api).await;
+        let ev = expect_event(api).await;
         assert_eq!(ev.body["reason"], "ConfigRolledOut");
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 /// The failure's status write: Degraded with `reason` and a message that names `names`, not
@@ -533,13 +534,12 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
 async fn a_refused_delete_in_the_sweep_is_reported_like_a_refused_apply() {
     let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
     let f = farm(json!({"replicas": 1}), Some(running_status(&hash, 2)));
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
+    let result = scenario(&f, async |api| {
         // The status says 2 servers: the live StatefulSet says 1, so there is nothing to drain.
-        expect_live_replicas(&mut api, 1).await;
-        expect_config(&mut api).await;
+        expect_live_replicas(api, 1).await;
+        expect_config(api).await;
         api.expect_apply(&stateful_set_path()).await;
-        expect_services(&mut api, 1).await;
+        expect_services(api, 1).await;
         let services = format!("/api/v1/namespaces/{NS}/services");
         api.expect("GET", &services, 200, |_| {
             list("ServiceList", farm_services(2))
@@ -549,28 +549,25 @@ async fn a_refused_delete_in_the_sweep_is_reported_like_a_refused_apply() {
             status_error(403, "Forbidden", "services \"farm-1\" is forbidden")
         })
         .await;
-        expect_failure_reported(&mut api, &f, "ApplyFailed", "deleting the Service farm-1").await;
+        expect_failure_reported(api, &f, "ApplyFailed", "deleting the Service farm-1").await;
     })
     .await;
-    let err = reconciler.await.unwrap().unwrap_err();
+    let err = result.unwrap_err();
     assert!(
         matches!(&err, Error::Prune { kind: "Service", name, .. } if name == "farm-1"),
         "{err}"
     );
     assert_eq!(err.metric_label(), "delete");
-    api.done().await;
 }
 
 #[tokio::test]
 async fn an_invalid_spec_applies_nothing_and_says_why() {
     let f = farm(json!({"backend": {"notification": "ByValue"}}), None);
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_failure_reported(&mut api, &f, "InvalidSpec", "spec.backend.url").await;
+    let result = scenario(&f, async |api| {
+        expect_failure_reported(api, &f, "InvalidSpec", "spec.backend.url").await;
     })
     .await;
-    assert_eq!(reconciler.await.unwrap().unwrap(), Action::await_change());
-    api.done().await;
+    assert_eq!(result.unwrap(), Action::await_change());
 }
 
 #[tokio::test]
@@ -634,9 +631,8 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
                                  "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "clients"}}}]}}),
         None,
     );
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_config(&mut api).await;
+    let result = scenario(&f, async |api| {
+        expect_config(api).await;
         let np = api
             .expect_apply(&network_policy_path("/farm-network-policy"))
             .await;
@@ -657,18 +653,17 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
         );
         // Only then the pods.
         api.expect_apply(&stateful_set_path()).await;
-        expect_services(&mut api, 1).await;
+        expect_services(api, 1).await;
         // The policy the farm asks for is listed by the sweep, and kept.
         let ours = np.body.clone();
-        expect_sweep(&mut api, 1, 0..0, vec![ours], &[]).await;
-        expect_pods(&mut api).await;
-        expect_status(&mut api, &f).await;
-        let ev = expect_event(&mut api).await;
+        expect_sweep(api, 1, 0..0, vec![ours], &[]).await;
+        expect_pods(api).await;
+        expect_status(api, &f).await;
+        let ev = expect_event(api).await;
         assert_eq!(ev.body["reason"], "Created");
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 #[tokio::test]
@@ -681,25 +676,23 @@ async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
     let mut theirs = ours.clone();
     theirs["metadata"]["name"] = json!("handmade");
     theirs["metadata"]["ownerReferences"] = Value::Null;
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_config(&mut api).await;
+    let result = scenario(&f, async |api| {
+        expect_config(api).await;
         api.expect_apply(&stateful_set_path()).await;
-        expect_services(&mut api, 1).await;
+        expect_services(api, 1).await;
         expect_sweep(
-            &mut api,
+            api,
             1,
             0..0,
             vec![theirs.clone(), ours.clone()],
             &["farm-network-policy"],
         )
         .await;
-        expect_pods(&mut api).await;
-        expect_status(&mut api, &f).await;
+        expect_pods(api).await;
+        expect_status(api, &f).await;
     })
     .await;
-    reconciler.await.unwrap().unwrap();
-    api.done().await;
+    result.unwrap();
 }
 
 #[tokio::test]
@@ -708,9 +701,8 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         json!({"replicas": 1, "networkPolicy": {"enabled": true}}),
         None,
     );
-    let (mut api, reconciler) = start(&f);
-    with_timeout(async {
-        expect_config(&mut api).await;
+    let result = scenario(&f, async |api| {
+        expect_config(api).await;
         api.expect(
             "PATCH",
             &network_policy_path("/farm-network-policy"),
@@ -725,16 +717,10 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         )
         .await;
         // No StatefulSet: pods that should be restricted are not started unrestricted.
-        expect_failure_reported(
-            &mut api,
-            &f,
-            "ApplyFailed",
-            "NetworkPolicy farm-network-policy",
-        )
-        .await;
+        expect_failure_reported(api, &f, "ApplyFailed", "NetworkPolicy farm-network-policy").await;
     })
     .await;
-    let err = reconciler.await.unwrap().unwrap_err();
+    let err = result.unwrap_err();
     assert!(
         matches!(
             err,
@@ -745,5 +731,4 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         ),
         "{err}"
     );
-    api.done().await;
 }

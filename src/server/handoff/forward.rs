@@ -6,7 +6,7 @@ use url::Url;
 
 use super::key::ForwardedRequest;
 use super::membership::Membership;
-use crate::server::session::unix_now;
+use crate::server::clock::unix_now;
 use crate::server::tls;
 
 /// Header of a forwarded request: `v1 from=ORDINAL ts=UNIX-SECONDS mac=BASE64URL`.

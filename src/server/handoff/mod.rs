@@ -24,4 +24,4 @@ pub use key::{FarmKey, ForwardedRequest, MAX_FORWARD_SKEW_SECS};
 pub use membership::{Membership, Peers};
 
 /// Seconds since the epoch, the clock forwarding proofs carry.
-pub use super::session::unix_now;
+pub use super::clock::unix_now;
