@@ -78,26 +78,79 @@ fn sources() -> Vec<SourceFile> {
     out
 }
 
-/// The modules a file names as `crate::a::b`, or `super::x` for a sibling, as paths from `src`.
+/// The module path that starts `rest` (lower-case words joined by `::`), and, for a brace group
+/// such as `{auth, handoff::Peers}`, each member's path.
+fn paths_at(rest: &str) -> Vec<Vec<String>> {
+    if let Some(group) = rest.strip_prefix('{') {
+        let mut depth = 0;
+        let mut items = Vec::new();
+        let mut start = 0;
+        for (i, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    items.push(&group[start..i]);
+                    break;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    items.push(&group[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        return items
+            .into_iter()
+            .flat_map(|item| paths_at(item.trim_start()))
+            .collect();
+    }
+    let mut words = Vec::new();
+    let mut rest = rest;
+    loop {
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+            .collect();
+        if word.is_empty() {
+            break;
+        }
+        rest = &rest[word.len()..];
+        words.push(word);
+        match rest.strip_prefix("::") {
+            Some(r) if r.starts_with('{') => {
+                // The module itself is used too, if only for an item of its own (`a::{Item}`).
+                let mut all = vec![words.clone()];
+                all.extend(
+                    paths_at(r)
+                        .into_iter()
+                        .map(|tail| [words.clone(), tail].concat()),
+                );
+                return all;
+            }
+            Some(r) => rest = r,
+            None => break,
+        }
+    }
+    if words.is_empty() {
+        Vec::new()
+    } else {
+        vec![words]
+    }
+}
+
+/// The modules a file names, as paths from `src`: `crate::a::b`, and `super::x` (from module
+/// a::b::c that is a::b::x; each further `super::` one level up).
 fn uses(file: &SourceFile) -> BTreeSet<Vec<String>> {
     let mut out = BTreeSet::new();
-    let words = |rest: &str| -> Vec<String> {
-        rest.split("::")
-            .map(|w| {
-                w.chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
-                    .collect::<String>()
-            })
-            .take_while(|w| !w.is_empty())
-            .collect()
-    };
     for (i, _) in file.code.match_indices("crate::") {
-        let path = words(&file.code[i + "crate::".len()..]);
-        if !path.is_empty() {
+        if file.code[..i].ends_with("::") {
+            continue;
+        }
+        for path in paths_at(&file.code[i + "crate::".len()..]) {
             out.insert(path);
         }
     }
-    // `super::` from module a::b::c names a::b; each further `super::` one level up.
     for (i, _) in file.code.match_indices("super::") {
         if file.code[..i].ends_with("::") {
             continue;
@@ -108,10 +161,8 @@ fn uses(file: &SourceFile) -> BTreeSet<Vec<String>> {
             base.pop();
             rest = r;
         }
-        let named = words(rest);
-        if let Some(first) = named.first() {
-            base.push(first.clone());
-            out.insert(base);
+        for path in paths_at(rest) {
+            out.insert([base.clone(), path].concat());
         }
     }
     out
@@ -188,31 +239,56 @@ fn each_room_uses_only_the_rooms_below_it() {
 }
 
 #[test]
-fn neither_the_rooms_nor_the_servers_parts_form_a_circle() {
-    let mut top: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut server: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+fn no_modules_form_a_circle_at_any_level() {
+    // One graph per folder: its children, and which of them uses which (through any of their
+    // descendants). src/ itself is the top folder.
+    let mut graphs: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     for f in sources().into_iter().filter(|f| !f.is_test) {
-        let Some(me) = f.module.first().cloned() else {
-            continue;
-        };
         for used in uses(&f) {
-            if used[0] != me {
-                top.entry(me.clone()).or_default().insert(used[0].clone());
-            }
-            if me == "server" && used[0] == "server" && f.module.len() > 1 && used.len() > 1 {
-                let (a, b) = (&f.module[1], &used[1]);
-                if a != b {
-                    server.entry(a.clone()).or_default().insert(b.clone());
-                }
-            }
+            let common = f
+                .module
+                .iter()
+                .zip(&used)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let (Some(from), Some(to)) = (f.module.get(common), used.get(common)) else {
+                continue; // a module using its own descendant, or its own items
+            };
+            graphs
+                .entry(f.module[..common].to_vec())
+                .or_default()
+                .entry(from.clone())
+                .or_default()
+                .insert(to.clone());
         }
     }
-    assert_eq!(has_cycle(&top), None, "a circle between modules: {top:#?}");
-    assert_eq!(
-        has_cycle(&server),
-        None,
-        "a circle between the server's parts: {server:#?}"
+    assert!(
+        graphs.contains_key(&Vec::new()),
+        "no top-level graph: {graphs:?}"
     );
+    for (folder, graph) in &graphs {
+        assert_eq!(
+            has_cycle(graph),
+            None,
+            "a circle among the modules of src/{}: {graph:#?}",
+            folder.join("/")
+        );
+    }
+}
+
+#[test]
+fn braced_imports_count() {
+    let names =
+        |s: &str| -> Vec<String> { paths_at(s).into_iter().map(|p| p.join("::")).collect() };
+    assert_eq!(
+        names("{auth, handoff::{Peers, key}, tls};"),
+        ["auth", "handoff", "handoff::key", "tls"]
+    );
+    assert_eq!(
+        names("server::{session, http::Body};"),
+        ["server", "server::session", "server::http"]
+    );
+    assert_eq!(names("bits::protocol::BitsError;"), ["bits::protocol"]);
 }
 
 #[test]
@@ -226,5 +302,34 @@ fn no_production_file_is_longer_than_the_limit() {
         long.is_empty(),
         "over {MAX_LINES} lines: split by job:\n{}",
         long.join("\n")
+    );
+}
+
+/// The layout the README's Contributing section shows is the one at the top of src/lib.rs.
+#[test]
+fn the_readme_shows_the_layout_of_lib_rs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let block = |text: &str| -> Option<String> {
+        let start = text.find("```text\n")? + "```text\n".len();
+        let len = text[start..].find("```")?;
+        Some(text[start..start + len].to_string())
+    };
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).expect("src/lib.rs");
+    let doc: String = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+        .collect();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Contributing")
+        .nth(1)
+        .expect("a Contributing section in the README");
+    let (Some(ours), Some(theirs)) = (block(&doc), block(section)) else {
+        panic!("no ```text layout block in src/lib.rs's doc or the README's Contributing section");
+    };
+    assert_eq!(
+        theirs, ours,
+        "the README's layout differs from src/lib.rs's: copy the one from lib.rs"
     );
 }

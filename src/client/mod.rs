@@ -15,7 +15,6 @@ mod uploader;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use machine::url_for_host;
 pub use uploader::Uploader;
 
 #[derive(Debug, Clone)]

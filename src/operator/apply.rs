@@ -57,6 +57,13 @@ pub async fn apply_and_prune(
     if let Some(policy) = &children.network_policy {
         apply(client, ns, policy).await?;
     }
+    // A policy the farm stopped asking for goes now, before anything else can fail.
+    let policies: Vec<String> = children
+        .network_policy
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    prune_kind::<NetworkPolicy>(client, farm, ns, &policies, "NetworkPolicies").await?;
     let name = Names::of(farm).stateful_set();
     let body =
         resources::stateful_set_apply_body(&children.stateful_set).map_err(|e| Error::Apply {
@@ -69,48 +76,39 @@ pub async fn apply_and_prune(
         apply(client, ns, service).await?;
     }
     apply(client, ns, &children.shared_service).await?;
-    prune(client, farm, ns, children).await?;
+    prune_kind::<Service>(
+        client,
+        farm,
+        ns,
+        &children.service_names(),
+        "per-pod Services",
+    )
+    .await?;
     Ok(stateful_set)
 }
 
-/// The sweep, over the kinds of which a farm can stop asking for objects: per-pod Services come
+/// The sweep covers the kinds of which a farm can stop asking for objects: per-pod Services come
 /// and go with its size (a scale-down's draining servers keep theirs until they are removed, as
 /// they are in `children`), the NetworkPolicy with `spec.networkPolicy`. The ConfigMap and the
 /// StatefulSet are one object each, always asked for under a name fixed by the farm's: sweeping
 /// them could never delete anything, and would only cost two lists per reconcile and the right to
 /// delete StatefulSets. The handoff Secret is never listed: the operator may not read Secrets.
 /// Garbage collection removes every child with the farm.
-async fn prune(
-    client: &Client,
-    farm: &UploadFarm,
-    ns: &str,
-    children: &Children,
-) -> Result<(), Error> {
-    prune_kind::<Service>(client, farm, ns, &children.service_names()).await?;
-    let policies: Vec<String> = children
-        .network_policy
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    prune_kind::<NetworkPolicy>(client, farm, ns, &policies).await
-}
-
+///
 /// Lists the farm's objects of kind `K` by its labels and deletes the orphans among them.
 async fn prune_kind<K: Child>(
     client: &Client,
     farm: &UploadFarm,
     ns: &str,
     wanted: &[String],
+    what: &'static str,
 ) -> Result<(), Error> {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let selector = resources::owned_selector(&farm.name_any());
     let listed = api
         .list(&ListParams::default().labels(&selector))
         .await
-        .map_err(|source| Error::List {
-            what: K::URL_PATH_SEGMENT,
-            source,
-        })?
+        .map_err(|source| Error::List { what, source })?
         .items;
     for name in orphans(farm, &listed, wanted) {
         match api.delete(&name, &DeleteParams::default()).await {

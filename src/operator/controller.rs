@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::apply::apply_and_prune;
 use super::conditions::{self, Problem};
-pub use super::error::Error;
+use super::error::Error;
 use super::error::api_message;
 use super::metrics::Metrics;
 use super::resources::{self, BuildOptions, Children, FIELD_MANAGER, Names};

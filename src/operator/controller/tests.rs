@@ -159,22 +159,20 @@ async fn expect_sweep_of(
     }
 }
 
-/// The sweep: the farm's Services (answered with `farm_services(listed)`, of which the per-pod
-/// Services `deleted` go), then its NetworkPolicies (answered with `policies`, of which
-/// `deleted_policies` go).
-async fn expect_sweep(
-    api: &mut ApiServer,
-    listed: i32,
-    deleted: Range<i32>,
-    policies: Vec<Value>,
-    deleted_policies: &[&str],
-) {
+/// The sweep of NetworkPolicies, right after the policy is applied (or would be): the farm's
+/// (answered with `policies`), of which `deleted` go.
+async fn expect_policy_sweep(api: &mut ApiServer, policies: Vec<Value>, deleted: &[&str]) {
+    let gone: Vec<String> = deleted.iter().map(|n| n.to_string()).collect();
+    let policy_list = network_policy_path("");
+    expect_sweep_of(api, &policy_list, "NetworkPolicyList", policies, &gone).await;
+}
+
+/// The sweep of Services, last: the farm's (answered with `farm_services(listed)`), of which
+/// the per-pod Services `deleted` go.
+async fn expect_service_sweep(api: &mut ApiServer, listed: i32, deleted: Range<i32>) {
     let gone: Vec<String> = deleted.map(|i| format!("farm-{i}")).collect();
     let services = format!("/api/v1/namespaces/{NS}/services");
     expect_sweep_of(api, &services, "ServiceList", farm_services(listed), &gone).await;
-    let gone: Vec<String> = deleted_policies.iter().map(|n| n.to_string()).collect();
-    let policy_list = network_policy_path("");
-    expect_sweep_of(api, &policy_list, "NetworkPolicyList", policies, &gone).await;
 }
 
 async fn expect_pods(api: &mut ApiServer) {
@@ -195,16 +193,17 @@ async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
 }
 
 /// The requests of one reconcile of a farm without a NetworkPolicy, after any drains: the
-/// handoff Secret (kept), the ConfigMap, the headless Service, the StatefulSet at `replicas`, the
-/// per-pod Services `0..replicas` and the shared one, the sweep (the farm's Services listed with
-/// per-pod ones `0..listed`, the deletes of those at or above `replicas`; no NetworkPolicy
-/// listed), and the pod list. Gives the ConfigMap and StatefulSet applies for a closer look.
+/// handoff Secret (kept), the ConfigMap, the headless Service, the NetworkPolicy sweep (none
+/// listed), the StatefulSet at `replicas`, the per-pod Services `0..replicas` and the shared one,
+/// the Service sweep (per-pod ones `0..listed` listed, those at or above `replicas` deleted), and
+/// the pod list. Gives the ConfigMap and StatefulSet applies for a closer look.
 async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Seen, Seen) {
     let cm = expect_config(api).await;
+    expect_policy_sweep(api, vec![], &[]).await;
     let sts = api.expect_apply(&stateful_set_path()).await;
     assert_eq!(sts.body["spec"]["replicas"], replicas);
     expect_services(api, replicas).await;
-    expect_sweep(api, listed, replicas..listed, vec![], &[]).await;
+    expect_service_sweep(api, listed, replicas..listed).await;
     expect_pods(api).await;
     (cm, sts)
 }
@@ -256,6 +255,7 @@ async fn creating_a_farm_applies_every_child_then_reports() {
                 .contains("host-id")
         );
         api.expect_apply(&svc_path("farm-headless")).await;
+        expect_policy_sweep(api, vec![], &[]).await;
         let sts = api.expect_apply(&stateful_set_path()).await;
         assert_eq!(sts.body["spec"]["replicas"], 3);
         assert_eq!(sts.body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
@@ -268,7 +268,7 @@ async fn creating_a_farm_applies_every_child_then_reports() {
         }
         api.expect_apply(&svc_path("farm")).await;
         // Everything listed is asked for: the sweep deletes nothing.
-        expect_sweep(api, 3, 0..0, vec![], &[]).await;
+        expect_service_sweep(api, 3, 0..0).await;
         expect_pods(api).await;
         let st = expect_status(api, &f).await;
         let status = &st.body["status"];
@@ -495,6 +495,7 @@ async fn an_api_error_is_degraded_with_an_event_and_requeued() {
     let reconciler = tokio::spawn(reconcile(g.clone(), ctx.clone()));
     with_timeout(async {
         expect_config(&mut api).await;
+        expect_policy_sweep(&mut api, vec![], &[]).await;
         api.expect("PATCH", &stateful_set_path(), 403, |_| {
             status_error(403, "Forbidden", "statefulsets.apps is forbidden")
         })
@@ -538,6 +539,7 @@ async fn a_refused_delete_in_the_sweep_is_reported_like_a_refused_apply() {
         // The status says 2 servers: the live StatefulSet says 1, so there is nothing to drain.
         expect_live_replicas(api, 1).await;
         expect_config(api).await;
+        expect_policy_sweep(api, vec![], &[]).await;
         api.expect_apply(&stateful_set_path()).await;
         expect_services(api, 1).await;
         let services = format!("/api/v1/namespaces/{NS}/services");
@@ -651,12 +653,11 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
             443,
             "{egress:?}"
         );
-        // Only then the pods.
+        // The policy the farm asks for is listed by the sweep, and kept; only then the pods.
+        expect_policy_sweep(api, vec![np.body.clone()], &[]).await;
         api.expect_apply(&stateful_set_path()).await;
         expect_services(api, 1).await;
-        // The policy the farm asks for is listed by the sweep, and kept.
-        let ours = np.body.clone();
-        expect_sweep(api, 1, 0..0, vec![ours], &[]).await;
+        expect_service_sweep(api, 1, 0..0).await;
         expect_pods(api).await;
         expect_status(api, &f).await;
         let ev = expect_event(api).await;
@@ -678,16 +679,16 @@ async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
     theirs["metadata"]["ownerReferences"] = Value::Null;
     let result = scenario(&f, async |api| {
         expect_config(api).await;
-        api.expect_apply(&stateful_set_path()).await;
-        expect_services(api, 1).await;
-        expect_sweep(
+        // Deleted before anything else can fail.
+        expect_policy_sweep(
             api,
-            1,
-            0..0,
             vec![theirs.clone(), ours.clone()],
             &["farm-network-policy"],
         )
         .await;
+        api.expect_apply(&stateful_set_path()).await;
+        expect_services(api, 1).await;
+        expect_service_sweep(api, 1, 0..0).await;
         expect_pods(api).await;
         expect_status(api, &f).await;
     })

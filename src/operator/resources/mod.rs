@@ -126,18 +126,17 @@ pub fn selector_string(farm: &str) -> String {
 /// The label selector of everything the operator made for a farm (all its children carry these
 /// labels): what the sweep of leftover children lists, kind by kind.
 pub fn owned_selector(farm: &str) -> String {
-    format!(
-        "{},app.kubernetes.io/managed-by={MANAGED_BY}",
-        selector_string(farm)
-    )
+    format!("{},{MANAGED_BY_LABEL}={MANAGED_BY}", selector_string(farm))
 }
+
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// The `app.kubernetes.io/*` labels of every child.
 pub fn labels(farm: &str, component: &str) -> BTreeMap<String, String> {
     let mut l = selector_labels(farm);
     l.insert(COMPONENT_LABEL.into(), component.into());
     l.insert("app.kubernetes.io/part-of".into(), APP_NAME.into());
-    l.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    l.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     l.insert(
         "app.kubernetes.io/version".into(),
         env!("CARGO_PKG_VERSION").into(),
