@@ -1307,21 +1307,22 @@ fn stalled_client_is_disconnected_and_the_session_survives() {
 }
 
 #[test]
+/// Pauses shorter than `--read-timeout`, at an average (5 KiB/s) above the minimum body rate.
 fn slow_but_steady_client_is_not_cut_off() {
     let s = Server::start(&["--read-timeout", "1"]);
     let id = s.create_session("/slow.bin");
-    let data = random_bytes(40, 12);
-    let req = fragment_request(&id, "/slow.bin", 0, &data, 40);
+    let data = random_bytes(8192, 12);
+    let req = fragment_request(&id, "/slow.bin", 0, &data, 8192);
     let mut c = s.connect();
     let mut head = req.head_bytes(s.addr);
-    head.extend_from_slice(&data[..10]);
+    head.extend_from_slice(&data[..2048]);
     c.write_raw(&head).unwrap();
-    for part in data[10..].chunks(10) {
+    for part in data[2048..].chunks(2048) {
         thread::sleep(Duration::from_millis(400));
         c.write_raw(part).unwrap();
     }
     let r = c.read_response(false).expect("Ack after a slow body");
-    assert_eq!((r.status, r.received()), (200, Some(40)), "{r:?}");
+    assert_eq!((r.status, r.received()), (200, Some(8192)), "{r:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
