@@ -3,9 +3,9 @@
 //! server takes, and the answer to a Create-Session. Pure: the server's HTTP front calls these,
 //! and they are tested here without a socket.
 
-use http::{HeaderMap, Method, header as h};
+use http::{HeaderMap, Method, Version, header as h};
 
-use super::packet::{header_str, required};
+use super::packet::{check_not_repeated, header_str, required};
 use super::protocol::{
     Ack, BITS_POST, BitsError, FragmentRange, PacketType, SessionId, header, negotiate_protocol,
 };
@@ -33,6 +33,26 @@ pub fn has_body(headers: &HeaderMap) -> bool {
         .get(h::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0")
         || headers.contains_key(h::TRANSFER_ENCODING)
+}
+
+/// What every request must meet before anything reads it: exactly one `Host` in HTTP/1.1
+/// (RFC 9112 §3.2: a server must answer 400 otherwise; an HTTP/1.0 request may have none), and
+/// no repeat of the headers that pick a packet, session, range or user (`SINGLE_HEADERS`).
+pub fn check_headers(version: Version, headers: &HeaderMap) -> Result<(), BitsError> {
+    match headers.get_all(h::HOST).iter().count() {
+        0 if version == Version::HTTP_11 => {
+            return Err(BitsError::invalid(
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        0 | 1 => {}
+        _ => {
+            return Err(BitsError::invalid(
+                "the Host header is given more than once; send it once",
+            ));
+        }
+    }
+    check_not_repeated(headers)
 }
 
 /// The Host the client asked for, when it sent a usable one.
@@ -192,6 +212,33 @@ mod tests {
         assert!(!has_body(&headers(&[("content-length", "0")])));
         assert!(has_body(&headers(&[("content-length", "12")])));
         assert!(has_body(&headers(&[("transfer-encoding", "chunked")])));
+    }
+
+    #[test]
+    fn http_1_1_needs_exactly_one_host_and_no_repeated_authorization() {
+        let host = headers(&[("host", "farm:8080")]);
+        assert_eq!(check_headers(Version::HTTP_11, &host), Ok(()));
+        // An empty Host is a Host (RFC 9112 §3.2: the target has no authority).
+        assert_eq!(
+            check_headers(Version::HTTP_11, &headers(&[("host", "")])),
+            Ok(())
+        );
+        let e = check_headers(Version::HTTP_11, &HeaderMap::new()).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("Host"), "{e}");
+        assert_eq!(check_headers(Version::HTTP_10, &HeaderMap::new()), Ok(()));
+        let two = headers(&[("host", "a"), ("host", "b")]);
+        assert_eq!(
+            check_headers(Version::HTTP_10, &two).unwrap_err().status,
+            400
+        );
+        let auth = headers(&[
+            ("host", "a"),
+            ("authorization", "Basic YTpi"),
+            ("authorization", "Basic Yzpk"),
+        ]);
+        let e = check_headers(Version::HTTP_11, &auth).unwrap_err();
+        assert!(e.message.contains("authorization"), "{e}");
     }
 
     #[test]

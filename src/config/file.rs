@@ -182,9 +182,14 @@ config_keys! {
         /// Seconds a client keeps to the host id after an error before falling back [default: 86400].
         #[arg(long, value_name = "SECS")]
         host_id_fallback_timeout: u64,
-        /// Seconds a client may take to send a request's headers or the next piece of a body [default: 60].
+        /// Seconds a client may take to send a request's headers or the next piece of a body; also
+        /// the grace before --min-body-rate applies [default: 60].
         #[arg(long, value_name = "SECS")]
         read_timeout: u64,
+        /// Bytes per second a request body must average once --read-timeout has passed since it
+        /// began; a slower body is cut and its connection closed. 0 = no minimum [default: 1024].
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        min_body_rate: u64,
         /// Seconds between sweeps that remove expired sessions [default: session timeout / 10, 1 to 3600].
         #[arg(long, value_name = "SECS")]
         cleanup_interval: u64,
@@ -234,15 +239,20 @@ config_keys! {
         /// Open sessions one authenticated user may have (BITSNumberOfSessionsLimit); 0 = no limit [default: 50].
         #[arg(long, value_name = "N")]
         max_sessions_per_user: usize,
-        /// Open sessions the whole server may have; 0 = no limit [default: no limit].
+        /// Open sessions the whole server may have; 0 = no limit [default: 100000].
         #[arg(long, value_name = "N")]
         max_sessions: usize,
         /// Largest fragment accepted, in bytes; larger ones get 413 [default: no limit].
         #[arg(long, value_name = "BYTES")]
         max_fragment_size: u64,
-        /// Connections served at once on the upload listener(s); more wait to be accepted [default: 1024].
+        /// Connections served at once on the upload listener(s); more wait to be accepted. Must fit
+        /// the file-descriptor limit [default: 1024, or fewer if the limit is lower].
         #[arg(long, value_name = "N")]
         max_connections: usize,
+        /// Connections one client address (IPv6: one /64) may hold on the upload listener(s); more
+        /// are closed at once. 0 = no limit [default: a quarter of --max-connections].
+        #[arg(long, value_name = "N")]
+        max_connections_per_address: usize,
         /// Seconds a keep-alive connection may sit idle between requests [default: 60].
         #[arg(long, value_name = "SECS")]
         idle_timeout: u64,

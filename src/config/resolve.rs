@@ -18,7 +18,9 @@ pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 1_209_600;
 pub const DEFAULT_NOTIFY_TIMEOUT_SECS: u64 = 300;
 pub const DEFAULT_READ_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_SESSIONS_PER_USER: usize = 50;
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 
 /// One upload directory: its `DirectoryKeys` inherited, checked and with the defaults filled in.
@@ -44,6 +46,8 @@ pub struct ServerConfig {
     pub host_id: Option<String>,
     pub host_id_fallback_timeout: u64,
     pub read_timeout: Duration,
+    /// Bytes per second a body must average after `read_timeout`; `None`: no minimum.
+    pub min_body_rate: Option<u64>,
     pub cleanup_interval: Option<Duration>,
     pub directories: Vec<UploadDirConfig>,
     /// Flush (fdatasync) each fragment and every session-state change before answering: the
@@ -63,7 +67,11 @@ pub struct SecurityConfig {
     pub max_sessions_per_user: Option<usize>,
     pub max_sessions: Option<usize>,
     pub max_fragment_size: Option<u64>,
-    pub max_connections: usize,
+    /// As given; the server fits the default to the file-descriptor limit at start
+    /// (`server::limits::ConnectionLimits`).
+    pub max_connections: Option<usize>,
+    /// As given (`Some(0)`: no limit); by default a share of the connections.
+    pub max_connections_per_address: Option<usize>,
     pub idle_timeout: Duration,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -81,9 +89,10 @@ impl SecurityConfig {
                 f.max_sessions_per_user
                     .unwrap_or(DEFAULT_MAX_SESSIONS_PER_USER),
             )),
-            max_sessions: limit(f.max_sessions),
+            max_sessions: limit(Some(f.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS))),
             max_fragment_size: f.max_fragment_size,
-            max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections: f.max_connections,
+            max_connections_per_address: f.max_connections_per_address,
             idle_timeout: Duration::from_secs(f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS)),
             tls_cert: f.tls_cert.clone(),
             tls_key: f.tls_key.clone(),
@@ -97,7 +106,7 @@ impl SecurityConfig {
         if c.max_fragment_size == Some(0) {
             return invalid("max-fragment-size must be greater than 0");
         }
-        if c.max_connections == 0 {
+        if c.max_connections == Some(0) {
             return invalid("max-connections must be at least 1");
         }
         if c.idle_timeout.is_zero() {
@@ -162,6 +171,8 @@ impl ServerConfig {
             read_timeout: Duration::from_secs(
                 keys.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT_SECS),
             ),
+            min_body_rate: Some(keys.min_body_rate.unwrap_or(DEFAULT_MIN_BODY_RATE))
+                .filter(|r| *r > 0),
             cleanup_interval: keys.cleanup_interval.map(Duration::from_secs),
             directories,
             sync: !keys.unsafe_no_sync.unwrap_or(false),
@@ -388,6 +399,36 @@ mod tests {
         assert_eq!(d.max_upload_size, None);
         assert!(!d.allow_overwrites && !d.allow_downloads);
         assert_eq!(d.notify_type, NotifyType::None);
+        assert_eq!(c.read_timeout, Duration::from_secs(60));
+        assert_eq!(c.min_body_rate, Some(1024));
+        let sec = &c.security;
+        assert_eq!(sec.max_sessions, Some(100_000), "a finite session limit");
+        assert_eq!(sec.max_sessions_per_user, Some(50));
+        // Fitted to the file-descriptor limit at start (server::limits).
+        assert_eq!(sec.max_connections, None);
+        assert_eq!(sec.max_connections_per_address, None);
+    }
+
+    #[test]
+    fn zero_turns_a_limit_off() {
+        let file = ConfigFile::parse(
+            "max-sessions: 0\nmin-body-rate: 0\nmax-connections-per-address: 0\n",
+        )
+        .unwrap();
+        let c = ServerConfig::from_parts(file, &ServeArgs::default()).unwrap();
+        assert_eq!(c.security.max_sessions, None);
+        assert_eq!(c.min_body_rate, None);
+        assert_eq!(c.security.max_connections_per_address, Some(0));
+        let args = flags(ConfigFile {
+            min_body_rate: Some(10),
+            max_connections: Some(7),
+            ..Default::default()
+        });
+        let c = ServerConfig::from_parts(ConfigFile::default(), &args).unwrap();
+        assert_eq!(c.min_body_rate, Some(10));
+        assert_eq!(c.security.max_connections, Some(7));
+        let file = ConfigFile::parse("max-connections: 0\n").unwrap();
+        assert!(ServerConfig::from_parts(file, &ServeArgs::default()).is_err());
     }
 
     #[test]

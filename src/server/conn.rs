@@ -1,6 +1,7 @@
 //! Connections: the listeners, their accept loops under the open-connections cap, and each
-//! accepted connection (optional TLS handshake, HTTP/1.1 with header and idle keep-alive
-//! timeouts, and the open-connections permit it holds until it closes).
+//! accepted connection (its address's share, optional TLS handshake, HTTP/1.1 with header and
+//! idle keep-alive timeouts, a lingering close, and the open-connections permit and address slot
+//! it holds until it closes).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, warn};
 
 use super::http::{self, Role};
-use super::limits::ConnActivity;
+use super::limits::{BodyPace, ConnActivity, Limit};
+use super::linger::Lingering;
 use super::state::{AppState, ServerError};
 use crate::config::ServerConfig;
 
@@ -160,7 +162,8 @@ async fn accept_loop(
     }
 }
 
-/// Serves an accepted connection on its own task. Its permit (the open-connections cap) is
+/// Serves an accepted connection on its own task, unless its address already holds its share
+/// of the upload connections. Its permit (the open-connections cap) and its address slot are
 /// released when the connection ends.
 pub fn spawn(state: Arc<AppState>, graceful: &GracefulShutdown, accepted: Accepted) {
     let Accepted {
@@ -169,7 +172,16 @@ pub fn spawn(state: Arc<AppState>, graceful: &GracefulShutdown, accepted: Accept
         role,
         permit,
     } = accepted;
+    // The admin listener (probes, metrics) is not capped.
+    let slot = match role {
+        Role::Main { .. } => match state.addresses.try_open(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => return refuse(&state, stream, peer),
+        },
+        Role::Admin => None,
+    };
     let _ = stream.set_nodelay(true);
+    let stream = Lingering::new(stream, BodyPace::of(&state.config));
     let tls = match role {
         Role::Main { .. } => state.tls.clone(),
         Role::Admin => None,
@@ -181,6 +193,7 @@ pub fn spawn(state: Arc<AppState>, graceful: &GracefulShutdown, accepted: Accept
     let watcher = graceful.watcher();
     tokio::spawn(async move {
         let _permit = permit;
+        let _slot = slot;
         match tls {
             None => serve(st, watcher, stream, peer, role).await,
             Some(acceptor) => {
@@ -192,6 +205,35 @@ pub fn spawn(state: Arc<AppState>, graceful: &GracefulShutdown, accepted: Accept
             }
         }
     });
+}
+
+/// Closes a connection over its address's share at once, before reading anything: holding it
+/// for a TLS handshake or a request head is what the share is there to prevent. On plain http
+/// it gets a best-effort 503 first (an Ack, so that a BITS client retries later).
+fn refuse(state: &AppState, stream: TcpStream, peer: SocketAddr) {
+    state.metrics.limit_refused(Limit::ConnectionsPerAddress);
+    debug!(
+        %peer,
+        open = state.addresses.open_from(peer.ip()),
+        "connection refused: its address holds its share of the connections"
+    );
+    if state.tls.is_none() {
+        let _ = stream.try_write(&refusal());
+    }
+}
+
+/// `503` with `BG_E_HTTP_ERROR_503`, what Windows treats as "busy, retry later".
+fn refusal() -> Vec<u8> {
+    use crate::bits::protocol::{format_hresult, hresult};
+    let body = "too many connections from your address; retry later\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nBITS-Packet-Type: Ack\r\nBITS-Error-Code: {}\r\n\
+         BITS-Error-Context: 0x5\r\nRetry-After: 10\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        format_hresult(hresult::BG_E_HTTP_ERROR_503),
+        body.len()
+    )
+    .into_bytes()
 }
 
 async fn serve<I>(

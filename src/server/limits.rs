@@ -1,14 +1,17 @@
-//! Resource limits: open sessions per user and per server, and what a connection may cost.
+//! Resource limits: open sessions per user and per server, how fast a body must come, and what
+//! a connection may cost. (How many connections, and from one address: `conn_limits`.)
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bits::protocol::BitsError;
+use crate::config::ServerConfig;
 
-/// The limits that refuse requests, as the `limit` label of `bitsfarm_limit_refusals_total`.
-/// The open-connections cap is not one: connections over it wait in the listen backlog.
+/// The limits that refuse requests or connections, as the `limit` label of
+/// `bitsfarm_limit_refusals_total`. The open-connections cap is not one: connections over it
+/// wait in the listen backlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Limit {
     /// `max-sessions-per-user` (BITSNumberOfSessionsLimit).
@@ -19,14 +22,20 @@ pub enum Limit {
     FragmentSize,
     /// `max-upload-size` (BITSMaximumUploadSize) of the directory.
     UploadSize,
+    /// `max-connections-per-address`: a connection closed as soon as it was accepted.
+    ConnectionsPerAddress,
+    /// `min-body-rate`: a body cut because it came too slowly.
+    BodyRate,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 4] = [
+    pub const ALL: [Limit; 6] = [
         Limit::SessionsPerUser,
         Limit::Sessions,
         Limit::FragmentSize,
         Limit::UploadSize,
+        Limit::ConnectionsPerAddress,
+        Limit::BodyRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -35,6 +44,60 @@ impl Limit {
             Limit::Sessions => "sessions",
             Limit::FragmentSize => "fragment_size",
             Limit::UploadSize => "upload_size",
+            Limit::ConnectionsPerAddress => "connections_per_address",
+            Limit::BodyRate => "body_rate",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------------------------
+
+/// How fast a request body must come: no pause longer than `idle`, and once `grace` has passed
+/// since it began, at least `min_rate` bytes a second on average. The pause rule alone let one
+/// byte every minute hold a connection forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    pub idle: Duration,
+    pub grace: Duration,
+    pub min_rate: Option<u64>,
+}
+
+/// The rule a body broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TooSlow {
+    #[error("no data for {} s; the client stalled", .0.as_secs())]
+    Stalled(Duration),
+    #[error("the body came slower than {0} bytes/s on average; the client is too slow")]
+    BelowRate(u64),
+}
+
+impl BodyPace {
+    /// The server's: pauses and grace of `--read-timeout`, and `--min-body-rate`.
+    pub fn of(config: &ServerConfig) -> Self {
+        BodyPace {
+            idle: config.read_timeout,
+            grace: config.read_timeout,
+            min_rate: config.min_body_rate,
+        }
+    }
+
+    /// By when (counted from the body's start) more bytes must have come, after `received`
+    /// bytes of which the last came at `last`; and the rule that sets that time.
+    pub fn deadline(&self, received: u64, last: Duration) -> (Duration, TooSlow) {
+        let stalled = (last.saturating_add(self.idle), TooSlow::Stalled(self.idle));
+        let Some(rate) = self.min_rate else {
+            return stalled;
+        };
+        let part = u128::from(received % rate) * 1_000_000_000 / u128::from(rate);
+        let owed =
+            Duration::from_secs(received / rate).saturating_add(Duration::from_nanos(part as u64));
+        let by_rate = self.grace.saturating_add(owed);
+        if by_rate < stalled.0 {
+            (by_rate, TooSlow::BelowRate(rate))
+        } else {
+            stalled
         }
     }
 }
@@ -188,6 +251,52 @@ impl Drop for ActivityGuard {
 mod tests {
     use super::*;
     use crate::bits::protocol::hresult;
+
+    #[test]
+    fn a_body_must_keep_pausing_briefly_and_after_the_grace_keep_up_the_rate() {
+        let s = Duration::from_secs;
+        let pace = BodyPace {
+            idle: s(60),
+            grace: s(60),
+            min_rate: Some(1024),
+        };
+        // Within the grace only the pause counts.
+        assert_eq!(pace.deadline(0, s(0)), (s(60), TooSlow::Stalled(s(60))));
+        // After it, each KiB buys a second: one byte a minute is cut at 60 s and a bit.
+        let (at, why) = pace.deadline(1, s(50));
+        assert_eq!(why, TooSlow::BelowRate(1024));
+        assert!(at > s(60) && at < Duration::from_millis(60_001), "{at:?}");
+        assert_eq!(
+            pace.deadline(10 << 10, s(65)),
+            (s(70), TooSlow::BelowRate(1024))
+        );
+        // A fast body is only held to the pause rule.
+        assert_eq!(pace.deadline(1 << 30, s(100)).0, s(160));
+        let no_rate = BodyPace {
+            min_rate: None,
+            ..pace
+        };
+        assert_eq!(
+            no_rate.deadline(0, s(1000)),
+            (s(1060), TooSlow::Stalled(s(60)))
+        );
+        // Huge counts do not overflow.
+        let tiny = BodyPace {
+            min_rate: Some(1),
+            ..pace
+        };
+        assert_eq!(tiny.deadline(u64::MAX, s(0)).1, TooSlow::Stalled(s(60)));
+        let huge = BodyPace {
+            min_rate: Some(u64::MAX),
+            ..pace
+        };
+        assert_eq!(huge.deadline(u64::MAX - 1, s(0)).0, s(60));
+        assert!(
+            TooSlow::BelowRate(1024)
+                .to_string()
+                .contains("1024 bytes/s")
+        );
+    }
 
     #[test]
     fn per_user_and_per_server_limits() {

@@ -164,7 +164,7 @@ impl Metrics {
         );
         registry.register(
             "limit_refusals",
-            "Requests refused by a configured limit, by limit: sessions_per_user and sessions (Create-Session, 503), fragment_size (413), upload_size (BITSMaximumUploadSize, 500)",
+            "Requests refused by a configured limit, by limit: sessions_per_user and sessions (Create-Session, 503), fragment_size (413), upload_size (BITSMaximumUploadSize, 500); connections_per_address (a connection closed at once) and body_rate (a body cut for coming slower than min-body-rate)",
             m.limit_refusals.clone(),
         );
         // Every series exists from the start at 0, so that a rate or an alert does not have to

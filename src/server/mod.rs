@@ -3,12 +3,14 @@
 pub mod auth;
 pub mod clock;
 pub mod conn;
+pub mod conn_limits;
 pub mod dir_lock;
 pub mod disk;
 pub mod handoff;
 pub mod hooks;
 pub mod http;
 pub mod limits;
+pub mod linger;
 pub mod metrics;
 pub mod notify;
 pub mod session;
@@ -70,8 +72,7 @@ impl Server {
         let state = self.state;
         let graceful = GracefulShutdown::new();
         let chores = Chores::start(&state);
-        let (acceptors, conns) =
-            Acceptors::start(self.listeners, state.config.security.max_connections);
+        let (acceptors, conns) = Acceptors::start(self.listeners, state.connection_limits.max);
         let drained = drained(&state, acceptors.shared());
         serve(&state, &graceful, conns, shutdown, drained).await;
         info!("shutting down: no new connections; waiting for requests in flight");

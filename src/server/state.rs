@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::conn_limits::{AddressLimit, ConnectionLimits, DescriptorError};
 use super::dir_lock;
 use super::limits::SessionCounter;
 use super::metrics::Metrics;
@@ -26,6 +27,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Descriptors(#[from] DescriptorError),
     /// Users or tokens file, TLS certificate, backend credentials: unusable at start-up.
     #[error("{0}")]
     Security(String),
@@ -48,6 +51,10 @@ pub struct AppState {
     pub(super) tls_cert: Option<Arc<tls::ReloadingCert>>,
     /// Session handoff to and from the other members of the farm, when configured.
     pub handoff: Option<handoff::Forwarder>,
+    /// The open-connections cap and each address's share, fitted to the descriptor limit.
+    pub connection_limits: ConnectionLimits,
+    /// Upload connections open per client address.
+    pub addresses: Arc<AddressLimit>,
 }
 
 /// A signalled stop's drain cannot be cancelled (`POST /drain?cancel=true` answers 409).
@@ -58,6 +65,8 @@ impl AppState {
     /// Reads the credentials, certificates and farm key, and opens every data folder (recovering
     /// the sessions in it).
     pub async fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        // First, so that everything opened after it has the raised descriptor limit.
+        let connection_limits = ConnectionLimits::for_this_process(&config.security)?;
         let metrics = Arc::new(Metrics::new());
         let sec = &config.security;
         let auth = authenticator(&config)?;
@@ -84,6 +93,8 @@ impl AppState {
             tls,
             tls_cert,
             handoff,
+            connection_limits,
+            addresses: Arc::new(AddressLimit::new(connection_limits.per_address)),
         })
     }
 

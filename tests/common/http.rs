@@ -187,6 +187,33 @@ impl Conn {
         }
     }
 
+    /// A connection from the local address `from` (any of 127.0.0.0/8 is loopback on Linux),
+    /// so that a test can be several clients.
+    pub fn open_from(from: std::net::IpAddr, addr: SocketAddr) -> Conn {
+        assert!(
+            addr.ip().is_loopback() && from.is_loopback(),
+            "tests only talk on loopback"
+        );
+        use socket2::{Domain, Socket, Type};
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("creating a socket");
+        socket
+            .bind(&SocketAddr::new(from, 0).into())
+            .unwrap_or_else(|e| panic!("binding to {from}: {e}"));
+        socket
+            .connect_timeout(&addr.into(), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connecting to {addr} from {from}: {e}"));
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = stream.set_nodelay(true);
+        Conn {
+            stream,
+            peer: addr,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn set_read_timeout(&self, t: Duration) {
         self.stream.set_read_timeout(Some(t)).unwrap();
     }

@@ -39,6 +39,10 @@ pub async fn handle(
     role: Role,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Err(e) = request::check_headers(req.version(), req.headers()) {
+        debug!(path = %req.uri().path(), error = %e, "request refused");
+        return Ok(bad_request(&req, e));
+    }
     let admin_here = matches!(role, Role::Admin | Role::Main { with_admin: true });
     if admin_here && let Some(r) = response::admin(&state, role == Role::Admin, &req) {
         return Ok(r);
@@ -69,6 +73,21 @@ pub async fn handle(
     Ok(response::not_allowed(
         "this is a BITS upload server: send BITS_POST packets\n",
     ))
+}
+
+/// 400: an Ack for a BITS packet, text for anything else. A body it leaves unread closes the
+/// connection.
+fn bad_request<B>(req: &Request<B>, e: BitsError) -> Response<Body> {
+    let keep_alive = !request::has_body(req.headers());
+    if request::is_bits_post(req.method(), req.headers()) {
+        return ack_response(Ack::from(e), keep_alive);
+    }
+    let mut r = text(StatusCode::BAD_REQUEST, format!("{}\n", e.message));
+    if !keep_alive {
+        r.headers_mut()
+            .insert(h::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 /// The authenticated user (`None` when authentication is off), or the 401 to answer with.

@@ -1,14 +1,18 @@
 //! A BITS packet, from request to Ack: the headers every packet shares, the rules a packet must
 //! pass before it reaches its session (`bits::request`), the call into the session store, and
-//! the body drained afterwards so the connection can carry the next packet.
+//! what becomes of the body: read at its pace, drained after a retransmit so the connection can
+//! carry the next packet, or left unread behind a refusal that closes the connection.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
+use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 use super::response::{Body, ack_response};
@@ -18,13 +22,11 @@ use crate::bits::protocol::{
     Ack, BitsError, PacketType, SessionId, format_hresult, header, hresult,
 };
 use crate::bits::request;
-use crate::server::limits::Limit;
-use crate::server::metrics::{ErrorLabels, PacketLabels};
+use crate::server::limits::{BodyPace, Limit, TooSlow};
+use crate::server::linger::DRAIN_LIMIT;
+use crate::server::metrics::{ErrorLabels, Metrics, PacketLabels};
 use crate::server::session::{CreateRequest, Origin, UploadDir};
 use crate::server::state::AppState;
-
-/// Error bodies larger than this are not read to keep the connection; it is closed instead.
-const DRAIN_LIMIT: u64 = 64 << 20;
 
 pub async fn bits_post(
     state: &AppState,
@@ -43,17 +45,15 @@ pub async fn bits_post(
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| path.clone()),
     };
-    let mut body = body_stream(body, state.config.read_timeout);
+    let mut body = body_stream(body, state);
     let packet = parse_packet(&parts.headers);
     let kind = packet.as_ref().ok().map(|p| p.kind);
-    let content_length = packet.as_ref().map(|p| p.content_length).unwrap_or(0);
     let result = match packet {
         Ok(packet) => dispatch(state, &origin, &path, &packet, &mut body, user).await,
         Err(e) => Err(e),
     };
     let ack = count(state, &path, kind, result);
-    // Read what is left of the body so the connection can carry the client's next packet.
-    let keep_alive = content_length <= DRAIN_LIMIT && drain(&mut body, DRAIN_LIMIT).await;
+    let keep_alive = keep_connection(&mut body, ack.status).await;
     debug!(
         %path,
         packet = kind.map(|k| k.as_str()).unwrap_or("?"),
@@ -63,6 +63,31 @@ pub async fn bits_post(
         "packet"
     );
     ack_response(ack, keep_alive)
+}
+
+/// A refused packet's body, when no larger than this and already sent, is read away before the
+/// answer so that the connection stays usable (a 416 is part of a normal resume).
+const SMALL_BODY: u64 = 64 << 10;
+/// How long a small refused body may take to arrive; any longer and the answer goes first.
+const SMALL_BODY_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether the connection can carry the client's next packet after this one's answer: only
+/// once the body has been read. A retransmit of bytes the session holds is read away (at the
+/// body's pace); a refused packet's body only when it is small and already here. Any other
+/// refusal is answered at once and closes the connection, which reads the rest away after the
+/// answer (`linger`), not before it: a Ping announcing a megabyte is not read first.
+async fn keep_connection(body: &mut PacedBody, status: u16) -> bool {
+    if body.is_complete() {
+        return true;
+    }
+    let remaining = body.remaining();
+    if status < 300 {
+        return remaining.is_some_and(|n| n <= DRAIN_LIMIT) && drain(body, DRAIN_LIMIT).await;
+    }
+    remaining.is_some_and(|n| n <= SMALL_BODY)
+        && tokio::time::timeout(SMALL_BODY_WAIT, drain(body, SMALL_BODY))
+            .await
+            .unwrap_or(false)
 }
 
 /// Counts (and logs, when it failed) a packet's outcome, and makes it the Ack to send.
@@ -192,39 +217,92 @@ pub fn request_host(state: &AppState, headers: &HeaderMap) -> String {
         .unwrap_or_else(|| state.config.listen.to_string())
 }
 
-/// The request body as a stream of chunks, each of which must arrive within `idle`, so a stalled
-/// client cannot hold a session (and its lock) forever.
-pub fn body_stream(
-    body: Incoming,
-    idle: Duration,
-) -> impl Stream<Item = Result<Bytes, String>> + Unpin + Send {
-    Box::pin(
-        futures_util::stream::unfold(Some(body), move |state| async move {
-            let mut body = state?;
-            loop {
-                match tokio::time::timeout(idle, body.frame()).await {
-                    Err(_) => {
-                        return Some((
-                            Err(format!(
-                                "no data for {} s; the client stalled",
-                                idle.as_secs()
-                            )),
-                            None,
-                        ));
-                    }
-                    Ok(None) => return None,
-                    Ok(Some(Err(e))) => return Some((Err(e.to_string()), None)),
-                    Ok(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            return Some((Ok(data), Some(body)));
-                        }
+/// The request body as a stream of chunks, at the server's pace (`BodyPace`), so that a stalled
+/// or trickling client cannot hold a session (and its lock) or a connection for long. A body too
+/// slow for the minimum rate is counted in the metrics.
+pub fn body_stream(body: Incoming, state: &AppState) -> PacedBody {
+    PacedBody {
+        body: Some(body),
+        complete: false,
+        pace: BodyPace::of(&state.config),
+        started: tokio::time::Instant::now(),
+        received: 0,
+        last: Duration::ZERO,
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        metrics: state.metrics.clone(),
+    }
+}
+
+/// See `body_stream`. Ends (`None`) after the body's end or its first error.
+pub struct PacedBody {
+    body: Option<Incoming>,
+    complete: bool,
+    pace: BodyPace,
+    started: tokio::time::Instant,
+    received: u64,
+    /// When the latest bytes came, from `started`.
+    last: Duration,
+    timer: Pin<Box<Sleep>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PacedBody {
+    /// True once the whole body has been read.
+    pub fn is_complete(&self) -> bool {
+        self.complete || self.body.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    /// The bytes still to come, when the body announced its length and has not failed.
+    pub fn remaining(&self) -> Option<u64> {
+        self.body.as_ref().and_then(|b| b.size_hint().exact())
+    }
+}
+
+impl Stream for PacedBody {
+    type Item = Result<Bytes, String>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    this.body = None;
+                    this.complete = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.body = None;
+                    return Poll::Ready(Some(Err(e.to_string())));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry no bytes; keep reading.
+                    if let Ok(data) = frame.into_data() {
+                        this.received += data.len() as u64;
+                        this.last = this.started.elapsed();
+                        return Poll::Ready(Some(Ok(data)));
                     }
                 }
+                Poll::Pending => break,
             }
-        })
-        // Polled again after its end by the drain that follows every packet.
-        .fuse(),
-    )
+        }
+        let (deadline, why) = this.pace.deadline(this.received, this.last);
+        let Some(at) = this.started.checked_add(deadline) else {
+            // A read timeout beyond any clock: no deadline (the body wakes us when data comes).
+            return Poll::Pending;
+        };
+        if this.timer.deadline() != at {
+            this.timer.as_mut().reset(at);
+        }
+        std::task::ready!(this.timer.as_mut().poll(cx));
+        this.body = None;
+        if let TooSlow::BelowRate(_) = why {
+            this.metrics.limit_refused(Limit::BodyRate);
+        }
+        Poll::Ready(Some(Err(why.to_string())))
+    }
 }
 
 /// Reads and discards up to `limit` bytes; true when the body ended cleanly within it.

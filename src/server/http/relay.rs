@@ -134,7 +134,7 @@ pub async fn forward(
     let result = fwd
         .forward(
             &parts,
-            body_stream(body, state.config.read_timeout),
+            body_stream(body, state),
             &handoff::Handoff {
                 owner: to.owner,
                 owner_url: to.url.clone(),
