@@ -14,6 +14,8 @@ pub const SESSION_DIR: &str = "BITS-Sessions";
 const MAX_SEGMENT_BYTES: usize = 255;
 /// Longest destination path, relative to the data folder.
 const MAX_PATH_BYTES: usize = 4096;
+/// The longest path the kernel takes in one call, in bytes: PATH_MAX (4096) less its closing NUL.
+pub const MAX_FULL_PATH_BYTES: usize = 4095;
 
 /// A URL path prefix an upload directory answers at: `/` or `/a/b` (no trailing slash).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +131,31 @@ pub fn destination_path(below_prefix: &str) -> Result<PathBuf, BitsError> {
     Ok(path)
 }
 
+/// Refuses a destination that could never be committed below the data folder `root`: a full path
+/// longer than the system takes, or a name longer than `name_max` bytes (the NAME_MAX of the
+/// folder's file system: 255 on most, less on some). Checked at Create-Session, so that the client
+/// is told at once (400, fatal) instead of uploading everything for a Close that fails forever.
+pub fn check_fits(root: &Path, destination: &Path, name_max: usize) -> Result<(), BitsError> {
+    let full = root.join(destination).as_os_str().len();
+    if full > MAX_FULL_PATH_BYTES {
+        return Err(BitsError::invalid(format!(
+            "the upload URL is not allowed: its path on the server would be {full} bytes long, \
+             over the system's limit of {MAX_FULL_PATH_BYTES}; use a shorter URL"
+        )));
+    }
+    if let Some(long) = destination
+        .components()
+        .map(|c| c.as_os_str().len())
+        .find(|len| *len > name_max)
+    {
+        return Err(BitsError::invalid(format!(
+            "the upload URL is not allowed: a name in it is {long} bytes long, and the server's \
+             file system takes at most {name_max}; use shorter names"
+        )));
+    }
+    Ok(())
+}
+
 /// True when a relative path can only go down: every component a plain name.
 pub fn is_contained(path: &Path) -> bool {
     path.components().all(|c| matches!(c, Component::Normal(_)))
@@ -221,6 +248,28 @@ mod tests {
         assert!(destination_path(&"a".repeat(255)).is_ok());
     }
 
+    #[test]
+    fn a_destination_must_fit_the_systems_limits_below_its_root() {
+        let root = Path::new("/srv/data");
+        // "/srv/data/" is 10 bytes: 4085 are left for the destination. (Names of any length here,
+        // to see the whole path's limit alone.)
+        let fits = PathBuf::from("a".repeat(200)).join("b".repeat(4085 - 201));
+        assert_eq!(root.join(&fits).as_os_str().len(), 4095);
+        assert!(check_fits(root, &fits, usize::MAX).is_ok());
+        let over = PathBuf::from("a".repeat(200)).join("b".repeat(4085 - 200));
+        let e = check_fits(root, &over, usize::MAX).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("4096 bytes long"), "{e}");
+        // A file system with shorter names (eCryptfs: 143) refuses what ext4 takes.
+        let name = PathBuf::from("n".repeat(200));
+        assert!(check_fits(root, &name, 255).is_ok());
+        let e = check_fits(root, &name, 143).unwrap_err();
+        assert!(
+            e.message.contains("200 bytes long") && e.message.contains("143"),
+            "{e}"
+        );
+    }
+
     proptest! {
         // The oracle: whatever the URL, an accepted destination never leaves the data folder.
         #[test]
@@ -230,6 +279,27 @@ mod tests {
                 prop_assert!(p.components().count() >= 1);
                 let first = p.components().next().unwrap().as_os_str().to_string_lossy().to_ascii_lowercase();
                 prop_assert_ne!(first, SESSION_DIR.to_ascii_lowercase());
+            }
+        }
+
+        // Whatever fits is short enough for one system call from the file system's root, name by
+        // name and whole; whatever is refused is too long one way or the other.
+        #[test]
+        fn what_fits_can_be_named_in_one_call(
+            root_len in 1usize..4200,
+            names in prop::collection::vec(1usize..300, 1..20),
+            name_max in 100usize..=255,
+        ) {
+            let root = PathBuf::from(format!("/{}", "r".repeat(root_len)));
+            let dest: PathBuf = names.iter().map(|n| "x".repeat(*n)).collect();
+            let full = root.join(&dest).as_os_str().len();
+            let longest = names.iter().copied().max().unwrap_or(0);
+            match check_fits(&root, &dest, name_max) {
+                Ok(()) => prop_assert!(full <= MAX_FULL_PATH_BYTES && longest <= name_max),
+                Err(e) => {
+                    prop_assert_eq!(e.status, 400);
+                    prop_assert!(full > MAX_FULL_PATH_BYTES || longest > name_max);
+                }
             }
         }
 

@@ -8,8 +8,10 @@ use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::fs::OFlags;
 use tracing::{info, warn};
 
+use super::beneath::{Beneath, met_link};
 use crate::bits::paths::SESSION_DIR;
 
 /// The lock file, inside the folder that no upload can name.
@@ -25,6 +27,11 @@ pub enum DirLockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is a symbolic link (or lies under one); bitsfarm never follows links inside its \
+         data folder: replace it with a real folder"
+    )]
+    Link { path: PathBuf },
     #[error(
         "another bitsfarm server has been using the data folder {dir} for {waited_s} s (it holds \
          {path}); stop it, or give this server a data folder of its own"
@@ -47,16 +54,28 @@ impl DataDirLock {
     pub async fn acquire(dir: &Path, wait: Duration) -> Result<DataDirLock, DirLockError> {
         let state = dir.join(SESSION_DIR);
         let path = state.join(LOCK_FILE);
-        let open_err = |source| DirLockError::Open {
-            path: path.clone(),
-            source,
+        let open_err = |source: std::io::Error| {
+            if met_link(&source) {
+                DirLockError::Link {
+                    path: state.clone(),
+                }
+            } else {
+                DirLockError::Open {
+                    path: path.clone(),
+                    source,
+                }
+            }
         };
-        fs::create_dir_all(&state).map_err(open_err)?;
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
+        // The data folder itself is the operator's setting; below it no link is followed, so a
+        // planted `BITS-Sessions -> /etc` cannot make the server create files elsewhere.
+        fs::create_dir_all(dir).map_err(open_err)?;
+        let beneath = Beneath::open(dir).map_err(open_err)?;
+        let lock = Path::new(SESSION_DIR).join(LOCK_FILE);
+        beneath
+            .create_dir_all(Path::new(SESSION_DIR))
+            .map_err(open_err)?;
+        let file = beneath
+            .open_file(&lock, OFlags::WRONLY | OFlags::CREATE)
             .map_err(open_err)?;
         let start = Instant::now();
         let mut told = false;
@@ -147,6 +166,23 @@ mod tests {
             ),
             "{msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_linked_session_folder_is_refused_and_nothing_is_made_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join(SESSION_DIR)).unwrap();
+        let err = DataDirLock::acquire(dir.path(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DirLockError::Link { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("symbolic link") && msg.contains(SESSION_DIR),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The BITS upload server (`bitsfarm serve`).
 
 pub mod auth;
+pub mod beneath;
 pub mod clock;
 pub mod conn;
 pub mod conn_limits;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
+use super::beneath::Beneath;
 use super::disk::io_error;
 use crate::bits::protocol::{BitsError, SessionId, hresult};
 use crate::config::NotifyType;
@@ -72,6 +73,8 @@ pub struct Delivery<'a> {
     pub session: &'a SessionId,
     pub key: &'a str,
     pub sha256: &'a [u8],
+    /// The data folder: `data` and `reply` are below it, and reached without following links.
+    pub folder: &'a Beneath,
     pub data: &'a Path,
     pub size: u64,
     /// Where the reply goes: written by us (by value) or by the backend (by reference).
@@ -172,11 +175,15 @@ impl Notifier {
             req = req.header(name, value);
         }
         if let Some(parent) = d.reply.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
+            d.folder.create_dir_all(parent).map_err(io_error)?;
         }
         match d.kind {
             NotifyType::ByValue => {
-                let file = tokio::fs::File::open(d.data).await.map_err(io_error)?;
+                let file = d
+                    .folder
+                    .open_file(d.data, rustix::fs::OFlags::RDONLY)
+                    .map_err(io_error)?;
+                let file = tokio::fs::File::from_std(file);
                 let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
                     file,
                     256 << 10,
@@ -188,8 +195,14 @@ impl Notifier {
             }
             NotifyType::ByReference => {
                 req = req
-                    .header(REQUEST_DATAFILE_NAME, path_header(d.data)?)
-                    .header(RESPONSE_DATAFILE_NAME, path_header(d.reply)?)
+                    .header(
+                        REQUEST_DATAFILE_NAME,
+                        path_header(&d.folder.absolute(d.data))?,
+                    )
+                    .header(
+                        RESPONSE_DATAFILE_NAME,
+                        path_header(&d.folder.absolute(d.reply))?,
+                    )
                     .header(reqwest::header::CONTENT_LENGTH, 0)
                     .body(Vec::new());
             }
@@ -232,9 +245,14 @@ impl Notifier {
         let copy = resp.headers().contains_key(COPY_FILE_TO_DESTINATION);
         // By value the reply is the body; by reference the backend wrote the reply file itself.
         if d.kind == NotifyType::ByValue && static_url.is_none() {
-            store_reply(resp, d.reply, d.sync).await?;
-        } else if d.kind == NotifyType::ByReference && !d.reply.exists() && static_url.is_none() {
-            tokio::fs::write(d.reply, b"").await.map_err(io_error)?;
+            store_reply(resp, d.folder, d.reply, d.sync).await?;
+        } else if d.kind == NotifyType::ByReference
+            && d.folder.metadata(d.reply).is_err()
+            && static_url.is_none()
+        {
+            d.folder
+                .write_atomic(d.reply, b"", d.sync)
+                .map_err(io_error)?;
         }
         info!(session = %d.session, url = %d.url, key = d.key, static_reply = static_url.is_some(), copy, "delivered to the server application");
         Ok((static_url, copy))
@@ -247,9 +265,16 @@ fn path_header(p: &Path) -> Result<String, BitsError> {
     })
 }
 
-async fn store_reply(resp: reqwest::Response, path: &Path, sync: bool) -> Result<(), BitsError> {
+/// Writes the reply to `path` below `folder`, whole or not at all.
+async fn store_reply(
+    resp: reqwest::Response,
+    folder: &Beneath,
+    path: &Path,
+    sync: bool,
+) -> Result<(), BitsError> {
     let tmp: PathBuf = path.with_extension("part");
-    let mut f = tokio::fs::File::create(&tmp).await.map_err(io_error)?;
+    let flags = rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::TRUNC;
+    let mut f = tokio::fs::File::from_std(folder.open_file(&tmp, flags).map_err(io_error)?);
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
@@ -266,5 +291,5 @@ async fn store_reply(resp: reqwest::Response, path: &Path, sync: bool) -> Result
         f.sync_data().await.map_err(io_error)?;
     }
     drop(f);
-    tokio::fs::rename(&tmp, path).await.map_err(io_error)
+    folder.rename(&tmp, path).map_err(io_error)
 }

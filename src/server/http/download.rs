@@ -1,7 +1,15 @@
 //! GET and HEAD: a session's reply (Upload-Reply), and completed files where a directory allows
 //! downloads, with Range.
+//!
+//! The file is opened below the data folder without following any symbolic link (a link planted
+//! there answers 404, never the file it points to), and only then handed to tower-http, which
+//! does the HTTP side (Range, HEAD, conditional requests), through `/proc/self/fd/N`: that name
+//! refers to the descriptor we opened, so tower-http serves exactly that file, whatever happens to
+//! the path meanwhile.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -41,7 +49,10 @@ pub async fn download(
     let Ok(rel) = destination_path(below) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    serve_file(dir.root().join(rel), req).await
+    match dir.download_file(rel).await {
+        Some(file) => serve_file(file, req).await,
+        None => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
 
 /// The session named by a reply URL below an upload prefix:
@@ -62,14 +73,19 @@ pub fn reply_session(below: &str) -> Option<SessionId> {
     SessionId::parse(&id)
 }
 
-pub async fn serve_file(file: std::path::PathBuf, req: Request<Incoming>) -> Response<Body> {
-    if !file.is_file() {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    }
-    match tower_http::services::ServeFile::new(file)
+/// Serves `file`, a regular file already opened, with Range and HEAD.
+pub async fn serve_file(file: File, req: Request<Incoming>) -> Response<Body> {
+    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    // tower-http opens the name before it answers; `file` stays open until then.
+    let served = tower_http::services::ServeFile::new(by_fd)
         .oneshot(req)
-        .await
-    {
+        .await;
+    drop(file);
+    match served {
+        Ok(r) if r.status() == StatusCode::NOT_FOUND => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the file cannot be served: /proc is not mounted\n",
+        ),
         Ok(r) => r.map(|b| b.map_err(io::Error::other).boxed_unsync()),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }

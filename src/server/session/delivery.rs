@@ -5,19 +5,22 @@
 //! delivery in progress and then finds its outcome instead of sending a second notification.
 //! The HTTP side is `notify`'s.
 
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
+
+use rustix::fs::OFlags;
 
 use sha2::Digest;
 use tracing::{info, warn};
 
+use super::place::storage_error;
 use super::store::{DELIVERY_FILE, Session, Store, write_json};
 use super::writer::rebuild_hasher;
 use crate::bits::protocol::BitsError;
 use crate::config::{NotifyType, UploadDirConfig};
+use crate::server::beneath::Beneath;
 use crate::server::clock::unix_now;
-use crate::server::disk::{blocking, io_error};
+use crate::server::disk::blocking;
 use crate::server::hooks;
 use crate::server::metrics::{Metrics, OutcomeLabels};
 use crate::server::notify::{self, Delivery, DeliveryOutcome, Notifier};
@@ -78,7 +81,8 @@ impl Deliverer<'_> {
         kind: NotifyType,
     ) -> Result<DeliveryOutcome, BitsError> {
         let id = session.record.id.clone();
-        let sha = upload_sha256(session).await?;
+        let b = self.store.beneath.clone();
+        let sha = upload_sha256(&b, session).await?;
         let key = notify::idempotency_key(&origin.path_and_query, &sha);
         let reply = self.store.reply_path(&id);
         let ledger = self.store.delivered.join(format!("{key}.json"));
@@ -88,7 +92,8 @@ impl Deliverer<'_> {
         let known = {
             let (ledger, ledger_reply, reply) =
                 (ledger.clone(), ledger_reply.clone(), reply.clone());
-            blocking(move || Ok(load_ledger(&ledger, &ledger_reply, &reply))).await?
+            let b = b.clone();
+            blocking(move || Ok(load_ledger(&b, &ledger, &ledger_reply, &reply))).await?
         };
         let outcome = if let Some(mut earlier) = known {
             info!(session = %id, key, "already delivered by this server; not sent again");
@@ -111,7 +116,8 @@ impl Deliverer<'_> {
                     session: &id,
                     key: &key,
                     sha256: &sha,
-                    data: &session.data_path(),
+                    folder: &b,
+                    data: &session.data_file(),
                     size: session.offset,
                     reply: &reply,
                     timeout: self.config.notify_timeout,
@@ -142,14 +148,17 @@ impl Deliverer<'_> {
         };
         let (dir, sync, o) = (session.dir.clone(), self.store.sync, outcome.clone());
         blocking(move || {
-            write_json(&dir.join(DELIVERY_FILE), &o, sync).map_err(io_error)?;
+            write_json(&b, &dir.join(DELIVERY_FILE), &o, sync).map_err(storage_error)?;
             // The ledger is a second copy for later sessions; losing it only costs a re-delivery
             // with the same key, which the backend can recognise. The reply goes in first, whole,
             // so an entry is never found without the reply it names.
-            let copied = o.static_reply_url.is_some() || copy_whole(&reply, &ledger_reply, sync);
-            if !copied {
-                warn!("cannot copy the reply into the delivery ledger");
-            } else if let Err(e) = write_json(&ledger, &o, sync) {
+            let copied = o.static_reply_url.is_some()
+                || b.copy_atomic(&reply, &ledger_reply, sync)
+                    .inspect_err(
+                        |e| warn!(error = %e, "cannot copy the reply into the delivery ledger"),
+                    )
+                    .is_ok();
+            if copied && let Err(e) = write_json(&b, &ledger, &o, sync) {
                 warn!(error = %e, "cannot write the delivery ledger");
             }
             Ok(())
@@ -161,24 +170,26 @@ impl Deliverer<'_> {
     /// Forgets the deliveries older than the session timeout at `now`.
     pub async fn sweep_ledger(&self, now: SystemTime) {
         let (ledger, keep) = (self.store.delivered.clone(), self.config.session_timeout);
-        let _ = tokio::task::spawn_blocking(move || sweep_ledger(&ledger, keep, now)).await;
+        let b = self.store.beneath.clone();
+        let _ = tokio::task::spawn_blocking(move || sweep_ledger(&b, &ledger, keep, now)).await;
     }
 }
 
 /// The SHA-256 of the whole upload: the running hash, or (only after a restart) the checkpoint
 /// resumed over what it did not cover.
-async fn upload_sha256(session: &mut Session) -> Result<Vec<u8>, BitsError> {
+async fn upload_sha256(b: &Beneath, session: &mut Session) -> Result<Vec<u8>, BitsError> {
     if let Some(h) = &session.hasher {
         return Ok(h.clone().finalize().to_vec());
     }
     let (path, state, offset) = (
-        session.data_path(),
-        session.hash_state_path(),
+        session.data_file(),
+        session.hash_state_file(),
         session.offset,
     );
+    let b = b.clone();
     let h = blocking(move || {
-        let mut f = File::open(&path).map_err(io_error)?;
-        rebuild_hasher(&mut f, &state, offset).map_err(io_error)
+        let mut f = b.open_file(&path, OFlags::RDONLY).map_err(storage_error)?;
+        rebuild_hasher(&mut f, &b, &state, offset).map_err(storage_error)
     })
     .await?;
     session.hasher = Some(h.clone());
@@ -186,51 +197,40 @@ async fn upload_sha256(session: &mut Session) -> Result<Vec<u8>, BitsError> {
 }
 
 /// A delivery this server recorded for the same key, with its reply copied into `reply`.
-fn load_ledger(ledger: &Path, ledger_reply: &Path, reply: &Path) -> Option<DeliveryOutcome> {
-    let outcome: DeliveryOutcome = serde_json::from_slice(&fs::read(ledger).ok()?).ok()?;
+fn load_ledger(
+    b: &Beneath,
+    ledger: &Path,
+    ledger_reply: &Path,
+    reply: &Path,
+) -> Option<DeliveryOutcome> {
+    let outcome: DeliveryOutcome = serde_json::from_slice(&b.read(ledger).ok()?).ok()?;
     if outcome.static_reply_url.is_none() {
         // An entry without its reply (torn by a crash) is not trusted: the upload is delivered
         // again, with the same key, rather than answered with an empty reply.
-        if !ledger_reply.is_file() {
+        if !b.metadata(ledger_reply).is_ok_and(|m| m.is_file()) {
             return None;
         }
-        fs::create_dir_all(reply.parent()?).ok()?;
-        fs::copy(ledger_reply, reply).ok()?;
+        b.create_dir_all(reply.parent()?).ok()?;
+        b.copy_atomic(ledger_reply, reply, false).ok()?;
     }
     Some(outcome)
 }
 
-/// Copies `from` to `to` through a temporary file and a rename, so `to` is whole or absent.
-fn copy_whole(from: &Path, to: &Path, sync: bool) -> bool {
-    let mut tmp = to.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let copied = fs::copy(from, &tmp).and_then(|_| {
-        if sync {
-            File::open(&tmp)?.sync_data()?;
-        }
-        fs::rename(&tmp, to)
-    });
-    if copied.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    copied.is_ok()
-}
-
 /// Forgets deliveries older than the session timeout: by then no client can still be retrying.
-fn sweep_ledger(dir: &Path, keep: Duration, now: SystemTime) {
-    let Ok(entries) = fs::read_dir(dir) else {
+fn sweep_ledger(b: &Beneath, dir: &Path, keep: Duration, now: SystemTime) {
+    let Ok(names) = b.read_dir(dir) else {
         return;
     };
-    for e in entries.flatten() {
-        let old = e
-            .metadata()
+    for name in names {
+        let entry = dir.join(name);
+        let old = b
+            .metadata(&entry)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| now.duration_since(t).ok())
             .is_some_and(|age| age > keep);
         if old {
-            let _ = fs::remove_file(e.path());
+            let _ = b.remove_file(&entry);
         }
     }
 }

@@ -26,8 +26,10 @@ impl From<BitsError> for Refusal {
 /// What a Fragment the session accepts does, in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FragmentPlan {
-    /// The upload's size, first named by this fragment: recorded before anything else, and kept
-    /// even when the fragment then turns out to be out of sync, so later fragments must agree.
+    /// The upload's size, first named by this fragment: recorded before anything is written, so
+    /// later fragments must agree. Only a fragment the session takes names it: one refused with
+    /// 416 may be a stray (another job's), and fixing its total would turn the client's real first
+    /// fragment into a fatal 400.
     pub record_total: Option<u64>,
     /// The bytes to write, or the 416 that tells the client where to resume.
     pub write: Result<Write, BitsError>,
@@ -81,9 +83,10 @@ pub fn fragment(
         Some(_) => None,
         None => Some(range.total),
     };
+    let write = place(offset, range, data_file_exists);
     Ok(FragmentPlan {
-        record_total,
-        write: place(offset, range, data_file_exists),
+        record_total: record_total.filter(|_| write.is_ok()),
+        write,
     })
 }
 
@@ -280,10 +283,18 @@ mod tests {
     }
 
     #[test]
-    fn an_out_of_sync_first_fragment_still_records_the_total() {
+    fn an_out_of_sync_first_fragment_records_no_total() {
+        // A stray fragment (another job's, or one sent after the session was recreated) is
+        // answered 416 and leaves the size open: the client's real first fragment, whatever total
+        // it names, is then accepted instead of a fatal 400.
         let p = plan(None, 0, "bytes 10-19/100");
-        assert_eq!(p.record_total, Some(100));
+        assert_eq!(p.record_total, None);
         assert_eq!(p.write, Err(BitsError::out_of_sync(0)));
+        let p = plan(None, 0, "bytes 0-9/10");
+        assert_eq!((p.record_total, p.write), (Some(10), Ok(append(0, 10))));
+        // Once a total is recorded, an out-of-sync fragment naming another one is still a 400.
+        let r = refused(&receiving(Some(10)), 0, "bytes 5-9/100", None);
+        assert_eq!(r.error.status, 400);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! - `machine`: the protocol's rules applied to a session, pure: what a packet does to it;
 //! - `store`: the session table and its locks, the records on disk, recovery, expiry, tombstones;
 //! - `writer`: the blocking disk writer of a Fragment's body;
+//! - `place`: where an upload lands: the destination's checks, the commit, and the answers a path
+//!   on the server gets when it cannot be used (never through a symbolic link);
 //! - `delivery`: once-only delivery of a complete upload to the server application, and its ledger.
 //!
 //! `UploadDir` is what the HTTP side calls: each packet locks its session in the store, asks the
@@ -9,9 +11,11 @@
 
 mod delivery;
 mod machine;
+mod place;
 mod store;
 mod writer;
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -91,7 +95,8 @@ impl UploadDir {
             .lock(id, url_path, self.config.session_timeout)
             .await?;
         // Only the empty upload asks the disk; no other fragment pays for the look.
-        let data_file_exists = range.is_empty() && session.data_path().exists();
+        let data_file_exists =
+            range.is_empty() && self.store.beneath.metadata(&session.data_file()).is_ok();
         let plan = machine::fragment(
             &session.record,
             session.offset,
@@ -114,8 +119,16 @@ impl UploadDir {
                 // idempotency key); without one, hashing would only cost CPU, and a later switch
                 // to notifications rebuilds it from the file.
                 let hash = self.config.notify_type != NotifyType::None;
-                let written =
-                    writer::append(&mut session, skip, len, body, hash, self.store.sync).await?;
+                let written = writer::append(
+                    &self.store.beneath,
+                    &mut session,
+                    skip,
+                    len,
+                    body,
+                    hash,
+                    self.store.sync,
+                )
+                .await?;
                 self.metrics.bytes_received.inc_by(written);
                 debug!(session = %id, %range, written, next = session.offset, "fragment stored");
             }
@@ -137,9 +150,16 @@ impl UploadDir {
         Ok(machine::fragment_ack(session.offset, reply_url))
     }
 
-    /// The reply file of an open session, for GET and HEAD of its reply URL.
-    pub async fn reply_file(&self, id: &SessionId) -> Option<PathBuf> {
+    /// The reply file of an open session, opened for GET and HEAD of its reply URL; None when
+    /// there is none, or a symbolic link is on its way.
+    pub async fn reply_file(&self, id: &SessionId) -> Option<File> {
         self.store.reply_file(id, self.config.session_timeout).await
+    }
+
+    /// The file at `rel` below the data folder, opened for a download; None when there is no
+    /// regular file there, or a symbolic link is on its way (never followed).
+    pub async fn download_file(&self, rel: PathBuf) -> Option<File> {
+        self.store.open_download(rel).await
     }
 
     pub async fn close_session(
@@ -165,8 +185,7 @@ impl UploadDir {
         }
         let to_destination =
             machine::commits_to_destination(self.config.notify_type, session.delivery.as_ref());
-        let commit_to =
-            (complete && to_destination).then(|| self.root().join(&session.record.destination));
+        let commit_to = (complete && to_destination).then(|| session.record.destination.clone());
         self.store
             .end(
                 &mut session,

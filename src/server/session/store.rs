@@ -12,20 +12,23 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::place::{check_new_destination, commit, storage_error};
 use crate::bits::paths::SESSION_DIR;
 use crate::bits::protocol::{BitsError, SessionId};
+use crate::server::beneath::{Beneath, met_link};
 use crate::server::clock::unix_now;
 use crate::server::dir_lock::DataDirLock;
-use crate::server::disk::{blocking, io_error};
+use crate::server::disk::blocking;
 use crate::server::limits::SessionCounter;
 use crate::server::metrics::Metrics;
 use crate::server::notify::DeliveryOutcome;
@@ -91,6 +94,7 @@ impl<'de> Deserialize<'de> for SessionId {
 /// One session in memory. The other rooms of `session` update it while they hold its lock.
 pub struct Session {
     pub record: SessionRecord,
+    /// The session's folder, relative to the data folder (like every path the store keeps).
     pub(super) dir: PathBuf,
     /// Bytes stored so far: the next expected offset.
     pub(super) offset: u64,
@@ -112,11 +116,13 @@ impl Session {
         self.record.total == Some(self.offset)
     }
 
-    pub(super) fn data_path(&self) -> PathBuf {
+    /// The bytes received so far, relative to the data folder.
+    pub(super) fn data_file(&self) -> PathBuf {
         self.dir.join(DATA_FILE)
     }
 
-    pub(super) fn hash_state_path(&self) -> PathBuf {
+    /// The hash checkpoint, relative to the data folder.
+    pub(super) fn hash_state_file(&self) -> PathBuf {
         self.dir.join(HASH_STATE_FILE)
     }
 
@@ -148,11 +154,21 @@ pub enum StoreError {
         "cannot prepare the data folder {path}: {source}; check that it exists and is writable"
     )]
     Prepare { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is a symbolic link (or lies under one); bitsfarm never follows links inside its \
+         data folder: replace it with a real folder"
+    )]
+    Link { path: PathBuf },
 }
 
 /// The sessions of one data folder: the table, its folders and the count of open sessions.
 pub struct Store {
     root: PathBuf,
+    /// The data folder, opened once; every path below is relative and reached through it, never
+    /// through a symbolic link.
+    pub(super) beneath: Beneath,
+    /// The longest name the data folder's file system takes.
+    name_max: usize,
     requests: PathBuf,
     replies: PathBuf,
     pub(super) delivered: PathBuf,
@@ -186,14 +202,29 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let requests = root.join(SESSION_DIR).join(REQUESTS_DIR);
-        let replies = root.join(SESSION_DIR).join(REPLIES_DIR);
-        let delivered = root.join(SESSION_DIR).join(DELIVERED_DIR);
+        let beneath = Beneath::open(&root).map_err(|source| StoreError::Prepare {
+            path: root.clone(),
+            source,
+        })?;
+        let requests = Path::new(SESSION_DIR).join(REQUESTS_DIR);
+        let replies = Path::new(SESSION_DIR).join(REPLIES_DIR);
+        let delivered = Path::new(SESSION_DIR).join(DELIVERED_DIR);
         for p in [&requests, &replies, &delivered] {
-            prepare(p)?;
+            beneath.create_dir_all(p).map_err(|source| {
+                let path = root.join(p);
+                if met_link(&source) {
+                    StoreError::Link { path }
+                } else {
+                    StoreError::Prepare { path, source }
+                }
+            })?;
         }
+        // 255 where the file system does not say (and never more: the URL rules stop there).
+        let name_max = beneath.name_max().unwrap_or(255).clamp(1, 255);
         let store = Store {
             root,
+            beneath,
+            name_max,
             requests,
             replies,
             delivered,
@@ -211,7 +242,8 @@ impl Store {
         &self.root
     }
 
-    /// Where a session's reply from the backend is kept (and served from).
+    /// Where a session's reply from the backend is kept (and served from), relative to the data
+    /// folder.
     pub fn reply_path(&self, id: &SessionId) -> PathBuf {
         self.replies.join(id.as_str()).join(REPLY_FILE)
     }
@@ -227,21 +259,20 @@ impl Store {
     }
 
     fn recover(&self) {
-        let entries = match fs::read_dir(&self.requests) {
-            Ok(e) => e,
+        let names = match self.beneath.read_dir(&self.requests) {
+            Ok(n) => n,
             Err(e) => {
-                warn!(dir = %self.requests.display(), error = %e, "cannot list sessions");
+                warn!(dir = %self.beneath.absolute(&self.requests).display(), error = %e, "cannot list sessions");
                 return;
             }
         };
         let mut recovered = 0usize;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        for name in names {
             let Some(id) = name.to_str().and_then(SessionId::parse) else {
                 continue;
             };
-            let dir = entry.path();
-            match load_session(&dir) {
+            let dir = self.requests.join(&name);
+            match load_session(&self.beneath, &dir) {
                 Ok(Some(session)) if session.record.id == id => {
                     if session.record.state == SessionState::Receiving {
                         self.metrics.sessions_active.inc();
@@ -256,7 +287,7 @@ impl Store {
                 }
                 Ok(None) => {
                     // Created but never acknowledged (no session.json yet): nothing to keep.
-                    let _ = fs::remove_dir_all(&dir);
+                    let _ = self.beneath.remove_all(&dir);
                 }
                 Err(e) => warn!(dir = %dir.display(), error = %e, "unreadable session; left alone"),
             }
@@ -299,11 +330,15 @@ impl Store {
         }
         let dir = session.dir.clone();
         let reply_dir = self.replies.join(id.as_str());
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = fs::remove_dir_all(reply_dir);
-            fs::remove_dir_all(dir)
+        let b = self.beneath.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let reply = b.remove_all(&reply_dir);
+            b.remove_all(&dir).and(reply)
         })
         .await;
+        if let Ok(Err(e)) = removed {
+            warn!(session = %id, error = %e, "the session's files could not all be removed");
+        }
         info!(session = %id, why, "session removed");
     }
 
@@ -313,7 +348,7 @@ impl Store {
         req: CreateRequest,
         allow_overwrites: bool,
     ) -> Result<SessionId, BitsError> {
-        let dest = self.root.join(&req.destination);
+        let dest = req.destination.clone();
         let id = req.id.clone();
         let dir = self.requests.join(id.as_str());
         self.counter
@@ -333,13 +368,19 @@ impl Store {
             state: SessionState::Receiving,
             owner: req.owner,
         };
-        let sync = self.sync;
+        let (sync, name_max, b) = (self.sync, self.name_max, self.beneath.clone());
         let rec = record.clone();
         let d = dir.clone();
         let created = blocking(move || {
-            check_destination(&dest, allow_overwrites)?;
-            fs::create_dir(&d).map_err(io_error)?;
-            write_record(&d, &rec, sync).map_err(io_error)
+            check_new_destination(&b, &dest, allow_overwrites, name_max)?;
+            b.create_dir(&d).map_err(storage_error)?;
+            write_record(&b, &d, &rec, sync).map_err(|e| {
+                // The session was never acknowledged: nothing of it stays (a full disk, say).
+                if let Err(left) = b.remove_all(&d) {
+                    warn!(dir = %b.absolute(&d).display(), error = %left, "cannot remove a session folder that failed to be made");
+                }
+                storage_error(e)
+            })
         })
         .await;
         if let Err(e) = created {
@@ -366,9 +407,9 @@ impl Store {
     pub async fn record_total(&self, session: &mut Session, total: u64) -> Result<(), BitsError> {
         let mut record = session.record.clone();
         record.total = Some(total);
-        let (dir, sync) = (session.dir.clone(), self.sync);
+        let (dir, sync, b) = (session.dir.clone(), self.sync, self.beneath.clone());
         let r = record.clone();
-        blocking(move || write_record(&dir, &r, sync).map_err(io_error)).await?;
+        blocking(move || write_record(&b, &dir, &r, sync).map_err(storage_error)).await?;
         session.record = record;
         Ok(())
     }
@@ -385,17 +426,18 @@ impl Store {
     ) -> Result<(), BitsError> {
         let mut record = session.record.clone();
         record.state = state;
-        let (dir, data, sync) = (session.dir.clone(), session.data_path(), self.sync);
+        let (dir, data, sync) = (session.dir.clone(), session.data_file(), self.sync);
         let reply_dir = self.replies.join(record.id.as_str());
         let rec = record.clone();
+        let b = self.beneath.clone();
         blocking(move || {
             if let Some(dest) = commit_to {
-                commit(&data, &dest, allow_overwrites, sync)?;
+                commit(&b, &data, &dest, allow_overwrites, sync)?;
             }
-            write_record(&dir, &rec, sync).map_err(io_error)?;
-            let _ = fs::remove_file(&data);
-            let _ = fs::remove_file(dir.join(HASH_STATE_FILE));
-            let _ = fs::remove_dir_all(&reply_dir);
+            write_record(&b, &dir, &rec, sync).map_err(storage_error)?;
+            let _ = b.remove_file(&data);
+            let _ = b.remove_file(&dir.join(HASH_STATE_FILE));
+            let _ = b.remove_all(&reply_dir);
             Ok(())
         })
         .await?;
@@ -460,8 +502,9 @@ impl Store {
         Ok(())
     }
 
-    /// The reply file of an open session whose reply this server keeps (not a static URL).
-    pub async fn reply_file(&self, id: &SessionId, timeout: Duration) -> Option<PathBuf> {
+    /// The reply file of an open session whose reply this server keeps (not a static URL),
+    /// opened while the session is locked, so no cleanup races it.
+    pub async fn reply_file(&self, id: &SessionId, timeout: Duration) -> Option<File> {
         let slot = self.slot(id)?;
         let session = slot.lock_owned().await;
         let open = !session.removed
@@ -471,108 +514,51 @@ impl Store {
             .delivery
             .as_ref()
             .is_some_and(|d| d.static_reply_url.is_none());
-        (open && served_here).then(|| self.reply_path(id))
-    }
-}
-
-/// Refuses a destination that is a folder, or an existing file when overwrites are off.
-fn check_destination(dest: &Path, allow_overwrites: bool) -> Result<(), BitsError> {
-    match fs::symlink_metadata(dest) {
-        Ok(m) if m.is_dir() => Err(BitsError::invalid(
-            "the upload URL names a folder on the server; upload to a file name",
-        )),
-        Ok(_) if !allow_overwrites => Err(BitsError::access_denied(
-            "a file with this name already exists and this directory does not allow overwrites",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// Moves the finished upload to its destination in one atomic step. Without overwrites a hard link
-/// is made (it fails if the name exists, even when another upload got there first) and the session
-/// file is dropped afterwards; a link left by a crash between the two is recognised as our own.
-fn commit(data: &Path, dest: &Path, allow_overwrites: bool, sync: bool) -> Result<(), BitsError> {
-    if !data.exists() {
-        // A crash after the commit but before the tombstone was written: the file is in place.
-        if dest.exists() {
-            return Ok(());
+        if !(open && served_here) {
+            return None;
         }
-        return Err(BitsError::internal(
-            "the session's data file is missing; the upload must be sent again",
-        ));
+        self.open_download(self.reply_path(id)).await
     }
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(20) {
-                BitsError::invalid(
-                    "a folder in the upload URL is a file on the server; choose another path",
-                )
-            } else {
-                io_error(e)
+
+    /// The regular file at `rel`, opened for reading; None for anything else, and when a link is
+    /// on the way (never followed). Opened without blocking, so a FIFO planted in the data folder
+    /// cannot hold a thread.
+    pub async fn open_download(&self, rel: PathBuf) -> Option<File> {
+        let b = self.beneath.clone();
+        let opened = blocking(move || {
+            let file = b.open_file(&rel, OFlags::RDONLY | OFlags::NONBLOCK);
+            if let Err(e) = &file
+                && met_link(e)
+            {
+                warn!(path = %b.absolute(&rel).display(), "a download met a symbolic link; not followed");
             }
-        })?;
-    }
-    if allow_overwrites {
-        if dest.is_dir() {
-            return Err(BitsError::invalid(
-                "the upload URL names a folder on the server; upload to a file name",
-            ));
-        }
-        fs::rename(data, dest).map_err(io_error)?;
-    } else {
-        match fs::hard_link(data, dest) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                if !same_file(data, dest) {
-                    check_destination(dest, false)?;
-                }
-            }
-            Err(e) => return Err(io_error(e)),
-        }
-    }
-    if sync && let Some(parent) = dest.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error)?;
-    }
-    Ok(())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+            Ok(file
+                .ok()
+                .filter(|f| f.metadata().is_ok_and(|m| m.is_file())))
+        });
+        opened.await.ok().flatten()
     }
 }
 
-fn write_record(dir: &Path, record: &SessionRecord, sync: bool) -> io::Result<()> {
-    write_json(&dir.join(RECORD_FILE), record, sync)
+fn write_record(b: &Beneath, dir: &Path, record: &SessionRecord, sync: bool) -> io::Result<()> {
+    write_json(b, &dir.join(RECORD_FILE), record, sync)
 }
 
-/// Replaces a JSON file atomically (write, sync, rename, sync the folder).
-pub(super) fn write_json<T: Serialize>(path: &Path, value: &T, sync: bool) -> io::Result<()> {
+/// Replaces the JSON file `rel` (below the data folder) atomically: write, sync, rename, sync the
+/// folder.
+pub(super) fn write_json<T: Serialize>(
+    b: &Beneath,
+    rel: &Path,
+    value: &T,
+    sync: bool,
+) -> io::Result<()> {
     let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&json)?;
-        if sync {
-            f.sync_data()?;
-        }
-    }
-    fs::rename(&tmp, path)?;
-    if sync && let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    b.write_atomic(rel, &json, sync)
 }
 
-fn load_session(dir: &Path) -> io::Result<Option<Session>> {
+fn load_session(b: &Beneath, dir: &Path) -> io::Result<Option<Session>> {
     let record_path = dir.join(RECORD_FILE);
-    let json = match fs::read(&record_path) {
+    let json = match b.read(&record_path) {
         Ok(j) => j,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -593,18 +579,18 @@ fn load_session(dir: &Path) -> io::Result<Option<Session>> {
             record.destination
         )));
     }
-    let data = dir.join(DATA_FILE);
-    let (offset, data_mtime) = match fs::metadata(&data) {
+    let (offset, data_mtime) = match b.metadata(&dir.join(DATA_FILE)) {
         Ok(m) => (m.len(), m.modified().ok()),
         Err(_) => (0, None),
     };
-    let record_mtime = fs::metadata(&record_path)?.modified().ok();
+    let record_mtime = b.metadata(&record_path)?.modified().ok();
     let last_activity = data_mtime
         .into_iter()
         .chain(record_mtime)
         .max()
         .unwrap_or_else(SystemTime::now);
-    let delivery = fs::read(dir.join(DELIVERY_FILE))
+    let delivery = b
+        .read(&dir.join(DELIVERY_FILE))
         .ok()
         .and_then(|j| serde_json::from_slice(&j).ok());
     Ok(Some(Session {
@@ -620,6 +606,8 @@ fn load_session(dir: &Path) -> io::Result<Option<Session>> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn record(destination: &str) -> SessionRecord {
@@ -635,16 +623,27 @@ mod tests {
         }
     }
 
+    fn folder() -> (tempfile::TempDir, Beneath) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("s")).unwrap();
+        let b = Beneath::open(dir.path()).unwrap();
+        (dir, b)
+    }
+
     #[test]
     fn a_session_comes_back_with_its_file_length_as_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(load_session(dir.path()).unwrap().is_none(), "no record yet");
+        let (dir, b) = folder();
+        let s = Path::new("s");
+        assert!(load_session(&b, s).unwrap().is_none(), "no record yet");
         let rec = record("sub/a.bin");
-        write_record(dir.path(), &rec, false).unwrap();
-        fs::write(dir.path().join(DATA_FILE), b"ab").unwrap();
-        let s = load_session(dir.path()).unwrap().unwrap();
-        assert_eq!((&s.record, s.offset, s.is_complete()), (&rec, 2, false));
-        assert!(s.hasher.is_none() && s.delivery.is_none());
+        write_record(&b, s, &rec, false).unwrap();
+        fs::write(dir.path().join("s").join(DATA_FILE), b"ab").unwrap();
+        let session = load_session(&b, s).unwrap().unwrap();
+        assert_eq!(
+            (&session.record, session.offset, session.is_complete()),
+            (&rec, 2, false)
+        );
+        assert!(session.hasher.is_none() && session.delivery.is_none());
     }
 
     #[test]
@@ -656,20 +655,23 @@ mod tests {
             "BITS-Sessions/x",
             "bits-sessions",
         ] {
-            let dir = tempfile::tempdir().unwrap();
-            write_record(dir.path(), &record(destination), false).unwrap();
-            assert!(load_session(dir.path()).is_err(), "{destination:?}");
+            let (_dir, b) = folder();
+            write_record(&b, Path::new("s"), &record(destination), false).unwrap();
+            assert!(load_session(&b, Path::new("s")).is_err(), "{destination:?}");
         }
     }
 
     #[test]
-    fn a_destination_may_not_be_a_folder_nor_an_existing_file_without_overwrites() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        fs::write(&file, b"x").unwrap();
-        assert_eq!(check_destination(dir.path(), true).unwrap_err().status, 400);
-        assert_eq!(check_destination(&file, false).unwrap_err().status, 403);
-        assert!(check_destination(&file, true).is_ok());
-        assert!(check_destination(&dir.path().join("new"), false).is_ok());
+    fn a_session_folder_that_is_a_link_is_not_read() {
+        let (dir, b) = folder();
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::write(
+            elsewhere.path().join(RECORD_FILE),
+            serde_json::to_vec(&record("a.bin")).unwrap(),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("l")).unwrap();
+        let e = load_session(&b, Path::new("l")).err().expect("refused");
+        assert!(met_link(&e), "{e}");
     }
 }

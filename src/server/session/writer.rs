@@ -5,20 +5,22 @@
 //! written after each fragment without a sync, so a restarted server only hashes what the
 //! checkpoint missed.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use rustix::fs::OFlags;
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::place::storage_error;
 use super::store::Session;
 use crate::bits::protocol::BitsError;
-use crate::server::disk::io_error;
+use crate::server::beneath::Beneath;
 
 /// Fragments up to this size are read whole and written without a hand-off to another thread.
 const SMALL_FRAGMENT: u64 = 256 << 10;
@@ -36,11 +38,13 @@ const WRITE_IOVECS: usize = 1024;
 /// waits for the tail.
 const WRITEBACK_STEP: u64 = 1 << 20;
 
-/// Streams `body` to the session's file: skips `skip` bytes, appends the next `len` bytes at
-/// the current offset, flushes them (when `sync`), and advances the offset; with `hash`, the
-/// running hash follows. On any failure the file goes back to its previous length, so it only ever
-/// holds whole fragments' worth of acknowledged bytes.
+/// Streams `body` to the session's file (below the data folder `b`, reached without following a
+/// link): skips `skip` bytes, appends the next `len` bytes at the current offset, flushes them
+/// (when `sync`), and advances the offset; with `hash`, the running hash follows. On any failure
+/// the file goes back to its previous length, so it only ever holds whole fragments' worth of
+/// acknowledged bytes.
 pub async fn append<S, E>(
+    b: &Beneath,
     session: &mut Session,
     skip: u64,
     len: u64,
@@ -52,8 +56,8 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let path = session.data_path();
-    let state_path = session.hash_state_path();
+    let path = session.data_file();
+    let state_path = session.hash_state_file();
     let offset = session.offset;
     let hasher = if hash { session.hasher.clone() } else { None };
     let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
@@ -63,13 +67,14 @@ where
         // hand-off to a blocking thread and back, which costs as much as the write itself.
         let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| {
-            write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+            write_fragment(b, &path, &state_path, offset, hasher, hash, rx, sync)
         });
         (result, None)
     } else {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let b2 = b.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            write_fragment(&path, &state_path, offset, hasher, hash, rx, sync)
+            write_fragment(&b2, &path, &state_path, offset, hasher, hash, rx, sync)
         });
         let failure = stream_to(tx, body, skip, len).await;
         let result = writer
@@ -84,15 +89,15 @@ where
             Ok(done.written)
         }
         (Ok(_), failure) => {
-            let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+            let _ = tokio::task::spawn_blocking(rollback_to(b, session)).await;
             Err(failure.unwrap_or_else(|| {
                 BitsError::invalid("the fragment body did not match its Content-Range")
             }))
         }
         (Err(e), _) => {
-            let _ = tokio::task::spawn_blocking(rollback_to(session)).await;
+            let _ = tokio::task::spawn_blocking(rollback_to(b, session)).await;
             // A rebuilt hasher may have been lost with the failed write; rebuild next time.
-            Err(io_error(e))
+            Err(storage_error(e))
         }
     }
 }
@@ -160,11 +165,10 @@ struct Written {
 }
 
 /// Cuts a session's data file back to its last acknowledged length (a failed write).
-fn rollback_to(s: &Session) -> impl FnOnce() + Send + 'static {
-    let path = s.data_path();
-    let offset = s.offset;
+fn rollback_to(b: &Beneath, s: &Session) -> impl FnOnce() + Send + 'static {
+    let (b, path, offset) = (b.clone(), s.data_file(), s.offset);
     move || {
-        if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+        if let Ok(f) = b.open_file(&path, OFlags::WRONLY) {
             let _ = f.set_len(offset);
         }
     }
@@ -211,8 +215,10 @@ where
 
 /// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
 /// when `hash`), then, when `sync`, flushes it: the bytes and the file length (the next offset)
-/// are durable when this returns.
+/// are durable when this returns. `path` and `state_path` are below the data folder `b`.
+#[allow(clippy::too_many_arguments)]
 fn write_fragment(
+    b: &Beneath,
     path: &Path,
     state_path: &Path,
     offset: u64,
@@ -221,16 +227,11 @@ fn write_fragment(
     mut rx: mpsc::Receiver<Bytes>,
     sync: bool,
 ) -> io::Result<Written> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)?;
+    let mut file = b.open_file(path, OFlags::RDWR | OFlags::CREATE)?;
     let mut hasher = match (hash, hasher) {
         (false, _) => None,
         (true, Some(h)) => Some(h),
-        (true, None) => Some(rebuild_hasher(&mut file, state_path, offset)?),
+        (true, None) => Some(rebuild_hasher(&mut file, b, state_path, offset)?),
     };
     if file.metadata()?.len() != offset {
         file.set_len(offset)?;
@@ -285,7 +286,7 @@ fn write_fragment(
         file.sync_data()?;
     }
     if let Some(h) = &hasher {
-        save_hash_state(state_path, offset + written, h);
+        save_hash_state(b, state_path, offset + written, h);
     }
     Ok(Written { written, hasher })
 }
@@ -323,7 +324,7 @@ fn start_writeback(file: &File, from: u64, len: u64) {
 const HASH_STATE_MAGIC: &[u8; 4] = b"BFH1";
 
 /// Best effort: a missing or stale checkpoint only means more hashing after a restart.
-fn save_hash_state(path: &Path, offset: u64, hasher: &Sha256) {
+fn save_hash_state(b: &Beneath, path: &Path, offset: u64, hasher: &Sha256) {
     let state = hasher.serialize();
     let mut buf = Vec::with_capacity(4 + 8 + state.len() + 8);
     buf.extend_from_slice(HASH_STATE_MAGIC);
@@ -334,11 +335,8 @@ fn save_hash_state(path: &Path, offset: u64, hasher: &Sha256) {
     // Overwritten in place, not truncated: on ext4 a truncate-and-rewrite starts writeback of the
     // file on close (auto_da_alloc), a disk write per fragment. The size is fixed, and a torn
     // write fails the check, so in place is safe.
-    let saved = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+    let saved = b
+        .open_file(path, OFlags::WRONLY | OFlags::CREATE)
         .and_then(|f| {
             use std::os::unix::fs::FileExt;
             f.write_all_at(&buf, 0)?;
@@ -352,8 +350,8 @@ fn save_hash_state(path: &Path, offset: u64, hasher: &Sha256) {
     }
 }
 
-fn load_hash_state(path: &Path) -> Option<(u64, Sha256)> {
-    let buf = fs::read(path).ok()?;
+fn load_hash_state(b: &Beneath, path: &Path) -> Option<(u64, Sha256)> {
+    let buf = b.read(path).ok()?;
     let (body, check) = buf.split_at_checked(buf.len().checked_sub(8)?)?;
     if Sha256::digest(body)[..8] != *check || body.get(..4)? != HASH_STATE_MAGIC {
         return None;
@@ -363,9 +361,15 @@ fn load_hash_state(path: &Path) -> Option<(u64, Sha256)> {
     Some((offset, Sha256::deserialize(&state).ok()?))
 }
 
-/// After a restart: resume the hash from the checkpoint, reading only the bytes it did not cover.
-pub fn rebuild_hasher(file: &mut File, state_path: &Path, offset: u64) -> io::Result<Sha256> {
-    let (mut at, mut hasher) = match load_hash_state(state_path) {
+/// After a restart: resume the hash from the checkpoint (`state_path`, below the data folder `b`),
+/// reading only the bytes it did not cover.
+pub fn rebuild_hasher(
+    file: &mut File,
+    b: &Beneath,
+    state_path: &Path,
+    offset: u64,
+) -> io::Result<Sha256> {
+    let (mut at, mut hasher) = match load_hash_state(b, state_path) {
         Some((at, h)) if at <= offset => (at, h),
         _ => (0, Sha256::new()),
     };
@@ -388,26 +392,50 @@ pub fn rebuild_hasher(file: &mut File, state_path: &Path, offset: u64) -> io::Re
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::server::session::DATA_FILE;
 
     /// Writes `chunks` at `offset` the way a Fragment does, with hashing and syncing on.
-    fn write_at(path: &Path, state: &Path, offset: u64, chunks: &[&'static [u8]]) -> Written {
+    fn write_at(b: &Beneath, offset: u64, chunks: &[&'static [u8]]) -> Written {
         let (tx, rx) = mpsc::channel(chunks.len().max(1));
         for c in chunks {
             tx.try_send(Bytes::from_static(c)).unwrap();
         }
         drop(tx);
-        write_fragment(path, state, offset, None, true, rx, true).unwrap()
+        write_fragment(
+            b,
+            Path::new(DATA_FILE),
+            Path::new("h"),
+            offset,
+            None,
+            true,
+            rx,
+            true,
+        )
+        .unwrap()
+    }
+
+    /// A folder, the same opened as a data folder, and the paths of its data file and checkpoint.
+    fn folder() -> (
+        tempfile::TempDir,
+        Beneath,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Beneath::open(dir.path()).unwrap();
+        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
+        (dir, b, path, state)
     }
 
     #[test]
     fn a_fragment_lands_at_its_offset_and_cuts_off_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
+        let (_dir, b, path, _) = folder();
         // Bytes past the acknowledged offset (a write cut short by a crash) are not kept.
         fs::write(&path, b"abcXXXX").unwrap();
-        let done = write_at(&path, &state, 3, &[b"de", b"f"]);
+        let done = write_at(&b, 3, &[b"de", b"f"]);
         assert_eq!(done.written, 3);
         assert_eq!(fs::read(&path).unwrap(), b"abcdef");
         let hash = done.hasher.unwrap().finalize();
@@ -420,10 +448,12 @@ mod tests {
 
     #[test]
     fn the_hash_resumes_from_its_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
-        write_at(&path, &state, 0, &[b"hello "]);
-        assert_eq!(load_hash_state(&state).map(|(at, _)| at), Some(6));
+        let (_dir, b, path, _) = folder();
+        write_at(&b, 0, &[b"hello "]);
+        assert_eq!(
+            load_hash_state(&b, Path::new("h")).map(|(at, _)| at),
+            Some(6)
+        );
         fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -431,33 +461,31 @@ mod tests {
             .write_all(b"world")
             .unwrap();
         let mut f = File::open(&path).unwrap();
-        let h = rebuild_hasher(&mut f, &state, 11).unwrap();
+        let h = rebuild_hasher(&mut f, &b, Path::new("h"), 11).unwrap();
         assert_eq!(h.finalize(), Sha256::digest(b"hello world"));
     }
 
     #[test]
     fn a_torn_or_foreign_checkpoint_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, state) = (dir.path().join(DATA_FILE), dir.path().join("h"));
-        write_at(&path, &state, 0, &[b"hello"]);
+        let (_dir, b, path, state) = folder();
+        write_at(&b, 0, &[b"hello"]);
         let mut saved = fs::read(&state).unwrap();
         saved[5] ^= 1;
         fs::write(&state, &saved).unwrap();
-        assert!(load_hash_state(&state).is_none());
+        assert!(load_hash_state(&b, Path::new("h")).is_none());
         fs::write(&state, b"short").unwrap();
-        assert!(load_hash_state(&state).is_none());
+        assert!(load_hash_state(&b, Path::new("h")).is_none());
         // Without a usable checkpoint the whole file is read again.
-        let h = rebuild_hasher(&mut File::open(&path).unwrap(), &state, 5).unwrap();
+        let h = rebuild_hasher(&mut File::open(&path).unwrap(), &b, Path::new("h"), 5).unwrap();
         assert_eq!(h.finalize(), Sha256::digest(b"hello"));
     }
 
     #[test]
     fn a_file_shorter_than_its_offset_cannot_be_hashed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(DATA_FILE);
+        let (_dir, b, path, _) = folder();
         fs::write(&path, b"abc").unwrap();
         let mut f = File::open(&path).unwrap();
-        let e = rebuild_hasher(&mut f, &dir.path().join("none"), 4).unwrap_err();
+        let e = rebuild_hasher(&mut f, &b, Path::new("none"), 4).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
