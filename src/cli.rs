@@ -68,15 +68,25 @@ async fn stop_before_serving() {
 }
 
 /// `bitsfarm receiver`: prints `bitsfarm receiver: listening on http://ADDR`, then serves.
-pub async fn receiver(listen: std::net::SocketAddr, dir: std::path::PathBuf) -> anyhow::Result<()> {
-    let server = crate::receiver::ReceiverServer::bind(listen, &dir).await?;
+/// Deliveries by reference are taken only for files beneath `trust_dirs`.
+pub async fn receiver(
+    listen: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+    trust_dirs: Vec<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let server = crate::receiver::ReceiverServer::bind(listen, &dir, &trust_dirs).await?;
     let addr = server.local_addr()?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "bitsfarm receiver: listening on http://{addr}")?;
         out.flush()?;
     }
-    tracing::info!(%addr, dir = %dir.display(), "reference server application ready");
+    let trusted = server.trusted();
+    if trusted.is_empty() {
+        tracing::info!(%addr, dir = %dir.display(), "reference server application ready; by value only (no --trust-dir)");
+    } else {
+        tracing::info!(%addr, dir = %dir.display(), trusted = ?trusted, "reference server application ready; by reference beneath the trusted folders");
+    }
     server.run(shutdown_signal()).await;
     Ok(())
 }

@@ -53,6 +53,12 @@ enum Command {
         /// Folder the deliveries are stored in.
         #[arg(long, default_value = "./bitsfarm-received")]
         dir: std::path::PathBuf,
+        /// Take deliveries by reference for files beneath DIR (the data folder of the server that
+        /// delivers them; repeat for several). None by default: by-reference deliveries are
+        /// refused with 403 and only deliveries by value are stored. Links beneath DIR are never
+        /// followed, and nothing outside it is read or written.
+        #[arg(long = "trust-dir", value_name = "DIR")]
+        trust_dirs: Vec<std::path::PathBuf>,
     },
 }
 
@@ -72,6 +78,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Crd => bitsfarm::operator::commands::crd(),
         Command::Render(args) => bitsfarm::operator::commands::render(args),
         Command::Operator(args) => bitsfarm::operator::commands::operator(args).await,
-        Command::Receiver { listen, dir } => bitsfarm::cli::receiver(listen, dir).await,
+        Command::Receiver {
+            listen,
+            dir,
+            trust_dirs,
+        } => bitsfarm::cli::receiver(listen, dir, trust_dirs).await,
     }
 }

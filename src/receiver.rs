@@ -4,6 +4,16 @@
 //!
 //! Layout under `--dir`: `<key>/delivery.json` (what arrived, and the reply), `<key>/content`
 //! (the bytes), and `.incoming/` for deliveries still arriving.
+//!
+//! By value the file is the request's body. By reference (`BITS-Request-DataFile-Name`,
+//! `BITS-Response-DataFile-Name`) the server names files in its own data folder; the receiver
+//! uses them only beneath the folders it was told to trust (`--trust-dir`, none by default), and
+//! follows no link there (see `trusted`). A real backend that takes deliveries by reference must
+//! do the same: anyone who can reach it can send those headers.
+
+mod trusted;
+
+pub use trusted::{TrustError, TrustedDirs};
 
 use std::convert::Infallible;
 use std::io;
@@ -38,6 +48,8 @@ pub enum ReceiverError {
     Prepare { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Trust(#[from] TrustError),
 }
 
 /// What the receiver keeps about one delivery.
@@ -58,6 +70,8 @@ pub struct StoredDelivery {
 struct Receiver {
     dir: PathBuf,
     incoming: PathBuf,
+    /// Where files named by reference may be read and written.
+    trusted: Arc<TrustedDirs>,
     /// Serialises the check-then-store step, so two copies arriving at once are stored once.
     commit: tokio::sync::Mutex<()>,
     registry: Registry,
@@ -72,7 +86,14 @@ pub struct ReceiverServer {
 }
 
 impl ReceiverServer {
-    pub async fn bind(addr: SocketAddr, dir: &Path) -> Result<Self, ReceiverError> {
+    /// Serves on `addr`, storing under `dir`, and taking deliveries by reference only for files
+    /// beneath `trusted` (by value only when it is empty).
+    pub async fn bind(
+        addr: SocketAddr,
+        dir: &Path,
+        trusted: &[PathBuf],
+    ) -> Result<Self, ReceiverError> {
+        let trusted = Arc::new(TrustedDirs::open(trusted)?);
         let incoming = dir.join(".incoming");
         tokio::fs::create_dir_all(&incoming)
             .await
@@ -102,6 +123,7 @@ impl ReceiverServer {
             state: Arc::new(Receiver {
                 dir: dir.to_path_buf(),
                 incoming,
+                trusted,
                 commit: tokio::sync::Mutex::new(()),
                 registry,
                 deliveries,
@@ -113,6 +135,11 @@ impl ReceiverServer {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The trusted folders, canonical.
+    pub fn trusted(&self) -> Vec<PathBuf> {
+        self.state.trusted.paths().map(Path::to_path_buf).collect()
     }
 
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
@@ -141,6 +168,19 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A path header: absent, or text (a header that is present but not text is refused rather than
+/// taken as absent, which would turn a by-reference delivery into an empty one by value).
+fn path_header(h: &HeaderMap, name: &'static str) -> Result<Option<PathBuf>, Failure> {
+    match h.get(name).map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(v)) => Ok(Some(PathBuf::from(v))),
+        Some(Err(_)) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("{name} is not text; name the file as a UTF-8 path"),
+        )),
+    }
 }
 
 async fn handle(
@@ -182,23 +222,61 @@ fn internal(e: io::Error) -> Failure {
     )
 }
 
+fn refused(e: trusted::Refused) -> Failure {
+    (
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
+        e.to_string(),
+    )
+}
+
+/// Runs file-system lookups on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(internal(io::Error::other(e))))
+}
+
 async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Failure> {
     let (parts, mut body) = req.into_parts();
     let h = &parts.headers;
+    // Both names are checked before anything is read or stored, so a refused name changes
+    // nothing anywhere.
+    let reply_to = match path_header(h, RESPONSE_DATAFILE_NAME)? {
+        Some(named) => {
+            let trusted = st.trusted.clone();
+            Some(
+                blocking(move || {
+                    trusted
+                        .reply_target("BITS-Response-DataFile-Name", &named)
+                        .map_err(refused)
+                })
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let by_reference = match path_header(h, REQUEST_DATAFILE_NAME)? {
+        Some(named) => {
+            let trusted = st.trusted.clone();
+            let f = blocking(move || {
+                trusted
+                    .open_request_file("BITS-Request-DataFile-Name", &named)
+                    .map_err(refused)
+            })
+            .await?;
+            Some(tokio::fs::File::from_std(f))
+        }
+        None => None,
+    };
     let temp = st.incoming.join(uuid::Uuid::new_v4().simple().to_string());
     let mut file = tokio::fs::File::create(&temp).await.map_err(internal)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let by_reference = header(h, REQUEST_DATAFILE_NAME).map(PathBuf::from);
     let result: Result<(), Failure> = async {
-        if let Some(src) = &by_reference {
-            // The server and this application share the volume: copy from the path it names.
-            let mut f = tokio::fs::File::open(src).await.map_err(|e| {
-                (
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot open {}: {e}", src.display()),
-                )
-            })?;
+        if let Some(mut f) = by_reference {
+            // The server and this application share the volume: copy from the file it names.
             let mut buf = vec![0u8; 256 << 10];
             loop {
                 let n = f.read(&mut buf).await.map_err(internal)?;
@@ -284,10 +362,9 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
         info!(key, bytes = size, "delivery stored");
         stored
     };
-    if let Some(path) = header(h, RESPONSE_DATAFILE_NAME) {
-        tokio::fs::write(path, stored.reply.as_bytes())
-            .await
-            .map_err(internal)?;
+    if let Some(target) = reply_to {
+        let text = stored.reply.clone();
+        blocking(move || target.write(text.as_bytes()).map_err(internal)).await?;
         return Ok(reply(StatusCode::OK, Bytes::new()));
     }
     Ok(reply(StatusCode::OK, stored.reply))

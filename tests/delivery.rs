@@ -154,15 +154,29 @@ fn always_ok(body: &'static [u8]) -> Backend {
 // With the real receiver
 // ---------------------------------------------------------------------------------------------
 
+/// A data folder for the server a test starts next, and a receiver that trusts it: by reference,
+/// the server names its files there, and the receiver reads and writes nowhere else.
+fn trusting_receiver() -> (ReceiverProcess, tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::Builder::new()
+        .prefix("bitsfarm-it-")
+        .tempdir()
+        .expect("creating a temporary data root");
+    let data_dir = root.path().join("data");
+    std::fs::create_dir(&data_dir).expect("creating the data folder");
+    let receiver = ReceiverProcess::start_trusting(&[&data_dir]);
+    (receiver, root, data_dir)
+}
+
 fn deliver_to_receiver(by_ref: bool) {
-    let receiver = ReceiverProcess::start();
+    let (receiver, _root, data_dir) = trusting_receiver();
     let url = receiver.url("/deliver");
     let args = if by_ref {
         by_reference(&url)
     } else {
         by_value(&url)
     };
-    let s = start(&args);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start_at(&data_dir, &a);
     let data = random_bytes(SIZE, if by_ref { 0xBEEF } else { 0xF00D });
     let path = "/in/report.bin";
     let id = start_upload(&s, path, &data);
@@ -740,7 +754,7 @@ fn a_new_session_for_the_same_file_is_answered_from_the_ledger() {
 /// Kills the server by SIGKILL at `point` while it handles the final fragment, restarts it on the
 /// same data folder, and lets the client retry the final fragment.
 fn crash_at(point: &str, by_ref: bool) {
-    let receiver = ReceiverProcess::start();
+    let (receiver, _root, data_dir) = trusting_receiver();
     let url = receiver.url("/deliver");
     let args = if by_ref {
         by_reference(&url)
@@ -748,7 +762,9 @@ fn crash_at(point: &str, by_ref: bool) {
         by_value(&url)
     };
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut s = Server::start_with_env(&a, &[(PAUSE_ENV, point)]);
+    let mut s = Server::start_at(&data_dir, &a);
+    s.set_env(&[(PAUSE_ENV, point)]);
+    s.restart();
     let data = random_bytes(SIZE, 0xC0DE ^ point.len() as u64);
     let path = "/crash/upload.bin";
     let key = expected_key(path, &data);

@@ -159,12 +159,35 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     if plan.handoff {
         ensure_secret(&plan.secret_file()).await?;
     }
+    // A receiver takes files named by reference only beneath the folders it trusts: exactly the
+    // members' data folders, where they name them. Made now, since it opens them at start.
+    let mut trusted = Vec::new();
+    for index in 0..plan.replicas {
+        let c = plan.member_config(index)?;
+        let folders: Vec<PathBuf> = if c.directories.is_empty() {
+            c.data_dir.into_iter().collect()
+        } else {
+            c.directories
+                .into_iter()
+                .filter_map(|d| d.data_dir)
+                .collect()
+        };
+        for f in folders {
+            tokio::fs::create_dir_all(&f).await.map_err(io(&f))?;
+            trusted.push(f);
+        }
+    }
     let mut receivers = Vec::new();
     for addr in plan.receivers()? {
         let dir = plan.data_dir.join(format!("received-{}", addr.port()));
         let mut child = Command::new(exe)
             .args(["receiver", "--listen", &addr.to_string(), "--dir"])
             .arg(&dir)
+            .args(
+                trusted
+                    .iter()
+                    .flat_map(|t| ["--trust-dir".as_ref(), t.as_os_str()]),
+            )
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -29,7 +29,14 @@ pub struct ReceiverProcess {
 }
 
 impl ReceiverProcess {
+    /// A receiver that trusts no folder: it takes deliveries by value only.
     pub fn start() -> ReceiverProcess {
+        Self::start_trusting(&[])
+    }
+
+    /// A receiver that reads and writes by-reference files beneath `trusted` (`--trust-dir`
+    /// each), such as the data folder of the server that delivers to it.
+    pub fn start_trusting(trusted: &[&Path]) -> ReceiverProcess {
         let root = tempfile::Builder::new()
             .prefix("bitsfarm-it-receiver-")
             .tempdir()
@@ -42,6 +49,7 @@ impl ReceiverProcess {
             .arg("127.0.0.1:0")
             .arg("--dir")
             .arg(&dir)
+            .args(trusted.iter().flat_map(|t| [Path::new("--trust-dir"), t]))
             .env("RUST_LOG", "bitsfarm=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -82,6 +90,11 @@ impl ReceiverProcess {
             dir,
             _root: root,
         }
+    }
+
+    /// What the receiver logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self._root.path().join("receiver.log")).unwrap_or_default()
     }
 
     /// `http://ADDR<path>`.
