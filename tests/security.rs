@@ -867,3 +867,55 @@ fn with_authentication_drain_is_not_offered_on_the_upload_address() {
     // Still taking sessions.
     create_as(s, "/still-open.bin", &basic("alice", "wonderland"));
 }
+
+/// Drain is an operator's switch, never a client's: with authentication off (the default) and no
+/// admin address, `POST /drain` on the upload address is no route at all, and the server goes on
+/// taking sessions. `GET /drain` only reads (it is served where `/metrics` is) and drains nothing.
+#[test]
+fn drain_is_not_served_on_the_upload_address() {
+    let mut s = Server::start(&[]);
+    for target in ["/drain", "/drain?stay=true", "/drain?cancel=true"] {
+        let r = s.send(&Request::new("POST", target));
+        assert!(
+            matches!(r.status, 404 | 405),
+            "POST {target} on the upload address: {r:?}"
+        );
+    }
+    let r = s.get("/drain");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"draining\":false"), "{}", r.text());
+    assert_eq!(
+        s.get("/readyz").status,
+        200,
+        "the server must still be ready"
+    );
+    s.create_session("/still/open.bin");
+    // An idle drained server would have exited by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(s.is_running(), "the server stopped");
+}
+
+/// With an admin address, drain is served there and only there.
+#[test]
+fn drain_is_served_on_the_admin_address_alone() {
+    let s = Server::start(&["--admin-listen", "127.0.0.1:0"]);
+    let r = s.send(&Request::new("POST", "/drain?stay=true"));
+    assert!(
+        matches!(r.status, 404 | 405),
+        "POST /drain on the upload address: {r:?}"
+    );
+    s.create_session("/before.bin");
+    let r = s
+        .connect_admin()
+        .send(&Request::new("POST", "/drain?stay=true"))
+        .expect("POST /drain on the admin address");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"draining\":true"), "{}", r.text());
+    let ready = s
+        .connect_admin()
+        .send(&Request::new("GET", "/readyz"))
+        .expect("GET /readyz");
+    assert_eq!(ready.status, 503, "a draining server is not ready");
+    let r = s.send(&create_request("/after.bin"));
+    assert_error(&r, 503, Some("0x801901F7"), "Create-Session while draining");
+}

@@ -27,7 +27,8 @@ use crate::bits::request;
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Uploads, and the admin endpoints too unless they have a listener of their own.
+    /// Uploads, and the read-only admin endpoints (health, readiness, metrics, drain status) too
+    /// unless they have a listener of their own. Never `POST /drain`.
     Main {
         with_admin: bool,
     },
