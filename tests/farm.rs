@@ -815,7 +815,7 @@ fn drain_by_signal_waits_for_the_open_session_and_the_server_exits() {
 /// reached, even when its session names another member.
 #[test]
 fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
-    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, unix_now};
+    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, Hop, unix_now};
     let farm = Farm::start(2, &["--no-host-id"]);
     let key = FarmKey::load(&farm.data.path().join("handoff-secret")).expect("the farm's secret");
     let id = key.mint(1).to_string();
@@ -831,13 +831,16 @@ fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
         .expect("an answer");
     assert_eq!(forged.status, 403, "{forged:?}");
     let proof = key.forward_proof(
-        1,
+        Hop { from: 1, to: 0 },
         unix_now(),
         &ForwardedRequest {
             method: "BITS_POST",
             path_and_query: path,
             session_id: &id,
             original_host: &host,
+            packet_type: b"Fragment",
+            content_range: b"bytes 0-3/4",
+            content_length: b"4",
         },
     );
     let hop = Conn::open(farm.member(0))
@@ -999,5 +1002,78 @@ fn drain_is_not_served_on_the_shared_or_member_addresses() {
             .send(&common::create_request(&format!("/up/after-{i}.bin")))
             .expect("Create-Session");
         assert_eq!(r.status, 200, "member {i} stopped taking sessions: {r:?}");
+    }
+}
+
+/// A forwarding proof is bound to its packet: replayed with another packet type, another
+/// `Content-Range` or `Content-Length`, or to another member than the one it was made for, it is
+/// refused with 403.
+#[test]
+fn a_forwarding_proof_replayed_for_another_packet_or_member_is_refused() {
+    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, Hop, unix_now};
+    let farm = Farm::start(2, &["--no-host-id"]);
+    let key = FarmKey::load(&farm.data.path().join("handoff-secret")).expect("the farm's secret");
+    let id = key.mint(1).to_string();
+    let path = "/up/bound.bin";
+    let host = farm.member(0).to_string();
+    let proof = key.forward_proof(
+        Hop { from: 1, to: 0 },
+        unix_now(),
+        &ForwardedRequest {
+            method: "BITS_POST",
+            path_and_query: path,
+            session_id: &id,
+            original_host: &host,
+            packet_type: b"Fragment",
+            content_range: b"bytes 0-3/4",
+            content_length: b"4",
+        },
+    );
+    let with_proof = |req: Request| {
+        req.header(FORWARDED_HEADER, &proof)
+            .header("bitsfarm-original-host", &host)
+    };
+    let send = |to: u16, req: &Request| {
+        Conn::open(farm.member(to))
+            .send(req)
+            .expect("an answer to a forwarded packet")
+    };
+    // The packet the proof was made for is taken (member 0 does not hold the session).
+    let r = send(
+        0,
+        &with_proof(common::fragment_request(&id, path, 0, b"abcd", 4)),
+    );
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.error_code(), Some("0x8020001F"), "{r:?}");
+    let replays = [
+        (
+            0,
+            with_proof(Request::bits("Cancel-Session", path).header("BITS-Session-Id", &id)),
+            "as a Cancel-Session",
+        ),
+        (
+            0,
+            with_proof(common::fragment_request(&id, path, 4, b"efgh", 8)),
+            "with another Content-Range",
+        ),
+        (
+            0,
+            with_proof(common::fragment_request(&id, path, 0, b"abcd", 4).body(b"abcdefgh")),
+            "with another Content-Length",
+        ),
+        (
+            1,
+            with_proof(common::fragment_request(&id, path, 0, b"abcd", 4)),
+            "to another member",
+        ),
+    ];
+    for (to, req, what) in replays {
+        let r = send(to, &req);
+        assert_eq!(r.status, 403, "a proof replayed {what}: {r:?}");
+        assert_eq!(
+            r.error_code(),
+            Some(common::E_ACCESSDENIED),
+            "{what}: {r:?}"
+        );
     }
 }
