@@ -44,10 +44,7 @@ pub struct Target {
 pub fn route<B>(state: &AppState, fwd: &Forwarder, req: &Request<B>) -> Route {
     if let Some(proof) = req.headers().get(handoff::FORWARDED_HEADER) {
         return match verify_forwarded(state, fwd, req, proof) {
-            Ok(host) => {
-                state.metrics.handoff_received.inc();
-                Route::Forwarded(host)
-            }
+            Ok(host) => Route::Forwarded(host),
             Err(why) => {
                 warn!(path = %req.uri().path(), reason = why, "forwarded packet refused");
                 Route::Refused(ack_response(
