@@ -919,3 +919,61 @@ fn drain_is_served_on_the_admin_address_alone() {
     let r = s.send(&create_request("/after.bin"));
     assert_error(&r, 503, Some("0x801901F7"), "Create-Session while draining");
 }
+
+/// An address that keeps sending wrong passwords is slowed down: after the free failures its
+/// credentials are not checked (503 with `Retry-After`, which a BITS client retries with its job
+/// intact), except those it was already using, so clients sharing the address keep uploading.
+#[test]
+fn an_address_that_keeps_failing_gets_503_without_a_check_but_keeps_what_worked() {
+    let a = auth_server(&[]);
+    let s = &a.s;
+    let (alice, bob) = (basic("alice", "wonderland"), basic("bob", "builder"));
+    let id = create_as(s, "/throttle/a.bin", &alice);
+    // Five free failures, and the sixth, which is checked and starts the penalty.
+    for i in 0..6 {
+        let r = s.send(&as_user(
+            create_request("/throttle/x.bin"),
+            &basic("alice", &format!("guess-{i}")),
+        ));
+        assert_challenge(&r, &format!("wrong password {i}"));
+    }
+    let t = Instant::now();
+    let r = s.send(&as_user(
+        create_request("/throttle/x.bin"),
+        &basic("alice", "guess-7"),
+    ));
+    assert_error(&r, 503, Some("0x801901F7"), "a guess in the penalty");
+    assert!(
+        r.header("Retry-After")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|secs| (1..=60).contains(&secs)),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "answered without a check"
+    );
+    // Bob has not worked from this address: not checked either.
+    let r = s.send(&as_user(create_request("/throttle/b.bin"), &bob));
+    assert_error(&r, 503, Some("0x801901F7"), "bob during the penalty");
+    let r = s.send(&as_user(Request::new("GET", "/throttle/a.bin"), &bob));
+    assert_eq!(r.status, 503, "a GET during the penalty: {r:?}");
+    // Alice has: her upload goes on.
+    let r = s.send(&as_user(
+        fragment_request(&id, "/throttle/a.bin", 0, b"data", 4),
+        &alice,
+    ));
+    assert_eq!(r.status, 200, "alice during the penalty: {r:?}");
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"wrong\"}"),
+        6.0
+    );
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"throttled\"}"),
+        3.0
+    );
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"busy\"}"),
+        0.0
+    );
+}
