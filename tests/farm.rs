@@ -75,6 +75,16 @@ struct Farm {
     shared: SocketAddr,
     data: TempDir,
     replicas: u16,
+    /// Each member's admin address (metrics, drain), as the farm announced it.
+    admins: Vec<Option<SocketAddr>>,
+}
+
+/// `(N, ADDR)` from a farm line `member N ... admin http://ADDR`.
+fn announced_admin(line: &str) -> Option<(u16, SocketAddr)> {
+    let rest = line.split_once("member ")?.1;
+    let index = rest.split_whitespace().next()?.parse().ok()?;
+    let addr = rest.split_once(" admin http://")?.1.trim().parse().ok()?;
+    Some((index, addr))
 }
 
 impl Farm {
@@ -99,15 +109,32 @@ impl Farm {
             .expect("starting bitsfarm farm");
         let stdin = child.stdin.take().unwrap();
         let lines = line_channel(child.stdout.take().unwrap());
-        wait_line(&lines, "ready", Duration::from_secs(60));
-        Farm {
+        let seen = wait_line(&lines, "ready", Duration::from_secs(60));
+        let mut farm = Farm {
             child,
             stdin,
             lines,
             shared,
             data,
             replicas,
+            admins: vec![None; usize::from(replicas)],
+        };
+        farm.note_admins(&seen);
+        farm
+    }
+
+    fn note_admins(&mut self, lines: &[String]) {
+        for (i, addr) in lines.iter().filter_map(|l| announced_admin(l)) {
+            if let Some(slot) = self.admins.get_mut(usize::from(i)) {
+                *slot = Some(addr);
+            }
         }
+    }
+
+    /// Where member `i` serves its metrics and drain: its admin address.
+    fn admin(&self, i: u16) -> SocketAddr {
+        self.admins[usize::from(i)]
+            .unwrap_or_else(|| panic!("member {i} announced no admin address"))
     }
 
     fn member(&self, i: u16) -> SocketAddr {
@@ -122,11 +149,12 @@ impl Farm {
     fn command(&mut self, cmd: &str, expect: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
-        wait_line(&self.lines, expect, Duration::from_secs(30));
+        let seen = wait_line(&self.lines, expect, Duration::from_secs(30));
+        self.note_admins(&seen);
     }
 
     fn member_metrics(&self, i: u16) -> String {
-        let r = Conn::open(self.member(i))
+        let r = Conn::open(self.admin(i))
             .send(&Request::new("GET", "/metrics"))
             .expect("GET /metrics of a member");
         r.text()
@@ -787,7 +815,7 @@ fn drain_by_signal_waits_for_the_open_session_and_the_server_exits() {
 /// reached, even when its session names another member.
 #[test]
 fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
-    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, unix_now};
+    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, Hop, unix_now};
     let farm = Farm::start(2, &["--no-host-id"]);
     let key = FarmKey::load(&farm.data.path().join("handoff-secret")).expect("the farm's secret");
     let id = key.mint(1).to_string();
@@ -803,13 +831,16 @@ fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
         .expect("an answer");
     assert_eq!(forged.status, 403, "{forged:?}");
     let proof = key.forward_proof(
-        1,
+        Hop { from: 1, to: 0 },
         unix_now(),
         &ForwardedRequest {
             method: "BITS_POST",
             path_and_query: path,
             session_id: &id,
             original_host: &host,
+            packet_type: b"Fragment",
+            content_range: b"bytes 0-3/4",
+            content_length: b"4",
         },
     );
     let hop = Conn::open(farm.member(0))
@@ -842,8 +873,11 @@ fn forwarded_packets_must_prove_themselves_and_are_never_forwarded_again() {
 /// that.
 #[test]
 fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
-    let mut s = common::Server::start(&[]);
-    let r = s.send(&Request::new("POST", "/drain?stay=true"));
+    let mut s = common::Server::start(&["--admin-listen", "127.0.0.1:0"]);
+    fn admin(s: &common::Server, req: Request) -> common::Response {
+        s.connect_admin().send(&req).expect("an admin answer")
+    }
+    let r = admin(&s, Request::new("POST", "/drain?stay=true"));
     assert_eq!(r.status, 200);
     assert!(r.text().contains("\"draining\":true"), "{}", r.text());
     assert!(r.text().contains("\"sessions\":0"), "{}", r.text());
@@ -852,17 +886,17 @@ fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
         s.is_running(),
         "an empty server that was told to stay exited"
     );
-    assert_eq!(s.get("/readyz").status, 503);
+    assert_eq!(admin(&s, Request::new("GET", "/readyz")).status, 503);
     // The farm grew back: the server takes sessions again.
-    let r = s.send(&Request::new("POST", "/drain?cancel=true"));
+    let r = admin(&s, Request::new("POST", "/drain?cancel=true"));
     assert_eq!(r.status, 200);
     assert!(r.text().contains("\"draining\":false"), "{}", r.text());
-    assert_eq!(s.get("/readyz").status, 200);
+    assert_eq!(admin(&s, Request::new("GET", "/readyz")).status, 200);
     let id = s.create_session("/d/again.bin");
     // Drained again and stopped by the signal, while a session is open: a `stay` that arrives
     // after the signal does not keep the server up once the session is done.
     assert_eq!(
-        s.send(&Request::new("POST", "/drain?stay=true")).status,
+        admin(&s, Request::new("POST", "/drain?stay=true")).status,
         200
     );
     let pid = s.pid().expect("server pid");
@@ -873,11 +907,11 @@ fn a_drain_that_stays_keeps_the_empty_server_up_until_it_is_signalled() {
     .unwrap();
     thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        s.send(&Request::new("POST", "/drain?stay=true")).status,
+        admin(&s, Request::new("POST", "/drain?stay=true")).status,
         200
     );
     assert_eq!(
-        s.send(&Request::new("POST", "/drain?cancel=true")).status,
+        admin(&s, Request::new("POST", "/drain?cancel=true")).status,
         409,
         "a signalled stop cannot be cancelled"
     );
@@ -943,4 +977,103 @@ fn a_forwarded_packet_with_a_raw_brace_in_its_path_reaches_its_session() {
         .expect("an answer");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("BITS-Received-Content-Range"), Some("4"));
+}
+
+/// The farm's shared address and the members' own addresses are no off switch: `POST /drain`
+/// there reaches no member's drain (three of them once stopped two members), and every member
+/// keeps taking sessions. The farm's own `drain N` uses the member's admin address.
+#[test]
+fn drain_is_not_served_on_the_shared_or_member_addresses() {
+    let farm = Farm::start(2, &[]);
+    let mut addrs = vec![farm.shared; 3];
+    addrs.extend((0..farm.replicas).map(|i| farm.member(i)));
+    for addr in addrs {
+        let r = Conn::open(addr)
+            .send(&Request::new("POST", "/drain"))
+            .expect("an answer to POST /drain");
+        assert!(
+            matches!(r.status, 404 | 405),
+            "POST /drain on {addr}: {r:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..farm.replicas {
+        let r = Conn::open(farm.member(i))
+            .send(&common::create_request(&format!("/up/after-{i}.bin")))
+            .expect("Create-Session");
+        assert_eq!(r.status, 200, "member {i} stopped taking sessions: {r:?}");
+    }
+}
+
+/// A forwarding proof is bound to its packet: replayed with another packet type, another
+/// `Content-Range` or `Content-Length`, or to another member than the one it was made for, it is
+/// refused with 403.
+#[test]
+fn a_forwarding_proof_replayed_for_another_packet_or_member_is_refused() {
+    use bitsfarm::server::handoff::{FORWARDED_HEADER, FarmKey, ForwardedRequest, Hop, unix_now};
+    let farm = Farm::start(2, &["--no-host-id"]);
+    let key = FarmKey::load(&farm.data.path().join("handoff-secret")).expect("the farm's secret");
+    let id = key.mint(1).to_string();
+    let path = "/up/bound.bin";
+    let host = farm.member(0).to_string();
+    let proof = key.forward_proof(
+        Hop { from: 1, to: 0 },
+        unix_now(),
+        &ForwardedRequest {
+            method: "BITS_POST",
+            path_and_query: path,
+            session_id: &id,
+            original_host: &host,
+            packet_type: b"Fragment",
+            content_range: b"bytes 0-3/4",
+            content_length: b"4",
+        },
+    );
+    let with_proof = |req: Request| {
+        req.header(FORWARDED_HEADER, &proof)
+            .header("bitsfarm-original-host", &host)
+    };
+    let send = |to: u16, req: &Request| {
+        Conn::open(farm.member(to))
+            .send(req)
+            .expect("an answer to a forwarded packet")
+    };
+    // The packet the proof was made for is taken (member 0 does not hold the session).
+    let r = send(
+        0,
+        &with_proof(common::fragment_request(&id, path, 0, b"abcd", 4)),
+    );
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.error_code(), Some("0x8020001F"), "{r:?}");
+    let replays = [
+        (
+            0,
+            with_proof(Request::bits("Cancel-Session", path).header("BITS-Session-Id", &id)),
+            "as a Cancel-Session",
+        ),
+        (
+            0,
+            with_proof(common::fragment_request(&id, path, 4, b"efgh", 8)),
+            "with another Content-Range",
+        ),
+        (
+            0,
+            with_proof(common::fragment_request(&id, path, 0, b"abcd", 4).body(b"abcdefgh")),
+            "with another Content-Length",
+        ),
+        (
+            1,
+            with_proof(common::fragment_request(&id, path, 0, b"abcd", 4)),
+            "to another member",
+        ),
+    ];
+    for (to, req, what) in replays {
+        let r = send(to, &req);
+        assert_eq!(r.status, 403, "a proof replayed {what}: {r:?}");
+        assert_eq!(
+            r.error_code(),
+            Some(common::E_ACCESSDENIED),
+            "{what}: {r:?}"
+        );
+    }
 }

@@ -873,3 +873,113 @@ fn with_authentication_drain_is_not_offered_on_the_upload_address() {
     // Still taking sessions.
     create_as(s, "/still-open.bin", &basic("alice", "wonderland"));
 }
+
+/// Drain is an operator's switch, never a client's: with authentication off (the default) and no
+/// admin address, `POST /drain` on the upload address is no route at all, and the server goes on
+/// taking sessions. `GET /drain` only reads (it is served where `/metrics` is) and drains nothing.
+#[test]
+fn drain_is_not_served_on_the_upload_address() {
+    let mut s = Server::start(&[]);
+    for target in ["/drain", "/drain?stay=true", "/drain?cancel=true"] {
+        let r = s.send(&Request::new("POST", target));
+        assert!(
+            matches!(r.status, 404 | 405),
+            "POST {target} on the upload address: {r:?}"
+        );
+    }
+    let r = s.get("/drain");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"draining\":false"), "{}", r.text());
+    assert_eq!(
+        s.get("/readyz").status,
+        200,
+        "the server must still be ready"
+    );
+    s.create_session("/still/open.bin");
+    // An idle drained server would have exited by now.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(s.is_running(), "the server stopped");
+}
+
+/// With an admin address, drain is served there and only there.
+#[test]
+fn drain_is_served_on_the_admin_address_alone() {
+    let s = Server::start(&["--admin-listen", "127.0.0.1:0"]);
+    let r = s.send(&Request::new("POST", "/drain?stay=true"));
+    assert!(
+        matches!(r.status, 404 | 405),
+        "POST /drain on the upload address: {r:?}"
+    );
+    s.create_session("/before.bin");
+    let r = s
+        .connect_admin()
+        .send(&Request::new("POST", "/drain?stay=true"))
+        .expect("POST /drain on the admin address");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"draining\":true"), "{}", r.text());
+    let ready = s
+        .connect_admin()
+        .send(&Request::new("GET", "/readyz"))
+        .expect("GET /readyz");
+    assert_eq!(ready.status, 503, "a draining server is not ready");
+    let r = s.send(&create_request("/after.bin"));
+    assert_error(&r, 503, Some("0x801901F7"), "Create-Session while draining");
+}
+
+/// An address that keeps sending wrong passwords is slowed down: after the free failures its
+/// credentials are not checked (503 with `Retry-After`, which a BITS client retries with its job
+/// intact), except those it was already using, so clients sharing the address keep uploading.
+#[test]
+fn an_address_that_keeps_failing_gets_503_without_a_check_but_keeps_what_worked() {
+    let a = auth_server(&[]);
+    let s = &a.s;
+    let (alice, bob) = (basic("alice", "wonderland"), basic("bob", "builder"));
+    let id = create_as(s, "/throttle/a.bin", &alice);
+    // Five free failures, and the sixth, which is checked and starts the penalty.
+    for i in 0..6 {
+        let r = s.send(&as_user(
+            create_request("/throttle/x.bin"),
+            &basic("alice", &format!("guess-{i}")),
+        ));
+        assert_challenge(&r, &format!("wrong password {i}"));
+    }
+    let t = Instant::now();
+    let r = s.send(&as_user(
+        create_request("/throttle/x.bin"),
+        &basic("alice", "guess-7"),
+    ));
+    assert_error(&r, 503, Some("0x801901F7"), "a guess in the penalty");
+    assert!(
+        r.header("Retry-After")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|secs| (1..=60).contains(&secs)),
+        "{r:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "answered without a check"
+    );
+    // Bob has not worked from this address: not checked either.
+    let r = s.send(&as_user(create_request("/throttle/b.bin"), &bob));
+    assert_error(&r, 503, Some("0x801901F7"), "bob during the penalty");
+    let r = s.send(&as_user(Request::new("GET", "/throttle/a.bin"), &bob));
+    assert_eq!(r.status, 503, "a GET during the penalty: {r:?}");
+    // Alice has: her upload goes on.
+    let r = s.send(&as_user(
+        fragment_request(&id, "/throttle/a.bin", 0, b"data", 4),
+        &alice,
+    ));
+    assert_eq!(r.status, 200, "alice during the penalty: {r:?}");
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"wrong\"}"),
+        6.0
+    );
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"throttled\"}"),
+        3.0
+    );
+    assert_eq!(
+        s.metric("bitsfarm_auth_failures_total{reason=\"busy\"}"),
+        0.0
+    );
+}

@@ -212,6 +212,12 @@ impl BitsError {
         Self::new(401, hresult::BG_E_HTTP_ERROR_401, "authentication required")
     }
 
+    /// Credentials not checked for now (the client's address failed too often, or every
+    /// password check is taken): 503, which a Windows client retries later with its job intact.
+    pub fn authentication_deferred(message: impl Into<String>) -> Self {
+        Self::new(503, hresult::BG_E_HTTP_ERROR_503, message)
+    }
+
     /// A new session refused by a limit: 503, which a Windows client retries later.
     pub fn session_limit(message: impl Into<String>) -> Self {
         Self::new(503, hresult::BG_E_HTTP_ERROR_503, message)

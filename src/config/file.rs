@@ -169,7 +169,8 @@ config_keys! {
         /// Address to listen on [default: 127.0.0.1:8080].
         #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
-        /// Separate address for /healthz, /readyz and /metrics (by default they share --listen).
+        /// Separate address for /healthz, /readyz and /metrics (by default they share --listen),
+        /// and the only one that serves POST /drain (without it, drain with SIGUSR1).
         #[arg(long, value_name = "ADDR")]
         admin_listen: SocketAddr,
         /// Also accept uploads on this address, shared with the other members of a local farm

@@ -3,9 +3,14 @@
 //! Each member is a real `bitsfarm serve` process with its own address (its host id) and its own
 //! data folder; all of them also bind one shared address with SO_REUSEPORT, so the kernel spreads
 //! connections among them the way a Kubernetes Service spreads them among pods. Commands on
-//! standard input kill (SIGKILL), stop (SIGTERM) and restart members.
+//! standard input kill (SIGKILL), stop (SIGTERM), restart and drain members.
+//!
+//! Each member also has an admin address on the loopback interface (a port the system picks,
+//! printed when the member starts and by `status`): its `/metrics`, `/healthz`, `/readyz` and
+//! `/drain`. Draining is never offered on the member's own or the shared address, where any
+//! client could use it; `drain N` goes to the admin address.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -110,7 +115,9 @@ impl FarmPlan {
         let mut c = self.server.clone();
         c.listen = Some(addr);
         c.shared_listen = Some(self.shared);
-        c.admin_listen = None;
+        // Drain is served on an admin address only; loopback, since only this machine (the
+        // farm's `drain N`, a local Prometheus) has any business there.
+        c.admin_listen = Some(SocketAddr::new(loopback(self.shared.ip()), 0));
         c.host_id = self.host_ids.then(|| addr.to_string());
         c.handoff = if self.handoff {
             let me = u16::try_from(index)
@@ -137,11 +144,30 @@ impl FarmPlan {
     }
 }
 
+/// The loopback address of `ip`'s family.
+fn loopback(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
 struct Member {
     index: usize,
     addr: SocketAddr,
+    /// Where its admin endpoints (drain among them) answer, as it announced at its last start.
+    admin: Option<SocketAddr>,
     config: PathBuf,
     child: Option<Child>,
+}
+
+impl Member {
+    /// ` admin http://ADDR`, or nothing before the member has announced one.
+    fn admin_text(&self) -> String {
+        self.admin
+            .map(|a| format!(" admin http://{a}"))
+            .unwrap_or_default()
+    }
 }
 
 /// Runs the farm until Ctrl-C or SIGTERM (or the end of standard input with `exit`).
@@ -211,14 +237,16 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
         let mut m = Member {
             index,
             addr: plan.member_addr(index)?,
+            admin: None,
             config,
             child: None,
         };
         start(&mut m, exe).await?;
         say(&format!(
-            "member {index} http://{}{}",
+            "member {index} http://{}{}{}",
             m.addr,
-            if plan.host_ids { " (its host id)" } else { "" }
+            if plan.host_ids { " (its host id)" } else { "" },
+            m.admin_text()
         ))
         .await;
         members.push(m);
@@ -305,10 +333,11 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
                 .as_mut()
                 .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
             say(&format!(
-                "member {} http://{} {}",
+                "member {} http://{} {}{}",
                 m.index,
                 m.addr,
-                if alive { "running" } else { "down" }
+                if alive { "running" } else { "down" },
+                m.admin_text()
             ))
             .await;
         }
@@ -327,6 +356,7 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
                 let _ = c.kill().await;
             }
             m.child = None;
+            m.admin = None;
             say(&format!("member {} killed", m.index)).await;
         }
         "stop" => {
@@ -336,7 +366,11 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
         "drain" => {
             // The member stops taking new sessions, leaves the shared address, and exits once
             // its sessions are done.
-            let url = format!("http://{}/drain", m.addr);
+            let Some(admin) = m.admin else {
+                say(&format!("error: member {} is not running", m.index)).await;
+                return false;
+            };
+            let url = format!("http://{admin}/drain");
             crate::tls::install_ring_provider();
             match reqwest::Client::new().post(&url).send().await {
                 Ok(r) => {
@@ -349,7 +383,7 @@ async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
         "restart" => {
             stop(m).await;
             match start(m, exe).await {
-                Ok(()) => say(&format!("member {} restarted", m.index)).await,
+                Ok(()) => say(&format!("member {} restarted{}", m.index, m.admin_text())).await,
                 Err(e) => say(&format!("error: {e}")).await,
             }
         }
@@ -369,7 +403,8 @@ async fn start(m: &mut Member, exe: &Path) -> Result<(), FarmError> {
             index: m.index,
             message: e.to_string(),
         })?;
-    first_line(&mut child, m.index).await?;
+    let line = first_line(&mut child, m.index).await?;
+    m.admin = announced_admin(&line);
     // Pass on what the member says later (test hooks announce themselves on stdout).
     if let Some(out) = child.stdout.take() {
         let index = m.index;
@@ -403,7 +438,13 @@ async fn first_line(child: &mut Child, index: usize) -> Result<String, FarmError
     }
 }
 
+/// The admin address in a member's `bitsfarm: listening on URL admin http://ADDR`.
+fn announced_admin(line: &str) -> Option<SocketAddr> {
+    line.split_once(" admin http://")?.1.trim().parse().ok()
+}
+
 async fn stop(m: &mut Member) {
+    m.admin = None;
     if let Some(mut c) = m.child.take() {
         terminate(&mut c).await;
     }
@@ -425,4 +466,51 @@ async fn terminate(c: &mut Child) {
         warn!(pid, "did not stop on SIGTERM; killing");
     }
     let _ = c.kill().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(shared: &str) -> FarmPlan {
+        FarmPlan {
+            replicas: 2,
+            shared: shared.parse().unwrap(),
+            data_dir: PathBuf::from("/tmp/farm"),
+            host_ids: true,
+            handoff: false,
+            server: ConfigFile::default(),
+            receiver: false,
+        }
+    }
+
+    #[test]
+    fn every_member_has_a_loopback_admin_address_of_its_own() {
+        for (shared, admin) in [
+            ("0.0.0.0:8080", "127.0.0.1:0"),
+            ("192.0.2.1:8080", "127.0.0.1:0"),
+            ("[::]:8080", "[::1]:0"),
+        ] {
+            let p = plan(shared);
+            for i in 0..p.replicas {
+                let c = p.member_config(i).unwrap();
+                assert_eq!(c.admin_listen, Some(admin.parse().unwrap()), "{shared}");
+                assert_ne!(c.admin_listen, c.listen);
+            }
+        }
+    }
+
+    #[test]
+    fn the_admin_address_is_read_from_the_members_announcement() {
+        assert_eq!(
+            announced_admin(
+                "bitsfarm: listening on http://127.0.0.1:8081 admin http://127.0.0.1:40001\n"
+            ),
+            Some("127.0.0.1:40001".parse().unwrap())
+        );
+        assert_eq!(
+            announced_admin("bitsfarm: listening on http://127.0.0.1:8081\n"),
+            None
+        );
+    }
 }

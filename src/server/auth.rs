@@ -11,11 +11,26 @@
 //! Checking an argon2 hash on every packet would cost tens of milliseconds per fragment, so a
 //! successful check is remembered (as a salted SHA-256 of user and password, in memory only) for
 //! [`VERIFIED_TTL`], and forgotten whenever the users file changes.
+//!
+//! Wrong passwords must not starve the server: checks run on the blocking pool, a few at a time
+//! ([`slots`]), and an address whose credentials keep failing is slowed down ([`throttle`]): past
+//! a few failures it is answered `503` without a check for a penalty that doubles with each
+//! further failure, and an address with a recent failure never waits in line for a check.
+
+mod slots;
+mod throttle;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+
+pub use slots::WAIT as CHECK_WAIT;
+pub use throttle::{FIRST_PENALTY, FREE_FAILURES, MAX_PENALTY};
+
+use slots::{NoSlot, Slots};
+use throttle::{AddrKey, Standing, Throttle};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -47,7 +62,7 @@ pub enum AuthError {
     },
 }
 
-/// Why a request was not let in (for the log; the client only sees 401).
+/// Why a request was not let in (for the log; the client sees 401, or 503 when it should retry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denied {
     Missing,
@@ -56,10 +71,33 @@ pub enum Denied {
     WrongPassword,
     UnknownToken,
     SchemeNotEnabled,
+    /// Not checked: the client's address failed too often lately (503, retry after this long).
+    Throttled(Duration),
+    /// Not checked: every password check was taken for longer than [`CHECK_WAIT`] (503).
+    Busy,
+}
+
+impl Denied {
+    /// How long the client should wait before it retries, when the refusal is only for now
+    /// (answered 503 rather than 401).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Denied::Throttled(d) => Some(*d),
+            Denied::Busy => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
 }
 
 /// Every value `Denied::metric_reason` gives, for the metrics to start at 0.
-pub const AUTH_FAILURE_REASONS: [&str; 4] = ["missing", "malformed", "unsupported_scheme", "wrong"];
+pub const AUTH_FAILURE_REASONS: [&str; 6] = [
+    "missing",
+    "malformed",
+    "unsupported_scheme",
+    "wrong",
+    "throttled",
+    "busy",
+];
 
 impl Denied {
     /// The `reason` label of `bitsfarm_auth_failures_total`. An unknown user, a wrong password
@@ -71,6 +109,8 @@ impl Denied {
             Denied::Malformed => "malformed",
             Denied::SchemeNotEnabled => "unsupported_scheme",
             Denied::UnknownUser | Denied::WrongPassword | Denied::UnknownToken => "wrong",
+            Denied::Throttled(_) => "throttled",
+            Denied::Busy => "busy",
         }
     }
 }
@@ -88,6 +128,12 @@ struct Files {
     verified: HashMap<[u8; 32], Instant>,
 }
 
+/// What an `Authorization` header presents.
+enum Presented {
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
 /// The configured credentials. `None` paths mean that scheme is off.
 pub struct Authenticator {
     users_file: Option<PathBuf>,
@@ -95,6 +141,8 @@ pub struct Authenticator {
     /// Random per process: the verification cache's keys are useless outside it.
     pepper: [u8; 16],
     files: Mutex<Files>,
+    slots: Slots,
+    throttle: Throttle,
 }
 
 impl Authenticator {
@@ -108,6 +156,8 @@ impl Authenticator {
             tokens_file,
             pepper: *uuid::Uuid::new_v4().as_bytes(),
             files: Mutex::new(Files::default()),
+            slots: Slots::for_this_machine(),
+            throttle: Throttle::default(),
         };
         {
             let mut f = auth.lock();
@@ -163,6 +213,7 @@ impl Authenticator {
                         info!(file = %p.display(), users = u.len(), "users file reloaded");
                         f.users = u;
                         f.verified.clear();
+                        self.throttle.forget_used();
                         f.users_stamp = now;
                     }
                     Err(e) => {
@@ -178,6 +229,7 @@ impl Authenticator {
                     Ok(t) => {
                         info!(file = %p.display(), tokens = t.len(), "tokens file reloaded");
                         f.tokens = t;
+                        self.throttle.forget_used();
                         f.tokens_stamp = now;
                     }
                     Err(e) => {
@@ -188,8 +240,42 @@ impl Authenticator {
         }
     }
 
-    /// The user an `Authorization` header value proves, or why it does not.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<String, Denied> {
+    /// The user an `Authorization` header value proves, or why it does not. `from`: the
+    /// client's address, for slowing down one that keeps failing (`None`: not to be slowed down,
+    /// such as a packet another farm member forwarded after checking it).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        from: Option<IpAddr>,
+    ) -> Result<String, Denied> {
+        let presented = self.parse(authorization)?;
+        let key = self.credentials_key(&presented);
+        let from = from.map(AddrKey::new);
+        let standing = from.map_or(Standing::Clean, |a| {
+            self.throttle.standing(a, Instant::now())
+        });
+        let result = match presented {
+            Presented::Basic { user, password } => {
+                self.check_password(user, password, &key, from, standing)
+                    .await
+            }
+            Presented::Bearer(token) => self.check_token(&token, &key, from, standing),
+        };
+        if let Some(a) = from {
+            let now = Instant::now();
+            match &result {
+                Ok(_) => self.throttle.succeeded(a, &key, now),
+                Err(Denied::UnknownUser | Denied::WrongPassword | Denied::UnknownToken) => {
+                    self.throttle.failed(a, now);
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    /// Reads the header: the scheme must be on, the value well-formed. Costs nothing.
+    fn parse(&self, authorization: Option<&str>) -> Result<Presented, Denied> {
         let value = authorization.ok_or(Denied::Missing)?.trim();
         let (scheme, rest) = value.split_once(' ').ok_or(Denied::Malformed)?;
         let rest = rest.trim();
@@ -202,58 +288,141 @@ impl Authenticator {
                 .map_err(|_| Denied::Malformed)?;
             let decoded = String::from_utf8(decoded).map_err(|_| Denied::Malformed)?;
             let (user, password) = decoded.split_once(':').ok_or(Denied::Malformed)?;
-            self.check_password(user, password)?;
-            Ok(user.to_string())
+            Ok(Presented::Basic {
+                user: user.to_string(),
+                password: password.to_string(),
+            })
         } else if scheme.eq_ignore_ascii_case("bearer") {
             if !self.bearer_enabled() {
                 return Err(Denied::SchemeNotEnabled);
             }
-            let digest: [u8; 32] = Sha256::digest(rest.as_bytes()).into();
-            let mut f = self.lock();
-            self.reload_if_changed(&mut f);
-            f.tokens.get(&digest).cloned().ok_or(Denied::UnknownToken)
+            Ok(Presented::Bearer(rest.to_string()))
         } else {
             Err(Denied::SchemeNotEnabled)
         }
     }
 
-    fn check_password(&self, user: &str, password: &str) -> Result<(), Denied> {
-        let key: [u8; 32] = {
-            let mut h = Sha256::new();
-            h.update(self.pepper);
-            h.update((user.len() as u64).to_le_bytes());
-            h.update(user.as_bytes());
-            h.update(password.as_bytes());
-            h.finalize().into()
-        };
+    /// The salted SHA-256 the cache and the throttle know credentials by (never the password).
+    fn credentials_key(&self, presented: &Presented) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.pepper);
+        match presented {
+            Presented::Basic { user, password } => {
+                h.update(b"basic");
+                h.update((user.len() as u64).to_le_bytes());
+                h.update(user.as_bytes());
+                h.update(password.as_bytes());
+            }
+            Presented::Bearer(token) => {
+                h.update(b"bearer");
+                h.update(token.as_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// During a penalty, only credentials that already worked from that address pass (and
+    /// nothing is checked): a guess gets no answer, a client sharing the address keeps working.
+    fn penalty_allows(
+        &self,
+        from: Option<AddrKey>,
+        standing: Standing,
+        key: &[u8; 32],
+    ) -> Result<(), Denied> {
+        match (standing, from) {
+            (Standing::Penalized(left), Some(a)) => {
+                if self.throttle.used_here(a, key, Instant::now()) {
+                    Ok(())
+                } else {
+                    Err(Denied::Throttled(left.max(Duration::from_secs(1))))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_token(
+        &self,
+        token: &str,
+        key: &[u8; 32],
+        from: Option<AddrKey>,
+        standing: Standing,
+    ) -> Result<String, Denied> {
+        self.penalty_allows(from, standing, key)?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut f = self.lock();
+        self.reload_if_changed(&mut f);
+        f.tokens.get(&digest).cloned().ok_or(Denied::UnknownToken)
+    }
+
+    async fn check_password(
+        &self,
+        user: String,
+        password: String,
+        key: &[u8; 32],
+        from: Option<AddrKey>,
+        standing: Standing,
+    ) -> Result<String, Denied> {
         let phc = {
             let mut f = self.lock();
             self.reload_if_changed(&mut f);
-            if f.verified
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < VERIFIED_TTL)
-            {
-                // Still in the file? A removed user is gone at once even if cached.
-                if f.users.contains_key(user) {
-                    return Ok(());
+            let cached = f
+                .verified
+                .get(key)
+                .is_some_and(|t| t.elapsed() < VERIFIED_TTL);
+            // Still in the file? A removed user is gone at once even if cached.
+            let known = f.users.get(&user).cloned();
+            if cached && known.is_some() {
+                drop(f);
+                self.penalty_allows(from, standing, key)?;
+                return Ok(user);
+            }
+            known
+        };
+        self.penalty_allows(from, standing, key)?;
+        // An address that failed lately gets a check only if one is free now: a flood never
+        // waits in line ahead of clean addresses.
+        let permit = match standing {
+            Standing::Clean => self.slots.within(slots::WAIT).await,
+            Standing::Failed | Standing::Penalized(_) => self.slots.now(),
+        };
+        let permit = permit.map_err(|e| match e {
+            NoSlot::Busy => Denied::Busy,
+            NoSlot::NoneFree => Denied::Throttled(Duration::from_secs(1)),
+        })?;
+        // Its address failed while it waited: the flood it belongs to gets no check.
+        if standing == Standing::Clean
+            && let Some(a) = from
+            && self.throttle.standing(a, Instant::now()) != Standing::Clean
+        {
+            return Err(Denied::Throttled(Duration::from_secs(1)));
+        }
+        let ok = tokio::task::spawn_blocking(move || {
+            // The permit is held for as long as the check runs, even if the client is gone.
+            let _permit = permit;
+            match phc {
+                Some(phc) => Some(verify(&phc, &password)),
+                None => {
+                    // Spend about the time a real check takes, so a timing probe cannot list
+                    // users.
+                    let _ = Argon2::default().hash_password(password.as_bytes(), &dummy_salt());
+                    None
                 }
             }
-            f.users.get(user).cloned()
-        };
-        let Some(phc) = phc else {
-            // Spend about the time a real check takes, so a timing probe cannot list users.
-            let salt = dummy_salt();
-            let _ = Argon2::default().hash_password(password.as_bytes(), &salt);
-            return Err(Denied::UnknownUser);
-        };
-        let ok = PasswordHash::new(&phc).is_ok_and(|h| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        });
-        if !ok {
-            return Err(Denied::WrongPassword);
+        })
+        .await
+        .map_err(|_| Denied::Busy)?;
+        match ok {
+            None => Err(Denied::UnknownUser),
+            Some(false) => Err(Denied::WrongPassword),
+            Some(true) => {
+                self.remember(*key);
+                Ok(user)
+            }
         }
+    }
+
+    fn remember(&self, key: [u8; 32]) {
         let mut f = self.lock();
         if f.verified.len() >= MAX_VERIFIED {
             f.verified.retain(|_, t| t.elapsed() < VERIFIED_TTL);
@@ -262,8 +431,15 @@ impl Authenticator {
             }
         }
         f.verified.insert(key, Instant::now());
-        Ok(())
     }
+}
+
+fn verify(phc: &str, password: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 fn dummy_salt() -> SaltString {
@@ -356,91 +532,4 @@ fn load_tokens(p: &Path) -> Result<HashMap<[u8; 32], String>, AuthError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn basic(user: &str, pass: &str) -> String {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-        )
-    }
-
-    #[test]
-    fn passwd_entries_verify_and_wrong_ones_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("users");
-        let tokens = dir.path().join("tokens");
-        let entry = passwd_entry("alice", "s3cret").unwrap();
-        assert!(entry.starts_with("alice:$argon2id$"), "{entry}");
-        std::fs::write(&users, format!("# comment\n{entry}\n")).unwrap();
-        std::fs::write(&tokens, "bob:tok-123\n").unwrap();
-        let a = Authenticator::new(Some(users), Some(tokens)).unwrap();
-        assert_eq!(
-            a.authenticate(Some(&basic("alice", "s3cret"))),
-            Ok("alice".into())
-        );
-        // Cached the second time, still right.
-        assert_eq!(
-            a.authenticate(Some(&basic("alice", "s3cret"))),
-            Ok("alice".into())
-        );
-        assert_eq!(
-            a.authenticate(Some(&basic("alice", "wrong"))),
-            Err(Denied::WrongPassword)
-        );
-        assert_eq!(
-            a.authenticate(Some(&basic("mallory", "s3cret"))),
-            Err(Denied::UnknownUser)
-        );
-        assert_eq!(a.authenticate(Some("Bearer tok-123")), Ok("bob".into()));
-        assert_eq!(
-            a.authenticate(Some("Bearer tok-124")),
-            Err(Denied::UnknownToken)
-        );
-        assert_eq!(a.authenticate(None), Err(Denied::Missing));
-        assert_eq!(a.authenticate(Some("Basic !!!")), Err(Denied::Malformed));
-        assert_eq!(
-            a.authenticate(Some("Digest x")),
-            Err(Denied::SchemeNotEnabled)
-        );
-        assert_eq!(a.challenges().len(), 2);
-    }
-
-    #[test]
-    fn metric_reasons_are_fixed_words_that_do_not_tell_users_apart() {
-        let all = [
-            Denied::Missing,
-            Denied::Malformed,
-            Denied::UnknownUser,
-            Denied::WrongPassword,
-            Denied::UnknownToken,
-            Denied::SchemeNotEnabled,
-        ];
-        for d in &all {
-            assert!(
-                AUTH_FAILURE_REASONS.contains(&d.metric_reason()),
-                "{d:?} -> {} is not pre-registered",
-                d.metric_reason()
-            );
-        }
-        // An unknown user looks exactly like a known user with a wrong password.
-        assert_eq!(Denied::UnknownUser.metric_reason(), "wrong");
-        assert_eq!(Denied::WrongPassword.metric_reason(), "wrong");
-        assert_eq!(Denied::UnknownToken.metric_reason(), "wrong");
-        assert_eq!(Denied::Missing.metric_reason(), "missing");
-        let distinct: std::collections::HashSet<_> =
-            all.iter().map(Denied::metric_reason).collect();
-        assert_eq!(distinct.len(), AUTH_FAILURE_REASONS.len());
-    }
-
-    #[test]
-    fn bad_files_are_refused_and_names_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("users");
-        std::fs::write(&users, "alice:plaintext\n").unwrap();
-        assert!(Authenticator::new(Some(users), None).is_err());
-        assert!(passwd_entry("a:b", "x").is_err());
-        assert!(passwd_entry("a", "").is_err());
-    }
-}
+mod tests;

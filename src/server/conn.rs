@@ -252,7 +252,7 @@ async fn serve<I>(
         let guard = act.begin();
         let st = st.clone();
         async move {
-            let resp = http::handle(st, role, req).await;
+            let resp = http::handle(st, role, peer, req).await;
             // The request stays in flight until its response body is dropped (sent or not).
             resp.map(|r| {
                 r.map(|b| {

@@ -63,7 +63,7 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub notifications: Family<OutcomeLabels, Counter>,
     pub duplicates_suppressed: Counter,
-    /// Requests answered 401, by reason (`auth::Denied::metric_reason`).
+    /// Requests refused at authentication, by reason (`auth::Denied::metric_reason`).
     pub auth_failures: Family<AuthFailureLabels, Counter>,
     /// Requests refused by a configured limit, by limit.
     pub limit_refusals: Family<LimitLabels, Counter>,
@@ -159,7 +159,7 @@ impl Metrics {
         );
         registry.register(
             "auth_failures",
-            "Requests answered 401, by reason: missing (no credentials; also the first request of a client that sends them only when challenged), malformed, unsupported_scheme, wrong (unknown user, wrong password or unknown token, not told apart so that the metrics cannot list user names)",
+            "Requests refused at authentication, by reason: answered 401: missing (no credentials; also the first request of a client that sends them only when challenged), malformed, unsupported_scheme, wrong (unknown user, wrong password or unknown token, not told apart so that the metrics cannot list user names); answered 503 without a check, which clients retry: throttled (the client's address failed too often lately), busy (every password check was taken)",
             m.auth_failures.clone(),
         );
         registry.register(
@@ -180,7 +180,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts a 401.
+    /// Counts a request refused at authentication (401, or 503 when throttled or busy).
     pub fn auth_failed(&self, reason: &'static str) {
         self.auth_failures
             .get_or_create(&AuthFailureLabels { reason })

@@ -4,12 +4,12 @@ use std::path::Path;
 
 use url::Url;
 
-use super::key::ForwardedRequest;
+use super::key::{ForwardedRequest, Hop};
 use super::membership::Membership;
 use crate::server::clock::unix_now;
 use crate::server::tls;
 
-/// Header of a forwarded request: `v1 from=ORDINAL ts=UNIX-SECONDS mac=BASE64URL`.
+/// Header of a forwarded request: `v2 from=ORDINAL to=ORDINAL ts=UNIX-SECONDS mac=BASE64URL`.
 pub const FORWARDED_HEADER: &str = "bitsfarm-forwarded";
 /// The Host the client used, on a forwarded request (covered by the mac).
 pub const ORIGINAL_HOST_HEADER: &str = "bitsfarm-original-host";
@@ -32,6 +32,20 @@ const NOT_RELAYED: &[&str] = &[
 
 fn relayed(name: &http::HeaderName) -> bool {
     !NOT_RELAYED.contains(&name.as_str())
+}
+
+/// Every value of header `name`, as sent, joined by a newline (which no header value holds): what
+/// a forwarding proof covers of it. Relayed headers keep their values and order, so the forwarder
+/// and the owner compute the same bytes; a duplicated header is covered whole.
+pub fn bound_values(headers: &http::HeaderMap, name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, v) in headers.get_all(name).iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
 }
 
 /// A packet for a session another member owns.
@@ -163,14 +177,26 @@ impl Forwarder {
     ) -> http::HeaderMap {
         // What the owner will see is the URL as sent (the url crate may re-encode it): sign that.
         let sent_path = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let bound = |name| bound_values(&parts.headers, name);
+        let (packet_type, content_range, content_length) = (
+            bound("bits-packet-type"),
+            bound("content-range"),
+            bound("content-length"),
+        );
         let proof = self.membership.key.forward_proof(
-            self.membership.ordinal,
+            Hop {
+                from: self.membership.ordinal,
+                to: to.owner,
+            },
             unix_now(),
             &ForwardedRequest {
                 method: parts.method.as_str(),
                 path_and_query: sent_path,
                 session_id: to.session_id,
                 original_host: to.original_host,
+                packet_type: &packet_type,
+                content_range: &content_range,
+                content_length: &content_length,
             },
         );
         let mut headers = http::HeaderMap::new();
@@ -286,6 +312,25 @@ mod tests {
         for name in ["content-range", "bits-session-id", "authorization"] {
             assert!(relayed(&http::HeaderName::from_static(name)), "{name}");
         }
+    }
+
+    #[test]
+    fn bound_values_cover_every_value_of_a_header_in_order() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bound_values(&h, "content-range"), b"");
+        h.append(
+            "content-range",
+            http::HeaderValue::from_static("bytes 0-3/4"),
+        );
+        assert_eq!(bound_values(&h, "content-range"), b"bytes 0-3/4");
+        h.append(
+            "content-range",
+            http::HeaderValue::from_static("bytes 4-7/8"),
+        );
+        assert_eq!(
+            bound_values(&h, "content-range"),
+            b"bytes 0-3/4\nbytes 4-7/8"
+        );
     }
 
     #[test]

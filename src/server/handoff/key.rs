@@ -1,5 +1,5 @@
 //! The farm key: the shared secret that mints session ids naming their owner, and the proof a
-//! forwarded request carries of which member sent it and which packet it is.
+//! forwarded request carries of which member sent it, to which member, and which packet it is.
 
 use std::path::Path;
 
@@ -14,7 +14,7 @@ use crate::bits::protocol::SessionId;
 pub const MAX_FORWARD_SKEW_SECS: u64 = 300;
 
 const ID_DOMAIN: &[u8] = b"bitsfarm session owner v1\0";
-const FORWARD_DOMAIN: &[u8] = b"bitsfarm forwarded packet v1\0";
+const FORWARD_DOMAIN: &[u8] = b"bitsfarm forwarded packet v2\0";
 
 /// The farm's shared secret, as an HMAC-SHA256 key.
 #[derive(Clone)]
@@ -83,58 +83,78 @@ impl FarmKey {
             .then(|| u16::from_be_bytes([bytes[10], bytes[11]]))
     }
 
-    /// The value of the forwarded-request header for one packet.
-    pub fn forward_proof(&self, from: u16, now: u64, request: &ForwardedRequest<'_>) -> String {
-        let mac = self.forward_mac(from, now, request);
+    /// The value of the forwarded-request header for one packet that member `from` sends to
+    /// member `to`.
+    pub fn forward_proof(&self, hop: Hop, now: u64, request: &ForwardedRequest<'_>) -> String {
+        let mac = self.forward_mac(hop, now, request);
         format!(
-            "v1 from={from} ts={now} mac={}",
+            "v2 from={} to={} ts={now} mac={}",
+            hop.from,
+            hop.to,
             URL_SAFE_NO_PAD.encode(mac)
         )
     }
 
-    fn forward_mac(&self, from: u16, ts: u64, r: &ForwardedRequest<'_>) -> hmac::Tag {
+    fn forward_mac(&self, hop: Hop, ts: u64, r: &ForwardedRequest<'_>) -> hmac::Tag {
         self.tag(
             FORWARD_DOMAIN,
             &[
-                &from.to_be_bytes(),
+                &hop.from.to_be_bytes(),
+                &hop.to.to_be_bytes(),
                 &ts.to_be_bytes(),
                 r.method.as_bytes(),
                 r.path_and_query.as_bytes(),
                 r.session_id.as_bytes(),
                 r.original_host.as_bytes(),
+                r.packet_type,
+                r.content_range,
+                r.content_length,
             ],
         )
     }
 
-    /// Checks a forwarded-request header; `Ok(from)` names the member that forwarded it.
+    /// Checks a forwarded-request header that member `me` received; `Ok(from)` names the member
+    /// that forwarded it.
     pub fn verify_forward(
         &self,
         header: &str,
+        me: u16,
         now: u64,
         request: &ForwardedRequest<'_>,
     ) -> Result<u16, &'static str> {
         let mut from = None;
+        let mut to = None;
         let mut ts = None;
         let mut mac = None;
         let mut words = header.split_ascii_whitespace();
-        if words.next() != Some("v1") {
-            return Err("unknown forwarding version");
+        match words.next() {
+            Some("v2") => {}
+            Some("v1") => {
+                return Err(
+                    "forwarding header of an older version (v1): run the same version on every member",
+                );
+            }
+            _ => return Err("unknown forwarding version"),
         }
         for w in words {
             match w.split_once('=') {
                 Some(("from", v)) => from = v.parse::<u16>().ok(),
+                Some(("to", v)) => to = v.parse::<u16>().ok(),
                 Some(("ts", v)) => ts = v.parse::<u64>().ok(),
                 Some(("mac", v)) => mac = URL_SAFE_NO_PAD.decode(v).ok(),
                 _ => return Err("malformed forwarding header"),
             }
         }
-        let (Some(from), Some(ts), Some(mac)) = (from, ts, mac) else {
+        let (Some(from), Some(to), Some(ts), Some(mac)) = (from, to, ts, mac) else {
             return Err("malformed forwarding header");
         };
+        if to != me {
+            return Err("forwarding header made for another member");
+        }
         if now.abs_diff(ts) > MAX_FORWARD_SKEW_SECS {
             return Err("forwarding header too old or from the future");
         }
-        let expected = self.forward_mac(from, ts, request);
+        let expected = self.forward_mac(Hop { from, to }, ts, request);
         if !constant_time_eq(expected.as_ref(), &mac) {
             return Err("forwarding header does not verify under the farm secret");
         }
@@ -142,13 +162,30 @@ impl FarmKey {
     }
 }
 
-/// What a forwarding proof covers.
+/// Who forwards a packet to whom, by ordinal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    pub from: u16,
+    pub to: u16,
+}
+
+/// What a forwarding proof covers: the request line, the session, the host the client used, and
+/// the headers that say what the packet is and what its body holds (every value of each, as
+/// sent, joined by a newline, which no header value contains; empty when absent). The body itself
+/// is not covered: it is streamed on as it arrives, so its digest is not known when the proof
+/// is sent (docs/protocol-decisions.md says why that is enough).
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardedRequest<'a> {
     pub method: &'a str,
     pub path_and_query: &'a str,
     pub session_id: &'a str,
     pub original_host: &'a str,
+    /// `BITS-Packet-Type`.
+    pub packet_type: &'a [u8],
+    /// `Content-Range`.
+    pub content_range: &'a [u8],
+    /// `Content-Length`.
+    pub content_length: &'a [u8],
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -197,36 +234,105 @@ mod tests {
             path_and_query: "/up/a.bin?x=1",
             session_id: "{0}",
             original_host: "farm.example:8080",
+            packet_type: b"Fragment",
+            content_range: b"bytes 0-3/4",
+            content_length: b"4",
         }
     }
+
+    const HOP: Hop = Hop { from: 3, to: 1 };
 
     #[test]
     fn a_forwarding_proof_verifies_once_and_only_for_its_packet() {
         let k = key(1);
         let now = 1_000_000;
-        let h = k.forward_proof(3, now, &req());
-        assert_eq!(k.verify_forward(&h, now + 10, &req()), Ok(3));
-        assert!(key(2).verify_forward(&h, now, &req()).is_err());
-        let other_path = ForwardedRequest {
-            path_and_query: "/up/b.bin",
-            ..req()
-        };
-        assert!(k.verify_forward(&h, now, &other_path).is_err());
-        let other_host = ForwardedRequest {
-            original_host: "evil.example",
-            ..req()
-        };
-        assert!(k.verify_forward(&h, now, &other_host).is_err());
-        assert!(
-            k.verify_forward(&h, now + MAX_FORWARD_SKEW_SECS + 1, &req())
-                .is_err()
-        );
-        assert!(
-            k.verify_forward(&h.replace("from=3", "from=4"), now, &req())
-                .is_err()
-        );
-        for bad in ["", "v2 from=1 ts=1 mac=AA", "v1 from=1", "v1 junk"] {
-            assert!(k.verify_forward(bad, now, &req()).is_err(), "{bad}");
+        let h = k.forward_proof(HOP, now, &req());
+        assert!(h.starts_with("v2 from=3 to=1 ts=1000000 mac="), "{h}");
+        assert_eq!(k.verify_forward(&h, 1, now + 10, &req()), Ok(3));
+        assert!(key(2).verify_forward(&h, 1, now, &req()).is_err());
+        let changed = [
+            ForwardedRequest {
+                path_and_query: "/up/b.bin",
+                ..req()
+            },
+            ForwardedRequest {
+                original_host: "evil.example",
+                ..req()
+            },
+            ForwardedRequest {
+                method: "GET",
+                ..req()
+            },
+            ForwardedRequest {
+                session_id: "{1}",
+                ..req()
+            },
+            ForwardedRequest {
+                packet_type: b"Close-Session",
+                ..req()
+            },
+            ForwardedRequest {
+                content_range: b"bytes 4-7/8",
+                ..req()
+            },
+            ForwardedRequest {
+                content_length: b"5",
+                ..req()
+            },
+            // A value moved from one header to the next does not sign the same bytes.
+            ForwardedRequest {
+                packet_type: b"Fragmentbytes 0-3/4",
+                content_range: b"",
+                ..req()
+            },
+        ];
+        for other in &changed {
+            assert_eq!(
+                k.verify_forward(&h, 1, now, other),
+                Err("forwarding header does not verify under the farm secret"),
+                "{other:?}"
+            );
         }
+        assert!(
+            k.verify_forward(&h, 1, now + MAX_FORWARD_SKEW_SECS + 1, &req())
+                .is_err()
+        );
+        assert!(
+            k.verify_forward(&h.replace("from=3", "from=4"), 1, now, &req())
+                .is_err()
+        );
+        for bad in [
+            "",
+            "v2 from=1 ts=1 mac=AA",
+            "v2 from=1 to=1 ts=1",
+            "v2 junk",
+            "v3 from=1 to=1 ts=1 mac=AA",
+        ] {
+            assert!(k.verify_forward(bad, 1, now, &req()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_forwarding_proof_is_taken_only_by_the_member_it_was_made_for() {
+        let k = key(1);
+        let now = 1_000_000;
+        let h = k.forward_proof(HOP, now, &req());
+        assert_eq!(
+            k.verify_forward(&h, 2, now, &req()),
+            Err("forwarding header made for another member")
+        );
+        // Saying it was for member 2 breaks the mac.
+        assert_eq!(
+            k.verify_forward(&h.replace("to=1", "to=2"), 2, now, &req()),
+            Err("forwarding header does not verify under the farm secret")
+        );
+    }
+
+    #[test]
+    fn a_proof_of_the_first_version_is_refused_with_a_reason() {
+        let why = key(1)
+            .verify_forward("v1 from=1 ts=1 mac=AAAA", 0, 1, &req())
+            .unwrap_err();
+        assert!(why.contains("older version"), "{why}");
     }
 }

@@ -8,8 +8,9 @@
 //! sent to the wrong member (after a fallback, or behind a proxy that ignores BITS-Host-Id) goes on
 //! where it was instead of restarting from byte 0.
 //!
-//! Forwarded requests carry a header that proves, under the same secret, which member sent them
-//! and which packet they are. The owner answers a forwarded packet itself and never forwards it
+//! Forwarded requests carry a header that proves, under the same secret, which member sent them,
+//! to which member, and which packet they are (request line, session, packet type, range and
+//! length; not the streamed body). The owner answers a forwarded packet itself and never forwards it
 //! again (one hop at most, no loops), and only a forwarded packet that proves itself may say
 //! which host the client used (for the `BITS-Original-Request-URL` of the delivery).
 
@@ -19,8 +20,10 @@ mod key;
 mod membership;
 
 pub use error::{HandoffError, MIN_SECRET_LEN};
-pub use forward::{FORWARDED_HEADER, ForwardFailure, Forwarder, Handoff, ORIGINAL_HOST_HEADER};
-pub use key::{FarmKey, ForwardedRequest, MAX_FORWARD_SKEW_SECS};
+pub use forward::{
+    FORWARDED_HEADER, ForwardFailure, Forwarder, Handoff, ORIGINAL_HOST_HEADER, bound_values,
+};
+pub use key::{FarmKey, ForwardedRequest, Hop, MAX_FORWARD_SKEW_SECS};
 pub use membership::{Membership, Peers};
 
 /// Seconds since the epoch, the clock forwarding proofs carry.

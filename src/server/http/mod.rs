@@ -9,6 +9,7 @@ mod relay;
 mod response;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response, StatusCode, header as h};
@@ -27,16 +28,19 @@ use crate::bits::request;
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// Uploads, and the admin endpoints too unless they have a listener of their own.
+    /// Uploads, and the read-only admin endpoints (health, readiness, metrics, drain status) too
+    /// unless they have a listener of their own. Never `POST /drain`.
     Main {
         with_admin: bool,
     },
     Admin,
 }
 
+/// Answers one request that came in on a listener of `role` from `peer`.
 pub async fn handle(
     state: Arc<AppState>,
     role: Role,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     if let Err(e) = request::check_headers(req.version(), req.headers()) {
@@ -50,16 +54,26 @@ pub async fn handle(
     if role == Role::Admin {
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
     }
+    let route = state
+        .handoff
+        .as_ref()
+        .map(|fwd| (fwd, relay::route(&state, fwd, &req)));
+    // A packet another member forwarded comes from that member's address, not its client's,
+    // and was checked there: it is not slowed down for its address's failures.
+    let forwarded = matches!(route, Some((_, relay::Route::Forwarded(_))));
     // Every request to the upload side is authenticated on its own (see protocol-decisions.md).
-    let user = match authenticate(&state, &req) {
+    let user = match authenticate(&state, &req, (!forwarded).then_some(peer)).await {
         Ok(user) => user,
         Err(denied) => return Ok(*denied),
     };
     let mut original_host = None;
-    if let Some(fwd) = &state.handoff {
-        match relay::route(&state, fwd, &req) {
+    if let Some((fwd, route)) = route {
+        match route {
             relay::Route::Here => {}
-            relay::Route::Forwarded(host) => original_host = Some(host),
+            relay::Route::Forwarded(host) => {
+                state.metrics.handoff_received.inc();
+                original_host = Some(host);
+            }
             relay::Route::Refused(r) => return Ok(r),
             relay::Route::Owner(to) => return Ok(relay::forward(&state, fwd, req, to).await),
         }
@@ -90,10 +104,13 @@ fn bad_request<B>(req: &Request<B>, e: BitsError) -> Response<Body> {
     r
 }
 
-/// The authenticated user (`None` when authentication is off), or the 401 to answer with.
-fn authenticate<B>(
+/// The authenticated user (`None` when authentication is off), or the 401 (503 when the client
+/// should retry later) to answer with. `peer`: the client's address, `None` for a packet another
+/// member forwarded.
+async fn authenticate<B>(
     state: &AppState,
     req: &Request<B>,
+    peer: Option<SocketAddr>,
 ) -> Result<Option<String>, Box<Response<Body>>> {
     let Some(auth) = &state.auth else {
         return Ok(None);
@@ -102,7 +119,7 @@ fn authenticate<B>(
         .headers()
         .get(h::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("?"));
-    let why = match auth.authenticate(presented) {
+    let why = match auth.authenticate(presented, peer.map(|p| p.ip())).await {
         Ok(user) => return Ok(Some(user)),
         Err(why) => why,
     };
@@ -110,6 +127,9 @@ fn authenticate<B>(
     state.metrics.auth_failed(why.metric_reason());
     // An unread body cannot stay on the connection.
     let keep_alive = !request::has_body(req.headers());
+    if let Some(after) = why.retry_after() {
+        return Err(Box::new(retry_later(req, after, keep_alive)));
+    }
     let mut r = if request::is_bits_post(req.method(), req.headers()) {
         ack_response(Ack::from(BitsError::authentication_required()), keep_alive)
     } else {
@@ -126,4 +146,37 @@ fn authenticate<B>(
         }
     }
     Err(Box::new(r))
+}
+
+/// 503 with `Retry-After`: credentials not checked for now (the address is slowed down, or every
+/// check is taken). A 5xx is transient for BITS clients, which keep their job and retry, where a
+/// 401 after credentials were sent would end it.
+fn retry_later<B>(
+    req: &Request<B>,
+    after: std::time::Duration,
+    keep_alive: bool,
+) -> Response<Body> {
+    let seconds = after.as_secs().max(1).to_string();
+    let mut r = if request::is_bits_post(req.method(), req.headers()) {
+        ack_response(
+            Ack::from(BitsError::authentication_deferred(format!(
+                "credentials not checked now; retry in {seconds} s"
+            ))),
+            keep_alive,
+        )
+    } else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("credentials not checked now; retry in {seconds} s\n"),
+        );
+        if !keep_alive {
+            r.headers_mut()
+                .insert(h::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(&seconds) {
+        r.headers_mut().insert(h::RETRY_AFTER, v);
+    }
+    r
 }

@@ -44,10 +44,7 @@ pub struct Target {
 pub fn route<B>(state: &AppState, fwd: &Forwarder, req: &Request<B>) -> Route {
     if let Some(proof) = req.headers().get(handoff::FORWARDED_HEADER) {
         return match verify_forwarded(state, fwd, req, proof) {
-            Ok(host) => {
-                state.metrics.handoff_received.inc();
-                Route::Forwarded(host)
-            }
+            Ok(host) => Route::Forwarded(host),
             Err(why) => {
                 warn!(path = %req.uri().path(), reason = why, "forwarded packet refused");
                 Route::Refused(ack_response(
@@ -105,14 +102,24 @@ fn verify_forwarded<B>(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    let bound = |name| handoff::bound_values(req.headers(), name);
+    let (packet_type, content_range, content_length) = (
+        bound("bits-packet-type"),
+        bound("content-range"),
+        bound("content-length"),
+    );
     fwd.membership.key.verify_forward(
         proof,
+        fwd.membership.ordinal,
         handoff::unix_now(),
         &handoff::ForwardedRequest {
             method: req.method().as_str(),
             path_and_query,
             session_id: session.as_ref().map_or("", SessionId::as_str),
             original_host: host,
+            packet_type: &packet_type,
+            content_range: &content_range,
+            content_length: &content_length,
         },
     )?;
     if host.is_empty() {

@@ -1,5 +1,5 @@
 //! The answers: Acks, plain-text responses, and the admin endpoints (health, readiness, metrics,
-//! drain).
+//! drain; `POST /drain` only on an admin listener of its own).
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header as h};
@@ -65,17 +65,19 @@ pub fn admin<B>(
         return match req.uri().path() {
             "/healthz" => Some(text(StatusCode::OK, "ok\n")),
             "/readyz" => Some(readiness(state)),
+            // Reading how many sessions a drain still waits for changes nothing, and says no more
+            // than `/readyz` and `/metrics` beside it; it also follows a SIGUSR1 drain of a
+            // server without an admin address.
             "/drain" => Some(drain_status(state)),
             "/metrics" => Some(metrics(state)),
             _ => None,
         };
     }
-    // With authentication on, draining is only offered on a separate admin listener: on the
-    // upload address it would let any client (or any uploader) take the server out of service.
-    if (admin_listener || state.auth.is_none())
-        && req.method() == Method::POST
-        && req.uri().path() == "/drain"
-    {
+    // Draining takes the server out of service: it is an operator's switch, offered only on an
+    // admin listener of its own. On the upload (or a farm's shared) address any client could
+    // stop the server with one request, authentication or not; without an admin address there
+    // is SIGUSR1 (`bitsfarm drain --pid`).
+    if admin_listener && req.method() == Method::POST && req.uri().path() == "/drain" {
         return Some(drain(state, req.uri().query().unwrap_or("")));
     }
     None
