@@ -54,6 +54,8 @@ pub enum StoreError {
         "{path} passes through a symbolic link below {dir}; this receiver follows none (remove the link)"
     )]
     Link { path: PathBuf, dir: PathBuf },
+    #[error("{path} cannot be stored on this receiver's file system: {why}")]
+    TooLong { path: PathBuf, why: String },
     #[error("{path}: a file is where a folder of this path should be, below {dir}")]
     NotAFolder { path: PathBuf, dir: PathBuf },
     #[error("cannot store {path} below {dir}: {source}")]
@@ -69,7 +71,7 @@ impl StoreError {
     /// taken by a file where a folder should be is a conflict another upload made.
     pub fn status(&self) -> u16 {
         match self {
-            StoreError::BadUrl { .. } => 400,
+            StoreError::BadUrl { .. } | StoreError::TooLong { .. } => 400,
             StoreError::Link { .. } => 403,
             StoreError::NotAFolder { .. } => 409,
             StoreError::Io { .. } => 500,
@@ -236,6 +238,12 @@ impl Folder {
         let (Some(name), parent) = (rel.file_name(), rel.parent().unwrap_or(Path::new(""))) else {
             return Err(self.io(rel, io::Error::other("no file name")));
         };
+        // Said as the server says it at Create-Session, rather than failing the same way forever.
+        let name_max = rustix::fs::fstatfs(&self.root).map_or(255, |s| s.f_namelen as usize);
+        paths::check_fits(&self.path, rel, name_max).map_err(|e| StoreError::TooLong {
+            path: self.absolute(rel),
+            why: e.message,
+        })?;
         let folder = self.make_folders(parent)?;
         for n in 1..=MAX_NAMES {
             let candidate = nth_name(name, n);
@@ -436,6 +444,11 @@ mod tests {
             .unwrap()
             .count();
         assert_eq!(left, 0, "nothing left in incoming");
+        // Too long for the file system: said as such.
+        let (t5, s5) = incoming(&f, b"y");
+        let long = Path::new("a").join("n".repeat(300));
+        assert_eq!(f.place(&t5, &long, 1, &s5).unwrap_err().status(), 400);
+        f.discard(&t5);
         // A file where a folder should be.
         let (t4, s4) = incoming(&f, b"x");
         let e = f
