@@ -222,10 +222,7 @@ pub async fn upload(args: UploadArgs) -> i32 {
             if json {
                 println!("{}", serde_json::json!({"event": "done", "report": report}));
             } else {
-                eprintln!(
-                    "uploaded {} bytes to {} (session {}, {} restarts, {} bytes sent)",
-                    report.bytes, url, report.session_id, report.restarts, report.bytes_sent
-                );
+                eprintln!("{}", report.summary(&url));
             }
             0
         }

@@ -2,8 +2,11 @@
 //! once per `Idempotency-Key` and answers a repeat with the reply it gave the first time. It is the
 //! example to copy when writing a backend for bitsfarm, and the backend of the tests and local farm.
 //!
-//! Layout under `--dir`: `<key>/delivery.json` (what arrived, and the reply), `<key>/content`
-//! (the bytes), and `.incoming/` for deliveries still arriving.
+//! Each delivery is stored at its upload's own path and name below `--dir` (the path of
+//! `BITS-Original-Request-URL`: an upload to `/dumps/app.dmp` lands at `<dir>/dumps/app.dmp`),
+//! and its record, by key, in `<dir>/.bitsfarm/deliveries/<key>.json` (see `store`: how a path is
+//! made safe, and what happens when two uploads share a URL). Its log line and its reply name
+//! where the file went.
 //!
 //! By value the file is the request's body. By reference (`BITS-Request-DataFile-Name`,
 //! `BITS-Response-DataFile-Name`) the server names files in its own data folder; the receiver
@@ -11,8 +14,10 @@
 //! follows no link there (see `trusted`). A real backend that takes deliveries by reference must
 //! do the same: anyone who can reach it can send those headers.
 
+mod store;
 mod trusted;
 
+pub use store::{STATE_DIR, StoreError};
 pub use trusted::{TrustError, TrustedDirs};
 
 use std::convert::Infallible;
@@ -63,13 +68,16 @@ pub struct StoredDelivery {
     pub original_url: Option<String>,
     #[serde(default)]
     pub session_id: Option<String>,
+    /// Where the file is, below the receiver's folder, with `/` between names. None in records
+    /// of the layout before (`<key>/content`).
+    #[serde(default)]
+    pub stored_path: Option<String>,
     pub received_unix: u64,
     pub reply: String,
 }
 
 struct Receiver {
-    dir: PathBuf,
-    incoming: PathBuf,
+    folder: Arc<store::Folder>,
     /// Where files named by reference may be read and written.
     trusted: Arc<TrustedDirs>,
     /// Serialises the check-then-store step, so two copies arriving at once are stored once.
@@ -94,13 +102,13 @@ impl ReceiverServer {
         trusted: &[PathBuf],
     ) -> Result<Self, ReceiverError> {
         let trusted = Arc::new(TrustedDirs::open(trusted)?);
-        let incoming = dir.join(".incoming");
-        tokio::fs::create_dir_all(&incoming)
-            .await
-            .map_err(|source| ReceiverError::Prepare {
-                path: incoming.clone(),
-                source,
-            })?;
+        let folder =
+            Arc::new(
+                store::Folder::open(dir).map_err(|source| ReceiverError::Prepare {
+                    path: dir.to_path_buf(),
+                    source,
+                })?,
+            );
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ReceiverError::Bind { addr, source })?;
@@ -121,8 +129,7 @@ impl ReceiverServer {
         Ok(ReceiverServer {
             listener,
             state: Arc::new(Receiver {
-                dir: dir.to_path_buf(),
-                incoming,
+                folder,
                 trusted,
                 commit: tokio::sync::Mutex::new(()),
                 registry,
@@ -222,6 +229,13 @@ fn internal(e: io::Error) -> Failure {
     )
 }
 
+fn stored_failure(e: StoreError) -> Failure {
+    (
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        e.to_string(),
+    )
+}
+
 fn refused(e: trusted::Refused) -> Failure {
     (
         StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
@@ -270,8 +284,9 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
         }
         None => None,
     };
-    let temp = st.incoming.join(uuid::Uuid::new_v4().simple().to_string());
-    let mut file = tokio::fs::File::create(&temp).await.map_err(internal)?;
+    let folder = st.folder.clone();
+    let (file, temp) = blocking(move || folder.incoming_file().map_err(internal)).await?;
+    let mut file = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let result: Result<(), Failure> = async {
@@ -302,7 +317,7 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
     .await;
     drop(file);
     if let Err(e) = result {
-        let _ = tokio::fs::remove_file(&temp).await;
+        st.folder.discard(&temp);
         return Err(e);
     }
     let sha = hasher.finalize();
@@ -310,7 +325,7 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
     if let Some(expected) = header(h, REPR_DIGEST)
         && expected.trim() != repr_digest(&sha)
     {
-        let _ = tokio::fs::remove_file(&temp).await;
+        st.folder.discard(&temp);
         return Err((
             StatusCode::BAD_REQUEST,
             format!("content does not match Repr-Digest {expected}"),
@@ -320,7 +335,7 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
     let key = match header(h, IDEMPOTENCY_KEY).map(str::trim) {
         Some(k) if is_safe_key(k) => k.to_string(),
         Some(k) => {
-            let _ = tokio::fs::remove_file(&temp).await;
+            st.folder.discard(&temp);
             return Err((
                 StatusCode::BAD_REQUEST,
                 format!("Idempotency-Key {k:?} must be 1-128 letters, digits, '-' or '_'"),
@@ -328,38 +343,70 @@ async fn receive(st: &Receiver, req: Request<Incoming>) -> Result<Response<Full<
         }
         None => format!("sha256-{sha_hex}"),
     };
+    let original_url = header(h, ORIGINAL_REQUEST_URL).map(str::to_string);
+    let rel = match store::destination(original_url.as_deref(), &key) {
+        Ok(rel) => rel,
+        Err(e) => {
+            st.folder.discard(&temp);
+            return Err(stored_failure(e));
+        }
+    };
     let _guard = st.commit.lock().await;
-    let target = st.dir.join(&key);
-    let record_path = target.join("delivery.json");
-    let stored = if let Ok(json) = tokio::fs::read(&record_path).await {
-        let _ = tokio::fs::remove_file(&temp).await;
-        let stored: StoredDelivery = serde_json::from_slice(&json)
-            .map_err(|e| internal(io::Error::other(format!("{}: {e}", record_path.display()))))?;
+    let (folder, k) = (st.folder.clone(), key.clone());
+    let stored = match blocking(move || folder.record(&k).map_err(internal)).await {
+        Ok(found) => found,
+        Err(e) => {
+            st.folder.discard(&temp);
+            return Err(e);
+        }
+    };
+    let stored = if let Some(stored) = stored {
+        st.folder.discard(&temp);
         st.duplicates.inc();
+        // A record of the layout before names no path: its file is `<key>/content`.
+        let at = (stored.stored_path.clone()).unwrap_or_else(|| format!("{key}/content"));
         info!(
             key,
+            path = %st.folder.absolute(Path::new(&at)).display(),
             "duplicate delivery suppressed; answered with the first reply"
         );
         stored
     } else {
-        let stored = StoredDelivery {
-            idempotency_key: key.clone(),
-            sha256: sha_hex.clone(),
-            bytes: size,
-            original_url: header(h, ORIGINAL_REQUEST_URL).map(str::to_string),
-            session_id: header(h, "bits-session-id").map(str::to_string),
-            received_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            reply: format!("stored {size} bytes, sha256 {sha_hex}, key {key}\n"),
-        };
-        store(&st.dir, &target, &temp, &stored)
-            .await
-            .map_err(internal)?;
+        let session_id = header(h, "bits-session-id").map(str::to_string);
+        let folder = st.folder.clone();
+        let k = key.clone();
+        let stored = blocking(move || {
+            let placed = folder.place(&temp, &rel, size, &sha_hex).map_err(|e| {
+                folder.discard(&temp);
+                stored_failure(e)
+            })?;
+            let shown = placed.to_string_lossy().into_owned();
+            let stored = StoredDelivery {
+                idempotency_key: k.clone(),
+                reply: format!("stored {size} bytes as {shown}, sha256 {sha_hex}, key {k}\n"),
+                sha256: sha_hex,
+                bytes: size,
+                original_url,
+                session_id,
+                stored_path: Some(shown),
+                received_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            };
+            folder.write_record(&stored).map_err(internal)?;
+            Ok(stored)
+        })
+        .await?;
         st.deliveries.inc();
         st.bytes.inc_by(size);
-        info!(key, bytes = size, "delivery stored");
+        let at = stored.stored_path.as_deref().unwrap_or_default();
+        info!(
+            key,
+            bytes = size,
+            "delivery stored at {}",
+            st.folder.absolute(Path::new(at)).display()
+        );
         stored
     };
     if let Some(target) = reply_to {
@@ -375,20 +422,4 @@ fn is_safe_key(k: &str) -> bool {
         && k.len() <= 128
         && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Puts a delivery in place atomically: a temporary folder renamed to the key's name.
-async fn store(dir: &Path, target: &Path, temp: &Path, d: &StoredDelivery) -> io::Result<()> {
-    let staging = dir
-        .join(".incoming")
-        .join(format!("{}.dir", d.idempotency_key));
-    let _ = tokio::fs::remove_dir_all(&staging).await;
-    tokio::fs::create_dir_all(&staging).await?;
-    tokio::fs::rename(temp, staging.join("content")).await?;
-    let json = serde_json::to_vec_pretty(d).map_err(io::Error::other)?;
-    let mut f = tokio::fs::File::create(staging.join("delivery.json")).await?;
-    f.write_all(&json).await?;
-    f.sync_all().await?;
-    tokio::fs::rename(&staging, target).await?;
-    tokio::fs::File::open(dir).await?.sync_all().await
 }

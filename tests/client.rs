@@ -109,6 +109,68 @@ fn a_killed_upload_resumes_on_the_next_run_from_the_job_file() {
     );
 }
 
+/// The session and host a resumed upload goes on with, from its job file.
+fn job_session(file: &Path) -> (String, String) {
+    let job: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_path(file)).unwrap()).unwrap();
+    (
+        job["session-id"].as_str().unwrap().to_string(),
+        job["host-id"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// A resumed upload's summary names the session and host it finished in, in the --json report
+/// and in the text line, as a first run's does (it used to say `session ,`).
+#[test]
+fn a_resumed_upload_names_its_session_and_host() {
+    let s = Server::start(&["--host-id", "127.0.0.1"]);
+    let dir = tempfile::TempDir::new().unwrap();
+
+    let (file, _, mut child) = start_and_wait(&s, dir.path(), "named.bin", &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (id, host) = job_session(&file);
+    assert!(id.starts_with('{') && host == "127.0.0.1", "{id} {host}");
+    let out = upload_cmd(&file, &format!("http://{}/c/named.bin", s.addr), &[])
+        .output()
+        .unwrap();
+    let r = report(&out);
+    assert_eq!(out.status.code(), Some(0), "{r}");
+    assert_eq!(r["report"]["resumed"], true, "{r}");
+    assert_eq!(r["report"]["session_id"], id.as_str(), "{r}");
+    assert_eq!(r["report"]["host_id"], host.as_str(), "{r}");
+    assert_eq!(r["report"]["url_path"], "/c/named.bin", "{r}");
+    let events = String::from_utf8_lossy(&out.stdout);
+    let session_event = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "session")
+        .unwrap_or_else(|| panic!("no session event on resume: {events}"));
+    assert_eq!(session_event["id"], id.as_str(), "{events}");
+
+    // The text summary, on stderr.
+    let (file, _, mut child) = start_and_wait(&s, dir.path(), "text.bin", &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (id, _) = job_session(&file);
+    let out = Command::new(BIN)
+        .arg("upload")
+        .arg(&file)
+        .arg(format!("http://{}/c/text.bin", s.addr))
+        .args(["--fragment-size", &FRAGMENT.to_string()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("session {id}")) && text.contains("host 127.0.0.1"),
+        "{text}"
+    );
+    assert!(!text.contains("session ,"), "{text}");
+    assert!(text.contains("on the server: /c/text.bin"), "{text}");
+}
+
 #[test]
 fn ctrl_c_keeps_the_job_for_later_unless_asked_to_cancel() {
     let s = Server::start(&[]);

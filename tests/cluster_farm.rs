@@ -722,20 +722,10 @@ async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
         .map(|h| h.path)
         .or(spec.local.map(|l| l.path))
         .expect("a folder on the node");
-    let mut n = 0;
-    for e in std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let content = e.path().join("content");
-        if content.is_file() && common::file_sha256(&content) == sha {
-            n += 1;
-        }
-    }
-    n
+    common::stored_deliveries(Path::new(&dir))
+        .iter()
+        .filter(|d| d.content_sha256 == sha)
+        .count()
 }
 
 async fn upload_with_reply(c: &Cluster, file: &Path, sha: &str, work: &Path) {

@@ -197,17 +197,10 @@ impl Drop for Farm {
 }
 
 fn stored_deliveries(dir: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let content = std::fs::read(e.path().join("content")).unwrap_or_default();
-        out.push((name, sha256_hex(&content)));
-    }
-    out.sort();
-    out
+    common::stored_deliveries(dir)
+        .into_iter()
+        .map(|d| (d.key, d.content_sha256))
+        .collect()
 }
 
 /// A `bitsfarm upload --json` run in the background.
@@ -416,13 +409,12 @@ fn with_handoff_a_farm_without_host_ids_never_restarts_and_resends_nothing() {
     assert_eq!(got.len(), 5, "{got:?}");
     assert!(got.iter().all(|(_, sha)| *sha == sha256_hex(&data)));
     // The backend saw the URL the client used (the shared address), not a member's own address.
-    let meta = std::fs::read_dir(farm.data.path().join(format!(
+    let meta = common::stored_deliveries(&farm.data.path().join(format!(
         "received-{}",
         farm.shared.port() + 1 + farm.replicas
     )))
-    .unwrap()
-    .flatten()
-    .filter_map(|e| std::fs::read_to_string(e.path().join("delivery.json")).ok())
+    .into_iter()
+    .map(|d| d.record.to_string())
     .collect::<Vec<_>>();
     assert_eq!(meta.len(), 5, "{meta:?}");
     assert!(

@@ -81,10 +81,10 @@ fn notify(
 fn assert_nothing_stored(r: &ReceiverProcess, what: &str) {
     let stored = r.deliveries();
     assert!(stored.is_empty(), "{what}: stored {stored:?}");
-    let staged: Vec<_> = std::fs::read_dir(r.dir.join(".incoming"))
+    let staged: Vec<_> = std::fs::read_dir(r.dir.join(".bitsfarm").join("incoming"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(staged.is_empty(), "{what}: left in .incoming: {staged:?}");
+    assert!(staged.is_empty(), "{what}: left in incoming: {staged:?}");
 }
 
 #[track_caller]
@@ -328,6 +328,219 @@ fn a_server_whose_data_folder_is_not_trusted_gets_a_refusal_it_relays() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where files go: at the upload's own path and name below --dir, the key in the record
+// ---------------------------------------------------------------------------------------------
+
+/// `bitsfarm upload FILE URL extra...`, run to its end (bounded by its no-progress timeout).
+fn upload(file: &Path, url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("upload")
+        .arg(file)
+        .arg(url)
+        .args([
+            "--no-resume",
+            "--no-progress-timeout",
+            "60",
+            "--retry-delay",
+            "1",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("bitsfarm upload runs")
+}
+
+/// The final report of an `upload --json` run.
+fn final_report(out: &std::process::Output) -> serde_json::Value {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "done")
+        .map(|e| e["report"].clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "no report: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// A delivery lands at its URL path below --dir; its key stays in its record; the receiver's
+/// log, its reply and the client's summary say where it went; a different file sent to the same
+/// URL is kept beside the first, never over it; the same file again is stored once.
+#[test]
+fn a_delivery_keeps_its_path_and_name_and_everyone_says_where() {
+    let r = ReceiverProcess::start();
+    let s = Server::start(&[
+        "--notify-type",
+        "by-value",
+        "--notify-url",
+        &r.url("/deliveries"),
+    ]);
+    let work = TempDir::new().unwrap();
+    let file = work.path().join("app.dmp");
+    let reply = work.path().join("reply.txt");
+    let url = format!("http://{}/dumps/app.dmp", s.addr);
+    let first = random_bytes(100_000, 31);
+    std::fs::write(&file, &first).unwrap();
+    let out = upload(&file, &url, &["--json", "--reply", reply.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = final_report(&out);
+
+    let at = r.dir.join("dumps").join("app.dmp");
+    assert_eq!(
+        std::fs::read(&at).ok().map(|b| sha256_hex(&b)),
+        Some(sha256_hex(&first)),
+        "not at {}; log:\n{}",
+        at.display(),
+        r.log()
+    );
+    let stored = r.deliveries();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(stored[0].key.starts_with("bf1-"), "{stored:?}");
+    assert_eq!(stored[0].record["stored-path"], "dumps/app.dmp");
+    assert_eq!(stored[0].content_sha256, sha256_hex(&first));
+    let log = r.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&at.display().to_string()) && l.contains(&stored[0].key)),
+        "the log names where the delivery went:\n{log}"
+    );
+    // The client: the URL path, that a backend took it, and the backend's word on where.
+    assert_eq!(report["url_path"], "/dumps/app.dmp", "{report}");
+    assert!(report["reply_url"].is_string(), "{report}");
+    let said = report["backend_reply"].as_str().unwrap_or_default();
+    assert!(said.contains("dumps/app.dmp"), "{report}");
+    assert_eq!(std::fs::read_to_string(&reply).unwrap(), stored[0].reply());
+
+    // Other bytes to the same URL: kept beside the first, which stays as it was.
+    let second = random_bytes(80_000, 32);
+    std::fs::write(&file, &second).unwrap();
+    let out = upload(&file, &url, &["--reply", reply.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(
+        file_sha256(&at),
+        sha256_hex(&first),
+        "the first is untouched"
+    );
+    let beside = r.dir.join("dumps").join("app-2.dmp");
+    assert!(beside.is_file(), "{text}");
+    assert_eq!(file_sha256(&beside), sha256_hex(&second), "{text}");
+    assert!(
+        text.contains("/dumps/app.dmp") && text.contains("dumps/app-2.dmp"),
+        "the summary says where it went: {text}"
+    );
+    assert_eq!(r.deliveries().len(), 2);
+
+    // The first again, as a server that lost its ledger sends it: the same key, stored once.
+    let again = Conn::open(r.addr)
+        .send(
+            &Request::new("POST", "/deliveries")
+                .header("Idempotency-Key", &stored[0].key)
+                .header(
+                    "BITS-Original-Request-URL",
+                    stored[0].record["original-url"].as_str().unwrap(),
+                )
+                .body(&first),
+        )
+        .unwrap();
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.text(), stored[0].reply());
+    assert_eq!(
+        r.metric("bitsfarm_receiver_duplicates_suppressed_total"),
+        1.0
+    );
+    assert_eq!(r.deliveries().len(), 2);
+    let mut names: Vec<_> = std::fs::read_dir(r.dir.join("dumps"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["app-2.dmp", "app.dmp"]);
+}
+
+/// The URL path is a request like any other: it never leads outside --dir, through a link, or
+/// into the receiver's own records.
+#[test]
+fn a_delivery_path_stays_below_the_folder_and_follows_no_link() {
+    let p = place();
+    let r = ReceiverProcess::start();
+    symlink(&p.outside, r.dir.join("linked")).unwrap();
+    std::fs::create_dir(r.dir.join("dumps")).unwrap();
+    symlink(&p.secret, r.dir.join("dumps").join("app.dmp")).unwrap();
+    let post = |key: &str, url: Option<&str>| {
+        let mut req = Request::new("POST", "/deliveries").header("Idempotency-Key", key);
+        if let Some(u) = url {
+            req = req.header("BITS-Original-Request-URL", u);
+        }
+        Conn::open(r.addr)
+            .send(&req.body(b"not for outside"))
+            .unwrap_or_else(|e| panic!("no answer: {e}; log:\n{}", r.log()))
+    };
+    for (i, (url, status)) in [
+        ("http://h/linked/x.bin", 403),
+        ("http://h/a%2fb/x.bin", 400),
+        ("http://h/a%5c..%5c..%5cx.bin", 400),
+        ("http://h/.bitsfarm/deliveries/forged.json", 400),
+        ("http://h/", 400),
+        ("not a url", 400),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let resp = post(&format!("k-bad-{i}"), Some(url));
+        assert_eq!(resp.status, *status, "{url}: {resp:?}");
+        assert!(!resp.text().trim().is_empty(), "{url}: a refusal says why");
+    }
+    // Dots the URL resolves stay inside.
+    let resp = post("k-dots", Some("http://h/%2e%2e/%2e%2e/up.bin"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(r.dir.join("up.bin").is_file());
+    // A link where the file would go is not written through, nor replaced.
+    let resp = post("k-link", Some("http://h/dumps/app.dmp"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(std::fs::read(&p.secret).unwrap(), SECRET);
+    assert!(
+        std::fs::symlink_metadata(r.dir.join("dumps").join("app.dmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(r.dir.join("dumps").join("app-2.dmp").is_file());
+    // Without a URL (a server other than bitsfarm may send none), a delivery is named by its key.
+    let resp = post("k-no-url", None);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(r.dir.join("k-no-url").is_file());
+    let outside: Vec<_> = std::fs::read_dir(&p.outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(outside, [std::ffi::OsString::from("secret.txt")]);
+    let mut beside: Vec<_> = std::fs::read_dir(r.dir.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    assert_eq!(
+        beside,
+        ["deliveries", "receiver.log"],
+        "nothing above --dir"
+    );
+    assert_eq!(r.deliveries().len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
 // `bitsfarm farm`: its receiver trusts exactly the members' data folders
 // ---------------------------------------------------------------------------------------------
 
@@ -433,15 +646,81 @@ fn a_farm_delivers_by_reference_to_its_receiver() {
         }
     }
     let received = data_dir.join(format!("received-{receiver_port}"));
-    let mut got: Vec<String> = std::fs::read_dir(&received)
-        .unwrap()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| file_sha256(&e.path().join("content")))
+    let mut got: Vec<String> = stored_deliveries(&received)
+        .into_iter()
+        .map(|d| d.content_sha256)
         .collect();
     got.sort();
     expected.sort();
     assert_eq!(got, expected, "one copy of each upload");
+}
+
+/// `farm --receiver`: the farm's log (its receiver's lines among them) names where each upload
+/// went, below the receiver's folder at the upload's own path.
+#[test]
+fn farm_with_a_receiver_logs_where_each_upload_went() {
+    let base = free_port_block(5);
+    let work = TempDir::new().unwrap();
+    let data_dir = work.path().join("farm");
+    let mut farm = FarmProcess(
+        Command::new(BIN)
+            .args([
+                "farm",
+                "--receiver",
+                "--shared",
+                &format!("127.0.0.1:{base}"),
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting bitsfarm farm"),
+    );
+    let lines = line_channel(farm.0.stdout.take().unwrap());
+    let log = line_channel(farm.0.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("ready")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("the farm did not get ready: {seen:#?}"),
+        }
+    }
+    let data = random_bytes(200_000, 41);
+    let file = work.path().join("app.dmp");
+    std::fs::write(&file, &data).unwrap();
+    let out = upload(
+        &file,
+        &format!("http://127.0.0.1:{base}/dumps/app.dmp"),
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = data_dir
+        .join(format!("received-{}", base + 4))
+        .join("dumps")
+        .join("app.dmp");
+    let wanted = at.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut logged = Vec::new();
+    while !logged.iter().any(|l: &String| l.contains(&wanted)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(l) => logged.push(l),
+            Err(_) => panic!("the farm's log never named {wanted}: {logged:#?}"),
+        }
+    }
+    assert_eq!(file_sha256(&at), sha256_hex(&data));
+    drop(farm);
 }
 
 /// A running `bitsfarm farm`, told to exit on drop (a failing test included), so that its

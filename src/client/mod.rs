@@ -66,6 +66,68 @@ pub struct UploadReport {
     pub host_id: Option<String>,
     pub reply_bytes: Option<u64>,
     pub resumed: bool,
+    /// The upload URL's path, percent-decoded: the name the server files the upload under (below
+    /// the data folder of the upload directory that serves it, or at its backend). The client
+    /// cannot know the server's folders, so this is as far as it can say by itself.
+    pub url_path: String,
+    /// The reply URL the final Ack named: the server handed the upload to its backend (server
+    /// application). None when it did not, or when the final Ack came in an earlier run.
+    pub reply_url: Option<String>,
+    /// The backend's reply, when it was downloaded (`--reply`) and is one short line of text
+    /// (the reference receiver's says where it stored the file).
+    pub backend_reply: Option<String>,
+    /// This run saw the final Ack, so a missing `reply_url` means no backend was involved.
+    #[serde(skip)]
+    pub final_ack_seen: bool,
+}
+
+/// The longest reply shown in the summary; a longer one is data, not a message.
+const SHOWN_REPLY_BYTES: usize = 512;
+
+impl UploadReport {
+    /// The lines `bitsfarm upload` prints when done: what was sent, in which session, and where
+    /// the upload went, as far as the client can know it.
+    pub fn summary(&self, url: &reqwest::Url) -> String {
+        let mut out = format!(
+            "uploaded {} bytes to {url} (session {}",
+            self.bytes, self.session_id
+        );
+        if let Some(h) = &self.host_id {
+            out.push_str(&format!(", host {h}"));
+        }
+        if self.resumed {
+            out.push_str(", resumed");
+        }
+        out.push_str(&format!(
+            ", {} restarts, {} bytes sent)\non the server: {}",
+            self.restarts, self.bytes_sent, self.url_path
+        ));
+        match (&self.reply_url, &self.backend_reply) {
+            (Some(_), Some(said)) => {
+                out.push_str(&format!(", handed to its backend, which replied: {said}"))
+            }
+            (Some(_), None) if self.reply_bytes.is_some() => {
+                out.push_str(", handed to its backend (its reply is in the --reply file)")
+            }
+            (Some(_), None) => {
+                out.push_str(", handed to its backend (--reply FILE downloads the backend's reply)")
+            }
+            (None, _) if self.final_ack_seen => {
+                out.push_str(", in the data folder of the upload directory that serves it")
+            }
+            (None, _) => {}
+        }
+        out
+    }
+}
+
+/// A reply worth showing as a message: one short line of text.
+pub fn reply_as_message(bytes: &[u8]) -> Option<String> {
+    if bytes.len() > SHOWN_REPLY_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(bytes).ok()?.trim();
+    (!text.is_empty() && !text.chars().any(char::is_control)).then(|| text.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,4 +176,69 @@ pub enum Event {
     Fallback { url: String },
     Retry { error: String, delay_s: u64 },
     Reply { bytes: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> UploadReport {
+        UploadReport {
+            bytes: 10,
+            bytes_sent: 10,
+            sessions: 1,
+            session_id: "{S}".into(),
+            url_path: "/dumps/app.dmp".into(),
+            final_ack_seen: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_summary_says_where_the_upload_went_as_far_as_the_client_knows() {
+        let url = reqwest::Url::parse("http://h:8/dumps/app.dmp").unwrap();
+        let plain = report().summary(&url);
+        assert_eq!(
+            plain,
+            "uploaded 10 bytes to http://h:8/dumps/app.dmp (session {S}, 0 restarts, 10 bytes sent)\n\
+             on the server: /dumps/app.dmp, in the data folder of the upload directory that serves it"
+        );
+        let resumed = UploadReport {
+            host_id: Some("h:9".into()),
+            resumed: true,
+            final_ack_seen: false,
+            ..report()
+        };
+        let text = resumed.summary(&url);
+        assert!(text.contains("(session {S}, host h:9, resumed,"), "{text}");
+        assert!(text.ends_with("on the server: /dumps/app.dmp"), "{text}");
+        let delivered = UploadReport {
+            reply_url: Some("http://h:8/dumps/BITS-Sessions/Replies/{S}".into()),
+            ..report()
+        };
+        assert!(
+            delivered
+                .summary(&url)
+                .ends_with("handed to its backend (--reply FILE downloads the backend's reply)")
+        );
+        let said = UploadReport {
+            reply_bytes: Some(20),
+            backend_reply: Some("stored 10 bytes as dumps/app.dmp".into()),
+            ..delivered
+        };
+        assert!(
+            said.summary(&url).ends_with(
+                "handed to its backend, which replied: stored 10 bytes as dumps/app.dmp"
+            )
+        );
+    }
+
+    #[test]
+    fn only_a_short_line_of_text_is_shown_as_the_backends_reply() {
+        assert_eq!(reply_as_message(b"stored\n").as_deref(), Some("stored"));
+        assert_eq!(reply_as_message(b""), None);
+        assert_eq!(reply_as_message(b"two\nlines"), None);
+        assert_eq!(reply_as_message(&[0xff, 0xfe]), None);
+        assert_eq!(reply_as_message(&[b'a'; 513]), None);
+    }
 }

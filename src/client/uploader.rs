@@ -309,6 +309,9 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
             transfer: Transfer::new(size, up.opts.fragment_size),
             report: UploadReport {
                 bytes: size,
+                url_path: percent_encoding::percent_decode_str(url.path())
+                    .decode_utf8_lossy()
+                    .into_owned(),
                 ..Default::default()
             },
             last_progress: Instant::now(),
@@ -330,7 +333,20 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
         self.transfer.offset = j.offset;
         self.report.resumed = true;
         self.report.sessions += 1;
-        Some(j.session(self.url))
+        let s = j.session(self.url);
+        self.named(&s);
+        Some(s)
+    }
+
+    /// The session the upload goes on in, for the report and the events; a resumed one as much
+    /// as a new one.
+    fn named(&mut self, s: &Session) {
+        self.report.session_id = s.id.clone();
+        self.report.host_id = s.host_id.clone();
+        (self.events)(Event::Session {
+            id: s.id.clone(),
+            host_id: s.host_id.clone(),
+        });
     }
 
     fn check_progress(&self) -> Result<(), ClientError> {
@@ -387,17 +403,12 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
     async fn began(&mut self, s: &Session) {
         self.report.sessions += 1;
         self.transfer.restart();
-        (self.events)(Event::Session {
-            id: s.id.clone(),
-            host_id: s.host_id.clone(),
-        });
+        self.named(s);
         if s.host_id.is_some() {
             // Windows pings the host id first; a failure shows up on the first fragment.
             let ping = PacketType::Ping;
             let _ = self.up.packet(&s.target, ping, None, &[], Vec::new()).await;
         }
-        self.report.session_id = s.id.clone();
-        self.report.host_id = s.host_id.clone();
         self.save_job(s);
     }
 
@@ -463,6 +474,11 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
                 if !self.transfer.finished() {
                     return Ok(Sent::More);
                 }
+                self.report.final_ack_seen = true;
+                self.report.reply_url = ack
+                    .header(header::REPLY_URL)
+                    .and_then(|r| reply_url(&s.target, r).ok())
+                    .map(String::from);
                 self.fetch_reply(s, ack).await?;
                 Ok(Sent::Last)
             }
@@ -495,6 +511,10 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
         };
         let n = self.up.download_reply(&s.target, reply, out).await?;
         self.report.reply_bytes = Some(n);
+        if n as usize <= super::SHOWN_REPLY_BYTES {
+            let bytes = tokio::fs::read(out).await.map_err(local(out))?;
+            self.report.backend_reply = super::reply_as_message(&bytes);
+        }
         (self.events)(Event::Reply { bytes: n });
         Ok(())
     }

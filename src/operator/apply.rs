@@ -177,6 +177,15 @@ async fn apply_as<K: Child>(
     })
 }
 
+/// A new key for a farm's handoff Secret: 32 bytes from the operating system's random source,
+/// as 64 hex characters (the servers take at least `MIN_SECRET_LEN` bytes of the file).
+pub fn new_handoff_secret() -> Result<String, &'static str> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "the operating system's random source failed")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Creates the farm's handoff secret unless it exists. It is never applied over: a new value
 /// would make every open session id name no owner.
 async fn ensure_handoff_secret(client: &Client, farm: &UploadFarm, ns: &str) -> Result<(), Error> {
@@ -189,13 +198,7 @@ async fn ensure_handoff_secret(client: &Client, farm: &UploadFarm, ns: &str) -> 
     };
     // Created, never read: a 409 means it is there, and the operator needs no right to read
     // Secrets.
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
-        failed(kube::Error::Service(
-            "the operating system's random source failed".into(),
-        ))
-    })?;
-    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = new_handoff_secret().map_err(|e| failed(kube::Error::Service(e.into())))?;
     match secrets
         .create(
             &Default::default(),

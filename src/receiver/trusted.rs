@@ -301,7 +301,11 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
 /// Opens `rest` (plain names; empty for the folder itself) beneath `dir` without following any
 /// link: ELOOP if a component is a link, EXDEV if the lookup would leave `dir`.
-fn open_beneath(dir: BorrowedFd<'_>, rest: &Path, flags: OFlags) -> Result<OwnedFd, Errno> {
+pub(super) fn open_beneath(
+    dir: BorrowedFd<'_>,
+    rest: &Path,
+    flags: OFlags,
+) -> Result<OwnedFd, Errno> {
     let path = if rest.as_os_str().is_empty() {
         Path::new(".")
     } else {

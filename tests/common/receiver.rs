@@ -2,12 +2,45 @@
 
 use super::*;
 
-/// One delivery the receiver stored: `<dir>/<key>/{content,delivery.json}`.
+/// One delivery the receiver stored: the file at its URL path below the receiver's folder, and
+/// its record, `.bitsfarm/deliveries/<key>.json`.
 #[derive(Debug, Clone)]
 pub struct StoredDelivery {
     pub key: String,
     pub content_sha256: String,
     pub record: serde_json::Value,
+}
+
+/// Every delivery the receiver with folder `dir` stored, sorted by key: each record, and the
+/// SHA-256 of the file it names.
+pub fn stored_deliveries(dir: &Path) -> Vec<StoredDelivery> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir.join(".bitsfarm").join("deliveries")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .expect("a record is JSON");
+        let at = record["stored-path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no stored-path", p.display()));
+        out.push(StoredDelivery {
+            key: record["idempotency-key"]
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            content_sha256: file_sha256(&dir.join(at)),
+            record,
+        });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
 }
 
 impl StoredDelivery {
@@ -114,31 +147,9 @@ impl ReceiverProcess {
         metric_value(&self.metrics(), name)
     }
 
-    /// Every delivery stored, sorted by key (the `.incoming` staging folder is not one).
+    /// Every delivery stored, sorted by key.
     pub fn deliveries(&self) -> Vec<StoredDelivery> {
-        let mut out = Vec::new();
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return out;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let p = e.path();
-            let record: serde_json::Value = serde_json::from_slice(
-                &fs::read(p.join("delivery.json"))
-                    .unwrap_or_else(|e| panic!("{}/delivery.json: {e}", p.display())),
-            )
-            .expect("delivery.json is JSON");
-            out.push(StoredDelivery {
-                key: name,
-                content_sha256: file_sha256(&p.join("content")),
-                record,
-            });
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out
+        stored_deliveries(&self.dir)
     }
 
     /// SIGKILLs the receiver.
