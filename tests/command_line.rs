@@ -1,0 +1,271 @@
+//! The command line as a person meets it, through the real binary: each subcommand's help, the
+//! password prompt (through a pipe and on a pseudo-terminal), `drain` without `--pid` on a host,
+//! colour in the logs, start-up errors that say what is wrong (a data folder that is a file, an
+//! address this machine does not have, a host name), and the server's log of refused sessions.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rexpect::process::WaitStatus;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitsfarm");
+/// How long a command that should end on its own may take.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits up to `LIMIT` for `child`, reading its output meanwhile; kills it if it is still running.
+fn finish(mut child: Child, what: &str) -> Output {
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = reader(out.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = reader(err.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for bitsfarm") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {LIMIT:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Runs `bitsfarm ARGS` with stdin closed and `env` set, at most `LIMIT`.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("BITSFARM_HOST_ID")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bitsfarm");
+    finish(child, &format!("bitsfarm {args:?}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+// -- help ------------------------------------------------------------------------------------
+
+#[test]
+fn each_subcommand_is_described_under_its_own_name() {
+    let out = run(&["--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = text(&out.stdout);
+    let line = |name: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name} in:\n{help}"))
+            .to_string()
+    };
+    let passwd = line("passwd");
+    assert!(passwd.contains("--users-file"), "{passwd}");
+    let drain = line("drain");
+    assert!(
+        drain.contains("Drain a running server") && !drain.contains("users-file"),
+        "{drain}"
+    );
+
+    let passwd = text(&run(&["passwd", "--help"], &[]).stdout);
+    assert!(
+        passwd.contains("without echo") && passwd.contains("first line of stdin"),
+        "{passwd}"
+    );
+    let drain = text(&run(&["drain", "--help"], &[]).stdout);
+    assert!(
+        drain.contains("--pid") && drain.contains("process 1") && !drain.contains("[default: 1]"),
+        "drain --help must say when process 1 is signalled:\n{drain}"
+    );
+    for sub in [
+        "serve", "upload", "farm", "render", "receiver", "operator", "crd",
+    ] {
+        let out = run(&[sub, "--help"], &[]);
+        assert!(out.status.success(), "{sub} --help: {out:?}");
+        assert!(
+            text(&out.stdout).contains(&format!("Usage: bitsfarm {sub}")),
+            "{sub} --help:\n{}",
+            text(&out.stdout)
+        );
+    }
+}
+
+// -- passwd ----------------------------------------------------------------------------------
+
+#[test]
+fn passwd_through_a_pipe_reads_the_first_line_and_prints_only_the_entry() {
+    let mut child = Command::new(BIN)
+        .args(["passwd", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running bitsfarm passwd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"first-line\nsecond-line\n")
+        .unwrap();
+    let out = finish(child, "passwd through a pipe");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, the entry: {stdout:?}");
+    assert!(lines[0].starts_with("alice:$argon2id$"), "{stdout}");
+    assert!(
+        out.stderr.is_empty(),
+        "no prompt when stdin is not a terminal: {:?}",
+        text(&out.stderr)
+    );
+}
+
+/// `bitsfarm passwd alice > OUT` on a pseudo-terminal with echo on, as a shell leaves it.
+fn passwd_on_a_terminal(out: &Path) -> rexpect::session::PtySession {
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"stty echo && exec "$0" passwd alice > "$1""#,
+        BIN,
+        &out.display().to_string(),
+    ]);
+    rexpect::session::spawn_command(cmd, Some(LIMIT.as_millis() as u64))
+        .expect("starting bitsfarm passwd on a pseudo-terminal")
+}
+
+#[test]
+fn passwd_on_a_terminal_asks_twice_without_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("entry");
+    let mut p = passwd_on_a_terminal(&out);
+    let password = "typed-on-a-terminal";
+    p.exp_string("Password for alice: ")
+        .expect("a prompt on the terminal");
+    p.send_line(password).unwrap();
+    p.exp_string("again").expect("asked a second time");
+    p.send_line(password).unwrap();
+    let rest = p.exp_eof().expect("passwd ends");
+    assert!(
+        !rest.contains(password),
+        "the password was echoed: {rest:?}"
+    );
+    assert!(
+        matches!(p.process().wait(), Ok(WaitStatus::Exited(_, 0))),
+        "passwd failed: {rest:?}"
+    );
+    let entry = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        entry.lines().count(),
+        1,
+        "stdout holds the entry only: {entry:?}"
+    );
+    assert!(entry.starts_with("alice:$argon2id$"), "{entry:?}");
+}
+
+#[test]
+fn passwd_on_a_terminal_refuses_two_different_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("entry");
+    let mut p = passwd_on_a_terminal(&out);
+    p.exp_string("Password for alice: ")
+        .expect("a prompt on the terminal");
+    p.send_line("one-password").unwrap();
+    p.exp_string("again").expect("asked a second time");
+    p.send_line("another-password").unwrap();
+    let rest = p.exp_eof().expect("passwd ends");
+    assert!(rest.contains("do not match"), "{rest:?}");
+    assert!(
+        matches!(p.process().wait(), Ok(WaitStatus::Exited(_, code)) if code != 0),
+        "a mismatch must fail"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "",
+        "no entry printed"
+    );
+}
+
+// -- drain -----------------------------------------------------------------------------------
+
+/// On this machine, as on any host, process 1 is not a bitsfarm server: `drain` without `--pid`
+/// must refuse rather than signal it (and then wait a day for it to exit).
+#[test]
+fn drain_without_pid_outside_a_servers_container_refuses() {
+    let started = Instant::now();
+    let out = run(&["drain", "--wait", "5"], &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused at once, not after waiting"
+    );
+    assert!(
+        err.contains("process 1 is") && err.contains("--pid"),
+        "the message names process 1 and --pid: {err}"
+    );
+}
+
+#[test]
+fn drain_refuses_a_process_that_is_not_a_bitsfarm_server() {
+    let mut sleeper = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("starting sleep");
+    let pid = sleeper.id().to_string();
+    let out = run(&["drain", "--pid", &pid, "--wait", "2"], &[]);
+    let err = text(&out.stderr);
+    let alive = sleeper.try_wait().unwrap().is_none();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(!out.status.success(), "{err}");
+    assert!(alive, "drain signalled sleep (SIGUSR1 ends it): {err}");
+    assert!(
+        err.contains(&format!(
+            "process {pid} is `sleep 30`, not a bitsfarm server"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn drain_says_which_server_it_drains() {
+    let mut s = Server::start(&[]);
+    let pid = s.pid().unwrap().to_string();
+    let out = run(&["drain", "--pid", &pid, "--wait", "20"], &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("process {pid} (`")) && err.contains(" serve --listen"),
+        "{err}"
+    );
+    assert!(err.contains("drained and exited"), "{err}");
+    assert!(s.wait_exit(Duration::from_secs(5)).is_some());
+}
+
