@@ -269,3 +269,57 @@ fn drain_says_which_server_it_drains() {
     assert!(s.wait_exit(Duration::from_secs(5)).is_some());
 }
 
+// -- colour ----------------------------------------------------------------------------------
+
+/// A start-up that logs a line and fails at once: the data folder is a file.
+fn failing_serve_args(dir: &Path) -> Vec<String> {
+    let file = dir.join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    ["serve", "--listen", "127.0.0.1:0", "--data-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([file.display().to_string()])
+        .collect()
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = failing_serve_args(dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&args, &[]);
+    let err = text(&out.stderr);
+    assert!(err.contains("INFO"), "a log line was written: {err}");
+    assert!(!err.contains('\x1b'), "escape codes on a pipe: {err:?}");
+}
+
+fn logs_on_a_terminal(no_color: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(failing_serve_args(dir.path()))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    if let Some(v) = no_color {
+        cmd.env("NO_COLOR", v);
+    }
+    let mut p = rexpect::session::spawn_command(cmd, Some(LIMIT.as_millis() as u64))
+        .expect("starting bitsfarm on a pseudo-terminal");
+    let out = p.exp_eof().expect("bitsfarm ends");
+    assert!(out.contains("INFO"), "a log line was written: {out:?}");
+    out
+}
+
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    assert!(
+        logs_on_a_terminal(None).contains("\x1b["),
+        "colour on a terminal"
+    );
+    assert!(
+        logs_on_a_terminal(Some("")).contains("\x1b["),
+        "an empty NO_COLOR does not count (no-color.org)"
+    );
+    let plain = logs_on_a_terminal(Some("1"));
+    assert!(!plain.contains('\x1b'), "NO_COLOR=1: {plain:?}");
+}
+
