@@ -266,7 +266,7 @@ pub struct FarmArgs {
     #[arg(long)]
     pub replicas: Option<usize>,
     /// The shared address; members listen on the next ports up (then the receiver).
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = crate::config::parse_listen_addr)]
     pub shared: std::net::SocketAddr,
     /// Folder with one folder per member.
     #[arg(long, default_value = "./bitsfarm-farm", value_name = "DIR")]

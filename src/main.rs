@@ -53,8 +53,9 @@ enum Command {
     },
     /// Run the reference server application: stores each delivery once per Idempotency-Key.
     Receiver {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8090")]
+        /// Address to listen on (IP:PORT, or HOST:PORT with HOST resolved to its first IPv4
+        /// address: localhost is 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:8090", value_parser = bitsfarm::config::parse_listen_addr)]
         listen: std::net::SocketAddr,
         /// Folder the deliveries are stored in.
         #[arg(long, default_value = "./bitsfarm-received")]

@@ -323,3 +323,148 @@ fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
     assert!(!plain.contains('\x1b'), "NO_COLOR=1: {plain:?}");
 }
 
+// -- start-up errors -------------------------------------------------------------------------
+
+#[test]
+fn a_data_folder_that_is_a_file_is_called_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    for data_dir in [file.clone(), file.join("below")] {
+        let d = data_dir.display().to_string();
+        let out = run(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &d], &[]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("{} is a file, not a folder", file.display())),
+            "--data-dir {d}: {err}"
+        );
+        assert!(
+            !err.contains("File exists") && !err.contains("Not a directory"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn an_address_this_machine_does_not_have_is_called_so() {
+    // TEST-NET-1 (RFC 5737): on no interface here, so binding fails with EADDRNOTAVAIL; no
+    // packet is sent anywhere.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data").display().to_string();
+    for (flag, port, args) in [
+        (
+            "listen",
+            9000,
+            vec!["serve", "--listen", "192.0.2.1:9000", "--data-dir", &d],
+        ),
+        (
+            "admin-listen",
+            9001,
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "192.0.2.1:9001",
+                "--data-dir",
+                &d,
+            ],
+        ),
+    ] {
+        let out = run(&args, &[]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("cannot listen on 192.0.2.1:{port} ({flag})")),
+            "{err}"
+        );
+        assert!(
+            err.contains("no network interface of this machine has the address 192.0.2.1"),
+            "{err}"
+        );
+        assert!(!err.contains("another process"), "{err}");
+    }
+}
+
+#[test]
+fn an_address_in_use_is_called_so() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data").display().to_string();
+    let out = run(&["serve", "--listen", &addr, "--data-dir", &d], &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another process is listening on it"), "{err}");
+}
+
+/// Starts `bitsfarm serve ARGS` and returns its first stdout line (the address it listens on).
+fn first_line_of_serve(args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("BITSFARM_HOST_ID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bitsfarm serve");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(LIMIT).unwrap_or_default();
+    let _ = child.kill();
+    let out = finish(child, "serve");
+    assert!(!line.is_empty(), "serve {args:?} did not start: {out:?}");
+    line.trim_end().to_string()
+}
+
+#[test]
+fn a_host_name_is_resolved_where_an_address_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data").display().to_string();
+    let line = first_line_of_serve(&[
+        "--listen",
+        "localhost:0",
+        "--admin-listen",
+        "localhost:0",
+        "--data-dir",
+        &d,
+    ]);
+    assert!(
+        line.starts_with("bitsfarm: listening on http://127.0.0.1:")
+            && line.contains(" admin http://127.0.0.1:"),
+        "localhost is 127.0.0.1: {line}"
+    );
+
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("listen: localhost:0\nadmin-listen: localhost:0\ndata-dir: {d}\n"),
+    )
+    .unwrap();
+    let line = first_line_of_serve(&["--config", &config.display().to_string()]);
+    assert!(
+        line.starts_with("bitsfarm: listening on http://127.0.0.1:")
+            && line.contains(" admin http://127.0.0.1:"),
+        "listen: in the file: {line}"
+    );
+
+    let out = run(&["serve", "--listen", "localhost", "--data-dir", &d], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("HOST:PORT"), "{err}");
+
+    std::fs::write(&config, "listen: 127.0.0.1\n").unwrap();
+    let out = run(&["serve", "--config", &config.display().to_string()], &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("HOST:PORT") && err.contains("line 1"), "{err}");
+}
+

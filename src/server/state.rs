@@ -22,16 +22,36 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     DirLock(#[from] dir_lock::DirLockError),
-    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    /// `key`: the setting that named the address (`listen`, `admin-listen`, `shared-listen`).
+    #[error("cannot listen on {addr} ({key}): {error}{}", bind_hint(addr, error))]
     Bind {
+        key: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Descriptors(#[from] DescriptorError),
     /// Users or tokens file, TLS certificate, backend credentials: unusable at start-up.
     #[error("{0}")]
     Security(String),
+}
+
+/// What to do about a listener that could not be made, for the errors that have one answer.
+fn bind_hint(addr: &SocketAddr, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    const IN_USE: &str = "another process is listening on it: stop it, or choose another port";
+    const LOW_PORT: &str =
+        "ports below 1024 need root or CAP_NET_BIND_SERVICE: choose one from 1024 up";
+    match error.kind() {
+        ErrorKind::AddrInUse => format!("; {IN_USE}"),
+        ErrorKind::AddrNotAvailable => format!(
+            "; no network interface of this machine has the address {}: listen on one it has \
+             (127.0.0.1 for this machine only, 0.0.0.0 for every interface)",
+            addr.ip()
+        ),
+        ErrorKind::PermissionDenied if addr.port() < 1024 => format!("; {LOW_PORT}"),
+        _ => String::new(),
+    }
 }
 
 /// What every request handler shares.
