@@ -468,3 +468,100 @@ fn a_host_name_is_resolved_where_an_address_is_asked_for() {
     assert!(err.contains("HOST:PORT") && err.contains("line 1"), "{err}");
 }
 
+// -- refused sessions in the server's log ----------------------------------------------------
+
+/// The server log's lines at info or above that report a refused session.
+fn refusal_lines(s: &Server) -> Vec<String> {
+    s.log()
+        .lines()
+        .filter(|l| (l.contains(" INFO ") || l.contains(" WARN ")) && l.contains("session refused"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn an_upload_outside_the_upload_directories_is_told_where_they_are() {
+    let s = Server::start(&["--upload-path", "/uploads"]);
+    let r = s.send(&create_request("/elsewhere/x.bin"));
+    assert_error(
+        &r,
+        404,
+        Some("0x80190194"),
+        "Create-Session outside /uploads",
+    );
+    assert_ack_shape(&r, "a 404 Ack");
+    assert!(r.body.is_empty(), "an Ack has no body: {r:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || !refusal_lines(&s).is_empty()),
+        "no refusal at info:\n{}",
+        s.log_tail()
+    );
+    let line = refusal_lines(&s).join("\n");
+    assert!(
+        line.contains("/elsewhere/x.bin") && line.contains("/uploads"),
+        "the log names the path and the directories served: {line}"
+    );
+
+    let r = s.get("/elsewhere/x.bin");
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r.text().contains("/uploads"), "{r:?}");
+}
+
+#[test]
+fn an_existing_destination_is_refused_with_a_hint_about_allow_overwrites() {
+    let s = Server::start(&[]);
+    s.upload("/a.bin", b"first", 1024);
+    let r = s.send(&create_request("/a.bin"));
+    assert_error(&r, 403, Some(E_ACCESSDENIED), "a second upload to /a.bin");
+    assert!(
+        wait_until(Duration::from_secs(5), || !refusal_lines(&s).is_empty()),
+        "no refusal at info:\n{}",
+        s.log_tail()
+    );
+    let line = refusal_lines(&s).join("\n");
+    assert!(
+        line.contains("/a.bin") && line.contains("allow-overwrites"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_refused_session_is_logged_once_and_a_flood_of_refusals_does_not_fill_the_log() {
+    let s = Server::start(&[]);
+    let id = s.create_session("/b.bin");
+    assert_eq!(s.cancel(&id, "/b.bin").status, 200);
+    for _ in 0..5 {
+        let r = s.fragment(&id, "/b.bin", 0, b"late", 4);
+        assert!(r.status >= 400, "{r:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || !refusal_lines(&s).is_empty()),
+        "no refusal at info:\n{}",
+        s.log_tail()
+    );
+    let about_it = refusal_lines(&s)
+        .into_iter()
+        .filter(|l| l.contains(&id))
+        .count();
+    assert_eq!(about_it, 1, "once per session:\n{}", s.log_tail());
+
+    // Every made-up session id is a session of its own: the log takes a few, then says that
+    // the rest go to debug only.
+    for i in 0..200u32 {
+        let made_up = format!("{{{i:08X}-0000-4000-8000-000000000000}}");
+        let r = s.fragment(&made_up, "/b.bin", 0, b"x", 1);
+        assert!(r.status >= 400, "{r:?}");
+    }
+    let lines = refusal_lines(&s);
+    assert!(
+        lines.len() <= 21,
+        "{} refusals logged at info for 201 refused sessions",
+        lines.len()
+    );
+    assert!(
+        s.log()
+            .contains("further refused sessions are logged at debug only"),
+        "{}",
+        s.log_tail()
+    );
+}

@@ -12,6 +12,7 @@ use super::conn_limits::{AddressLimit, ConnectionLimits, DescriptorError};
 use super::dir_lock;
 use super::limits::SessionCounter;
 use super::metrics::Metrics;
+use super::refusals::RefusalLog;
 use super::session::{StoreError, UploadDir};
 use super::{auth, handoff, notify, tls};
 use crate::config::ServerConfig;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub connection_limits: ConnectionLimits,
     /// Upload connections open per client address.
     pub addresses: Arc<AddressLimit>,
+    /// Which refused sessions the log tells at info.
+    pub refusals: RefusalLog,
 }
 
 /// A signalled stop's drain cannot be cancelled (`POST /drain?cancel=true` answers 409).
@@ -115,6 +118,7 @@ impl AppState {
             handoff,
             connection_limits,
             addresses: Arc::new(AddressLimit::new(connection_limits.per_address)),
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -161,6 +165,30 @@ impl AppState {
     /// Sessions still receiving (not closed, cancelled or expired), in every directory.
     pub fn open_sessions(&self) -> usize {
         self.sessions.total()
+    }
+
+    /// The URL paths uploads are taken below, for a client sent to the wrong one.
+    pub fn upload_paths(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| d.config.upload_path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The upload directories with their data folders, for the log.
+    pub fn upload_directories(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} (into {})",
+                    d.config.upload_path.as_str(),
+                    d.config.data_dir.display()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The upload directory a URL path belongs to (the longest matching prefix) and the path below it.
