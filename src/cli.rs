@@ -8,6 +8,12 @@ use crate::config::{ServeArgs, ServerConfig};
 use crate::server::Server;
 use crate::shutdown::shutdown_signal;
 
+mod drain;
+mod passwd;
+
+pub use drain::drain;
+pub use passwd::passwd;
+
 /// `bitsfarm serve`: prints one line naming the address (tests and scripts read it), then serves
 /// until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -257,7 +263,7 @@ pub struct FarmArgs {
     #[arg(long)]
     pub replicas: Option<usize>,
     /// The shared address; members listen on the next ports up (then the receiver).
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR", value_parser = crate::config::parse_listen_addr)]
     pub shared: std::net::SocketAddr,
     /// Folder with one folder per member.
     #[arg(long, default_value = "./bitsfarm-farm", value_name = "DIR")]
@@ -309,40 +315,5 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe().context("finding the bitsfarm executable")?;
     crate::farm::run(plan, &exe).await?;
-    Ok(())
-}
-
-/// `bitsfarm passwd USER`: reads a password (first line of stdin) and prints the users-file entry.
-pub fn passwd(user: &str) -> anyhow::Result<()> {
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading the password from stdin")?;
-    let password = line.trim_end_matches(['\r', '\n']);
-    let entry = crate::server::auth::passwd_entry(user, password).map_err(anyhow::Error::msg)?;
-    println!("{entry}");
-    Ok(())
-}
-
-/// `bitsfarm drain`: asks the server `pid` to drain (SIGUSR1) and waits, at most `wait` seconds,
-/// until it has exited. A server exits on its own once its last session is done.
-pub async fn drain(pid: i32, wait: u64) -> anyhow::Result<()> {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).with_context(|| {
-        format!("cannot signal process {pid}; is it a bitsfarm server of yours?")
-    })?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
-    // Signal 0 only checks that the process is still there.
-    while kill(Pid::from_raw(pid), None).is_ok() {
-        if std::time::Instant::now() >= deadline {
-            eprintln!("bitsfarm drain: process {pid} still has sessions after {wait} s; giving up");
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    eprintln!("bitsfarm drain: process {pid} drained and exited");
     Ok(())
 }

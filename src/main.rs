@@ -29,26 +29,33 @@ enum Command {
     Render(bitsfarm::operator::commands::RenderArgs),
     /// Run the UploadFarm operator.
     Operator(bitsfarm::operator::commands::OperatorArgs),
-    /// Print a --users-file line (`USER:$argon2id$...`) for USER; the password is read from stdin
-    /// (the first line), so it stays out of the shell history and the process list.
     /// Drain a running server (SIGUSR1) and wait until it has exited: its sessions are done.
-    /// The farm's pods run this as their preStop hook.
+    ///
+    /// The farm's pods run this as their preStop hook, where the server is process 1.
     Drain {
-        /// The server's process id (1 inside its container).
-        #[arg(long, default_value_t = 1)]
-        pid: i32,
-        /// Give up waiting after this many seconds.
+        /// The server's process id. Without it, process 1, but only when process 1 is a bitsfarm
+        /// server (as in the server's own container): on a host, process 1 is its init, and
+        /// drain refuses rather than signal it.
+        #[arg(long)]
+        pid: Option<i32>,
+        /// Give up waiting after this many seconds (the server goes on draining).
         #[arg(long, default_value_t = 86_400, value_name = "SECS")]
         wait: u64,
     },
+    /// Print a --users-file line (`USER:$argon2id$...`) for USER.
+    ///
+    /// On a terminal the password is asked for twice, without echo; otherwise it is the first
+    /// line of stdin. Either way it stays out of the shell history and the process list, and
+    /// stdout holds only the line (`bitsfarm passwd alice >> users`).
     Passwd {
         /// The user name (no `:`).
         user: String,
     },
     /// Run the reference server application: stores each delivery once per Idempotency-Key.
     Receiver {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8090")]
+        /// Address to listen on (IP:PORT, or HOST:PORT with HOST resolved to its first IPv4
+        /// address: localhost is 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:8090", value_parser = bitsfarm::config::parse_listen_addr)]
         listen: std::net::SocketAddr,
         /// Folder the deliveries are stored in.
         #[arg(long, default_value = "./bitsfarm-received")]

@@ -60,6 +60,7 @@ macro_rules! config_keys {
         server {$(
             $(#[doc = $s_doc:literal])*
             #[arg($($s_arg:tt)*)]
+            $(#[serde($($s_serde:tt)*)])?
             $s_key:ident: $s_ty:ty,
         )*}
         directory {$(
@@ -85,6 +86,7 @@ macro_rules! config_keys {
                 $(#[doc = $s_doc])*
                 #[arg($($s_arg)*)]
                 #[serde(default, skip_serializing_if = "Option::is_none")]
+                $(#[serde($($s_serde)*)])?
                 pub $s_key: Option<$s_ty>,
             )*
             $(
@@ -166,16 +168,20 @@ macro_rules! config_keys {
 
 config_keys! {
     server {
-        /// Address to listen on [default: 127.0.0.1:8080].
-        #[arg(long, value_name = "ADDR")]
+        /// Address to listen on: IP:PORT, or HOST:PORT with HOST resolved at start-up to its
+        /// first IPv4 address (localhost is 127.0.0.1) [default: 127.0.0.1:8080].
+        #[arg(long, value_name = "ADDR", value_parser = super::addr::parse_listen_addr)]
+        #[serde(deserialize_with = "super::addr::deserialize_listen_addr")]
         listen: SocketAddr,
         /// Separate address for /healthz, /readyz and /metrics (by default they share --listen),
         /// and the only one that serves POST /drain (without it, drain with SIGUSR1).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = super::addr::parse_listen_addr)]
+        #[serde(deserialize_with = "super::addr::deserialize_listen_addr")]
         admin_listen: SocketAddr,
         /// Also accept uploads on this address, shared with the other members of a local farm
         /// (SO_REUSEPORT: the kernel spreads connections among them, as a Service does).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = super::addr::parse_listen_addr)]
+        #[serde(deserialize_with = "super::addr::deserialize_listen_addr")]
         shared_listen: SocketAddr,
         /// This server's own address, returned as BITS-Host-Id (BITSHostId) [default: none].
         #[arg(long, env = "BITSFARM_HOST_ID", value_name = "VALUE")]

@@ -7,11 +7,14 @@
 //! - `resolve`: keys -> `ServerConfig`: precedence, inheritance, defaults, validation, and what
 //!   comes from the environment (host-id templates, a farm member's ordinal).
 //! - `handoff`: a farm member's place: its ordinal and its peers' addresses.
+//! - `addr`: listen addresses as people write them (a host name is resolved).
 
+mod addr;
 mod file;
 mod handoff;
 mod resolve;
 
+pub use addr::parse_listen_addr;
 pub use file::{ConfigError, ConfigFile, DirectoryKeys, HandoffSettings, NotifyType, ServeArgs};
 pub use handoff::{HandoffConfig, PeerError, Peers};
 pub use resolve::{

@@ -456,11 +456,17 @@ fn new_salt() -> SaltString {
     SaltString::encode_b64(&bytes).expect("16 bytes always encode as a salt")
 }
 
-/// The users-file line for `user` with `password` (argon2id, default parameters).
-pub fn passwd_entry(user: &str, password: &str) -> Result<String, String> {
+/// A name a users file can hold: non-empty, without ':' or control characters.
+pub fn check_user_name(user: &str) -> Result<(), String> {
     if user.is_empty() || user.contains(':') || user.chars().any(|c| c.is_control()) {
         return Err("the user name must be non-empty, without ':' or control characters".into());
     }
+    Ok(())
+}
+
+/// The users-file line for `user` with `password` (argon2id, default parameters).
+pub fn passwd_entry(user: &str, password: &str) -> Result<String, String> {
+    check_user_name(user)?;
     if password.is_empty() {
         return Err("the password must not be empty".into());
     }

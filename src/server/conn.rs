@@ -34,20 +34,22 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(config: &ServerConfig) -> Result<Self, ServerError> {
-        let bind = |addr: SocketAddr| async move {
+        let bind = |key: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServerError::Bind { addr, source })
+                .map_err(|error| ServerError::Bind { key, addr, error })
         };
-        let main = bind(config.listen).await?;
+        let main = bind("listen", config.listen).await?;
         let admin = match config.admin_listen {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind("admin-listen", a).await?),
             None => None,
         };
         let shared = match config.shared_listen {
-            Some(addr) => {
-                Some(bind_shared(addr).map_err(|source| ServerError::Bind { addr, source })?)
-            }
+            Some(addr) => Some(bind_shared(addr).map_err(|error| ServerError::Bind {
+                key: "shared-listen",
+                addr,
+                error,
+            })?),
             None => None,
         };
         Ok(Listeners {

@@ -22,11 +22,19 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirLockError {
-    #[error("cannot open the lock file {path}: {source}; check that the data folder is writable")]
+    #[error(
+        "cannot open the lock file {path}: {error}; check that the data folder can be written \
+         by this user"
+    )]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error(
+        "cannot use {dir} as a data folder: {file} is a file, not a folder. Give data-dir \
+         (--data-dir) a folder, or a path where one can be made"
+    )]
+    NotAFolder { dir: PathBuf, file: PathBuf },
     #[error(
         "{path} is a symbolic link (or lies under one); bitsfarm never follows links inside its \
          data folder: replace it with a real folder"
@@ -54,15 +62,22 @@ impl DataDirLock {
     pub async fn acquire(dir: &Path, wait: Duration) -> Result<DataDirLock, DirLockError> {
         let state = dir.join(SESSION_DIR);
         let path = state.join(LOCK_FILE);
-        let open_err = |source: std::io::Error| {
-            if met_link(&source) {
+        let open_err = |error: std::io::Error| {
+            if met_link(&error) {
                 DirLockError::Link {
                     path: state.clone(),
+                }
+            } else if let Some(file) = file_on_the_way(dir) {
+                // EEXIST or ENOTDIR from deep inside create_dir_all would name neither the
+                // file nor the setting.
+                DirLockError::NotAFolder {
+                    dir: dir.to_path_buf(),
+                    file,
                 }
             } else {
                 DirLockError::Open {
                     path: path.clone(),
-                    source,
+                    error,
                 }
             }
         };
@@ -106,6 +121,16 @@ impl DataDirLock {
     }
 }
 
+/// The data folder itself, or the nearest folder above it, when that exists and is not a folder.
+fn file_on_the_way(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .find_map(|p| match fs::metadata(p) {
+            Ok(m) => (!m.is_dir()).then(|| p.to_path_buf()),
+            Err(_) => None,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,24 +172,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_folder_that_cannot_hold_the_lock_file_is_named() {
+    async fn a_data_folder_that_is_a_file_or_lies_below_one_is_called_so() {
         let dir = tempfile::tempdir().unwrap();
         let not_a_folder = dir.path().join("file");
         std::fs::write(&not_a_folder, b"x").unwrap();
-        let err = DataDirLock::acquire(&not_a_folder, Duration::from_millis(100))
+        for data_dir in [not_a_folder.clone(), not_a_folder.join("below")] {
+            let err = DataDirLock::acquire(&data_dir, Duration::from_millis(100))
+                .await
+                .unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, DirLockError::NotAFolder { .. }), "{err:?}");
+            assert!(
+                msg.contains(&format!("{} is a file", not_a_folder.display())),
+                "{msg}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lock_file_that_cannot_be_made_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder where the lock file should be: opening it for writing fails.
+        std::fs::create_dir_all(dir.path().join(SESSION_DIR).join(LOCK_FILE)).unwrap();
+        let err = DataDirLock::acquire(dir.path(), Duration::from_millis(100))
             .await
             .unwrap_err();
-        let msg = err.to_string();
         assert!(matches!(err, DirLockError::Open { .. }), "{err:?}");
+        let lock = dir.path().join(SESSION_DIR).join(LOCK_FILE);
         assert!(
-            msg.contains(
-                &not_a_folder
-                    .join(SESSION_DIR)
-                    .join(LOCK_FILE)
-                    .display()
-                    .to_string()
-            ),
-            "{msg}"
+            err.to_string().contains(&lock.display().to_string()),
+            "{err}"
         );
     }
 

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod linger;
 pub mod metrics;
 pub mod notify;
+pub mod refusals;
 pub mod session;
 pub mod state;
 pub mod tls;

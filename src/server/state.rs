@@ -12,6 +12,7 @@ use super::conn_limits::{AddressLimit, ConnectionLimits, DescriptorError};
 use super::dir_lock;
 use super::limits::SessionCounter;
 use super::metrics::Metrics;
+use super::refusals::RefusalLog;
 use super::session::{StoreError, UploadDir};
 use super::{auth, handoff, notify, tls};
 use crate::config::ServerConfig;
@@ -22,16 +23,36 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     DirLock(#[from] dir_lock::DirLockError),
-    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    /// `key`: the setting that named the address (`listen`, `admin-listen`, `shared-listen`).
+    #[error("cannot listen on {addr} ({key}): {error}{}", bind_hint(addr, error))]
     Bind {
+        key: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Descriptors(#[from] DescriptorError),
     /// Users or tokens file, TLS certificate, backend credentials: unusable at start-up.
     #[error("{0}")]
     Security(String),
+}
+
+/// What to do about a listener that could not be made, for the errors that have one answer.
+fn bind_hint(addr: &SocketAddr, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    const IN_USE: &str = "another process is listening on it: stop it, or choose another port";
+    const LOW_PORT: &str =
+        "ports below 1024 need root or CAP_NET_BIND_SERVICE: choose one from 1024 up";
+    match error.kind() {
+        ErrorKind::AddrInUse => format!("; {IN_USE}"),
+        ErrorKind::AddrNotAvailable => format!(
+            "; no network interface of this machine has the address {}: listen on one it has \
+             (127.0.0.1 for this machine only, 0.0.0.0 for every interface)",
+            addr.ip()
+        ),
+        ErrorKind::PermissionDenied if addr.port() < 1024 => format!("; {LOW_PORT}"),
+        _ => String::new(),
+    }
 }
 
 /// What every request handler shares.
@@ -55,6 +76,8 @@ pub struct AppState {
     pub connection_limits: ConnectionLimits,
     /// Upload connections open per client address.
     pub addresses: Arc<AddressLimit>,
+    /// Which refused sessions the log tells at info.
+    pub refusals: RefusalLog,
 }
 
 /// A signalled stop's drain cannot be cancelled (`POST /drain?cancel=true` answers 409).
@@ -95,6 +118,7 @@ impl AppState {
             handoff,
             connection_limits,
             addresses: Arc::new(AddressLimit::new(connection_limits.per_address)),
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -141,6 +165,30 @@ impl AppState {
     /// Sessions still receiving (not closed, cancelled or expired), in every directory.
     pub fn open_sessions(&self) -> usize {
         self.sessions.total()
+    }
+
+    /// The URL paths uploads are taken below, for a client sent to the wrong one.
+    pub fn upload_paths(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| d.config.upload_path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The upload directories with their data folders, for the log.
+    pub fn upload_directories(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} (into {})",
+                    d.config.upload_path.as_str(),
+                    d.config.data_dir.display()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The upload directory a URL path belongs to (the longest matching prefix) and the path below it.

@@ -279,6 +279,11 @@ impl Server {
         }
     }
 
+    /// The whole log of the latest start.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The last part of the current server log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();

@@ -32,7 +32,14 @@ pub async fn download(
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some((dir, below)) = state.directory_for(&path) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
+        // The upload paths only (never the data folders): what a client needs to aim right.
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "not found: this server takes uploads below {}\n",
+                state.upload_paths()
+            ),
+        );
     };
     if let Some(id) = reply_session(below) {
         if dir.check_owner(&id, user).await.is_err() {

@@ -13,7 +13,7 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, Request, Response};
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Sleep;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::response::{Body, ack_response};
 use crate::bits::packet::{Packet, parse_packet};
@@ -25,6 +25,7 @@ use crate::bits::request;
 use crate::server::limits::{BodyPace, Limit, TooSlow};
 use crate::server::linger::DRAIN_LIMIT;
 use crate::server::metrics::{ErrorLabels, Metrics, PacketLabels};
+use crate::server::refusals::{PER_WINDOW, Verdict, WINDOW};
 use crate::server::session::{CreateRequest, Origin, UploadDir};
 use crate::server::state::AppState;
 
@@ -52,12 +53,16 @@ pub async fn bits_post(
         Ok(packet) => dispatch(state, &origin, &path, &packet, &mut body, user).await,
         Err(e) => Err(e),
     };
-    let ack = count(state, &path, kind, result);
+    let session = parts
+        .headers
+        .get(header::SESSION_ID)
+        .and_then(|v| v.to_str().ok());
+    let ack = count(state, &path, kind, session, user, result);
     let keep_alive = keep_connection(&mut body, ack.status).await;
     debug!(
         %path,
         packet = kind.map(|k| k.as_str()).unwrap_or("?"),
-        session = parts.headers.get(header::SESSION_ID).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        session = session.unwrap_or("-"),
         status = ack.status,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "packet"
@@ -95,6 +100,8 @@ fn count(
     state: &AppState,
     path: &str,
     kind: Option<PacketType>,
+    session: Option<&str>,
+    user: Option<&str>,
     result: Result<Ack, BitsError>,
 ) -> Ack {
     if let Some(kind) = kind {
@@ -118,12 +125,62 @@ fn count(
             code: format_hresult(e.code),
         })
         .inc();
-    if e.status >= 500 && e.code != hresult::BG_E_SESSION_NOT_FOUND {
-        warn!(%path, packet = ?kind, error = %e, "packet failed");
-    } else {
-        debug!(%path, packet = ?kind, error = %e, "packet refused");
-    }
+    log_refusal(state, path, kind, session, user, &e);
     Ack::from(e)
+}
+
+/// A refused session at info (a failure of the server's own at warn), once per session and within
+/// the log's budget (`server::refusals`); the rest at debug. A 416 is part of a normal resume.
+fn log_refusal(
+    state: &AppState,
+    path: &str,
+    kind: Option<PacketType>,
+    session: Option<&str>,
+    user: Option<&str>,
+    e: &BitsError,
+) {
+    let packet = kind.map(|k| k.as_str()).unwrap_or("?");
+    let code = format_hresult(e.code);
+    let status = e.status;
+    let shown = session.unwrap_or("-");
+    if status == 416 {
+        debug!(%path, packet, session = shown, status, "fragment out of sync: {}", e.message);
+        return;
+    }
+    // Only a well-formed id is remembered: a hostile client's junk header would be a new
+    // session each time anyway, and must not take the log's memory.
+    let id = session
+        .filter(|_| kind != Some(PacketType::CreateSession))
+        .and_then(SessionId::parse);
+    let (left_out, last) = match state
+        .refusals
+        .verdict(id.as_ref().map(SessionId::as_str), Instant::now())
+    {
+        Verdict::Tell { left_out, last } => (left_out, last),
+        Verdict::Quiet => {
+            debug!(%path, packet, session = shown, status, %code, "session refused: {}", e.message);
+            return;
+        }
+    };
+    if left_out > 0 {
+        info!(
+            left_out,
+            "{left_out} refused sessions were logged at debug only since the last one told here"
+        );
+    }
+    let user = user.unwrap_or("-");
+    if status >= 500 && e.code != hresult::BG_E_SESSION_NOT_FOUND {
+        warn!(%path, packet, session = shown, user, status, %code, "session refused: {}", e.message);
+    } else {
+        info!(%path, packet, session = shown, user, status, %code, "session refused: {}", e.message);
+    }
+    if last {
+        info!(
+            "{PER_WINDOW} refused sessions told in {} s; further refused sessions are logged at \
+             debug only until that time has passed (bitsfarm_errors_total counts them all)",
+            WINDOW.as_secs()
+        );
+    }
 }
 
 async fn dispatch<S>(
@@ -141,7 +198,10 @@ where
         return Ok(Ack::ok());
     }
     let (dir, below) = state.directory_for(path).ok_or_else(|| {
-        BitsError::not_found(format!("no upload directory is configured at {path}"))
+        BitsError::not_found(format!(
+            "no upload directory at {path}; this server takes uploads below {}",
+            state.upload_directories()
+        ))
     })?;
     let destination = destination_path(below)?;
     if packet.kind == PacketType::CreateSession {

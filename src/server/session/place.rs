@@ -71,7 +71,9 @@ pub(super) fn check_destination(
     match b.metadata(dest) {
         Ok(m) if m.is_dir() => Err(names_a_folder()),
         Ok(_) if !allow_overwrites => Err(BitsError::access_denied(
-            "a file with this name already exists and this directory does not allow overwrites",
+            "a file with this name already exists and this upload directory does not allow \
+             overwrites (allow-overwrites: true in its settings, or serve --allow-overwrites, \
+             lets an upload replace it)",
         )),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

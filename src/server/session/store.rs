@@ -151,9 +151,10 @@ pub struct CreateRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot prepare the data folder {path}: {source}; check that it exists and is writable"
+        "cannot prepare the data folder {path}: {error}; check that it is a folder this user \
+         can write"
     )]
-    Prepare { path: PathBuf, source: io::Error },
+    Prepare { path: PathBuf, error: io::Error },
     #[error(
         "{path} is a symbolic link (or lies under one); bitsfarm never follows links inside its \
          data folder: replace it with a real folder"
@@ -192,19 +193,19 @@ impl Store {
         lock: DataDirLock,
     ) -> Result<Self, StoreError> {
         let prepare = |path: &Path| {
-            fs::create_dir_all(path).map_err(|source| StoreError::Prepare {
+            fs::create_dir_all(path).map_err(|error| StoreError::Prepare {
                 path: path.to_path_buf(),
-                source,
+                error,
             })
         };
         prepare(data_dir)?;
-        let root = fs::canonicalize(data_dir).map_err(|source| StoreError::Prepare {
+        let root = fs::canonicalize(data_dir).map_err(|error| StoreError::Prepare {
             path: data_dir.to_path_buf(),
-            source,
+            error,
         })?;
-        let beneath = Beneath::open(&root).map_err(|source| StoreError::Prepare {
+        let beneath = Beneath::open(&root).map_err(|error| StoreError::Prepare {
             path: root.clone(),
-            source,
+            error,
         })?;
         let requests = Path::new(SESSION_DIR).join(REQUESTS_DIR);
         let replies = Path::new(SESSION_DIR).join(REPLIES_DIR);
@@ -215,7 +216,10 @@ impl Store {
                 if met_link(&source) {
                     StoreError::Link { path }
                 } else {
-                    StoreError::Prepare { path, source }
+                    StoreError::Prepare {
+                        path,
+                        error: source,
+                    }
                 }
             })?;
         }
