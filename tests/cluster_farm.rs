@@ -968,8 +968,27 @@ async fn config_roll(c: &Cluster, file: &Path, sha: &str) {
         "--timeout=3m",
     ])
     .await;
+    // Each replaced pod ran `bitsfarm drain` as its preStop hook; the kubelet only records an
+    // event when that fails, and then goes on to SIGTERM, so the roll alone would not show it.
+    let failed_hooks = c
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "reason=FailedPreStopHook",
+            "-o",
+            "custom-columns=POD:.involvedObject.name,MESSAGE:.message",
+            "--no-headers",
+        ])
+        .await;
+    assert!(
+        failed_hooks.trim().is_empty(),
+        "a pod's preStop drain failed: {failed_hooks}"
+    );
     say(&format!(
-        "  rolled {replaced:?}, at most {worst} server out; the upload on {host_id} completed"
+        "  rolled {replaced:?}, at most {worst} server out, each drained by its preStop hook; the upload on {host_id} completed"
     ));
 }
 
