@@ -20,12 +20,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig::from_args(&args)?;
     // Binding may wait for another server to leave the data folder; a pod stopped meanwhile
     // (SIGTERM, or its preStop drain's SIGUSR1) must not wait for that.
+    // Biased, signals first: their handlers are installed by that first poll, before bind can
+    // log that it waits (which is when a pod's preStop sends SIGUSR1); polled the other way
+    // round, a signal in between would meet the default action.
     let server = tokio::select! {
-        bound = Server::bind(config.clone()) => bound?,
+        biased;
         _ = stop_before_serving() => {
             tracing::info!("stopped by a signal before serving");
             return Ok(());
         }
+        bound = Server::bind(config.clone()) => bound?,
     };
     let addr = server.local_addr().context("reading the bound address")?;
     let scheme = if config.security.tls_cert.is_some() {
