@@ -179,16 +179,10 @@ pub async fn upload(args: UploadArgs) -> i32 {
             }
         });
     }
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+    let mut view = (!args.json).then(|| {
+        let terminal = std::io::stderr().is_terminal();
         let size = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
-        let pb = indicatif::ProgressBar::new(size);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
+        ProgressView::new(terminal.then_some(size))
     });
     let json = args.json;
     let flag = interrupted.clone();
@@ -200,22 +194,16 @@ pub async fn upload(args: UploadArgs) -> i32 {
                 if json {
                     println!("{}", serde_json::to_string(&e).unwrap_or_default());
                 }
-                if let Some(pb) = &bar {
-                    match &e {
-                        Event::Progress { offset, .. } => pb.set_position(*offset),
-                        Event::Restart { reason } => pb.set_message(format!("restarted: {reason}")),
-                        Event::Retry { error, .. } => pb.set_message(format!("retrying: {error}")),
-                        Event::Fallback { url } => pb.set_message(format!("fell back to {url}")),
-                        _ => {}
-                    }
+                if let Some(v) = view.as_mut() {
+                    v.show(&e);
                 }
             },
             move || flag.load(Ordering::SeqCst),
         );
         upload.await
     };
-    if let Some(pb) = &bar {
-        pb.finish_and_clear();
+    if let Some(v) = &view {
+        v.finish();
     }
     match result {
         Ok(report) => {
@@ -245,6 +233,117 @@ pub async fn upload(args: UploadArgs) -> i32 {
                 eprintln!("bitsfarm upload: {e}");
             }
             e.exit_code()
+        }
+    }
+}
+
+/// What `bitsfarm upload` shows of its events without `--json`: a progress bar on a terminal, else
+/// a plain line on stderr for each event a person has to know about. Messages never wrap the
+/// bar's line: it cuts them to the terminal's width, and a retry's error goes on a line of its
+/// own above the bar, once for as long as it stays the same.
+struct ProgressView {
+    bar: Option<indicatif::ProgressBar>,
+    mode: Mode,
+    last_error: Option<String>,
+}
+
+/// What the bar's line shows besides the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The rate and the time left.
+    Moving,
+    /// No progress, so no time left to estimate: when the next try is.
+    Retrying,
+    /// Which host the client waits for, and when it falls back.
+    Waiting,
+}
+
+impl ProgressView {
+    const MOVING: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}";
+    // Short, so that "waiting for host HOST (retry N, falls back in T s)" fits in 80 columns.
+    const STALLED: &str = "{bar:10} {percent:>3}% {wide_msg}";
+
+    /// `bar`: the upload's size on a terminal; None writes plain lines instead.
+    fn new(bar: Option<u64>) -> Self {
+        let view = ProgressView {
+            bar: bar.map(indicatif::ProgressBar::new),
+            mode: Mode::Moving,
+            last_error: None,
+        };
+        view.style(Self::MOVING);
+        view
+    }
+
+    fn style(&self, template: &str) {
+        if let Some(pb) = &self.bar {
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+        }
+    }
+
+    fn enter(&mut self, mode: Mode, message: String) {
+        if mode != self.mode {
+            let stalled = mode != Mode::Moving;
+            if stalled != (self.mode != Mode::Moving) {
+                self.style(if stalled { Self::STALLED } else { Self::MOVING });
+            }
+            self.mode = mode;
+        }
+        if let Some(pb) = &self.bar {
+            pb.set_message(message);
+        }
+    }
+
+    /// A line above the bar, or on its own without one.
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(pb) => pb.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn show(&mut self, e: &crate::client::Event) {
+        use crate::client::Event;
+        let text = e.describe().unwrap_or_default();
+        match e {
+            Event::Progress { offset, .. } => {
+                if let Some(pb) = &self.bar {
+                    pb.set_position(*offset);
+                }
+                self.last_error = None;
+                if self.mode != Mode::Moving {
+                    self.enter(Mode::Moving, String::new());
+                }
+            }
+            Event::Waiting { .. } => {
+                if self.bar.is_none() {
+                    self.line(&text);
+                }
+                self.enter(Mode::Waiting, text);
+            }
+            Event::Retry { error, delay_s } => {
+                if self.last_error.as_ref() != Some(error) {
+                    self.line(&text);
+                    self.last_error = Some(error.clone());
+                }
+                // A waiting message already says that the client tries again.
+                if self.mode != Mode::Waiting {
+                    self.enter(Mode::Retrying, format!("retrying in {delay_s} s"));
+                }
+            }
+            Event::Restart { .. } | Event::Fallback { .. } => {
+                self.line(&text);
+                self.enter(Mode::Moving, String::new());
+            }
+            Event::Session { .. } | Event::Reply { .. } => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.bar {
+            pb.finish_and_clear();
         }
     }
 }
