@@ -364,7 +364,8 @@ pub struct FarmArgs {
     /// Folder with one folder per member.
     #[arg(long, default_value = "./bitsfarm-farm", value_name = "DIR")]
     pub data_dir: std::path::PathBuf,
-    /// Seconds a client keeps to a member after an error before it falls back to the shared address.
+    /// Seconds a client keeps to a member after an error before it falls back to the shared address
+    /// [default: the file's, else 30].
     #[arg(long, value_name = "SECS")]
     pub host_id_fallback_timeout: Option<u64>,
     /// Give members no host id: every packet goes through the shared address (IIS farms without
@@ -384,19 +385,20 @@ pub struct FarmArgs {
 }
 
 /// `bitsfarm farm`: runs the members and, when asked, the receiver, until Ctrl-C.
-pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
+/// Members and receivers log in `log_format`, as the farm does.
+pub async fn farm(args: FarmArgs, log_format: crate::telemetry::LogFormat) -> anyhow::Result<()> {
     // The same UploadFarmSpec -> server configuration mapping the operator uses.
-    let (mut server, spec_replicas) = match &args.file {
+    let (mut server, spec_replicas, file_fallback) = match &args.file {
         Some(path) => {
             let farm = crate::api::manifest::load_farm(path)?;
             let config = crate::api::server_config(&farm.spec)?;
-            (config, usize::try_from(farm.spec.replicas).unwrap_or(0))
+            let replicas = usize::try_from(farm.spec.replicas).unwrap_or(0);
+            (config, replicas, crate::farm::names_fallback(path))
         }
-        None => (crate::config::ConfigFile::default(), 3),
+        None => (crate::config::ConfigFile::default(), 3, false),
     };
-    if args.host_id_fallback_timeout.is_some() {
-        server.host_id_fallback_timeout = args.host_id_fallback_timeout;
-    }
+    let fallback_default =
+        crate::farm::settle_fallback(&mut server, args.host_id_fallback_timeout, file_fallback);
     if args.session_timeout.is_some() {
         server.session_timeout = args.session_timeout;
     }
@@ -408,6 +410,8 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
         handoff: !args.no_handoff,
         server,
         receiver: args.receiver,
+        fallback_default,
+        json_logs: log_format == crate::telemetry::LogFormat::Json,
     };
     let exe = std::env::current_exe().context("finding the bitsfarm executable")?;
     crate::farm::run(plan, &exe).await?;
