@@ -140,11 +140,11 @@ impl FarmPlan {
         let t = self.fallback_secs();
         let meaning = if self.host_ids {
             format!(
-                "a client falls back to the shared address {t} s after its member stops answering"
+                "a client falls back to the shared address once its host id has not answered for {t} s"
             )
         } else {
             format!(
-                "a packet for a member that is down is answered \"retry\" for {t} s, then \"session not found\""
+                "a packet whose session's owner is down is answered \"retry\" for {t} s, then \"session not found\""
             )
         };
         let how = if self.fallback_default {
