@@ -189,16 +189,10 @@ pub async fn upload(args: UploadArgs) -> i32 {
             }
         });
     }
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+    let mut view = (!args.json).then(|| {
+        let terminal = std::io::stderr().is_terminal();
         let size = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
-        let pb = indicatif::ProgressBar::new(size);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
+        ProgressView::new(terminal.then_some(size))
     });
     let json = args.json;
     let flag = interrupted.clone();
@@ -210,22 +204,16 @@ pub async fn upload(args: UploadArgs) -> i32 {
                 if json {
                     println!("{}", serde_json::to_string(&e).unwrap_or_default());
                 }
-                if let Some(pb) = &bar {
-                    match &e {
-                        Event::Progress { offset, .. } => pb.set_position(*offset),
-                        Event::Restart { reason } => pb.set_message(format!("restarted: {reason}")),
-                        Event::Retry { error, .. } => pb.set_message(format!("retrying: {error}")),
-                        Event::Fallback { url } => pb.set_message(format!("fell back to {url}")),
-                        _ => {}
-                    }
+                if let Some(v) = view.as_mut() {
+                    v.show(&e);
                 }
             },
             move || flag.load(Ordering::SeqCst),
         );
         upload.await
     };
-    if let Some(pb) = &bar {
-        pb.finish_and_clear();
+    if let Some(v) = &view {
+        v.finish();
     }
     match result {
         Ok(report) => {
@@ -256,6 +244,117 @@ pub async fn upload(args: UploadArgs) -> i32 {
     }
 }
 
+/// What `bitsfarm upload` shows of its events without `--json`: a progress bar on a terminal, else
+/// a plain line on stderr for each event a person has to know about. Messages never wrap the
+/// bar's line: it cuts them to the terminal's width, and a retry's error goes on a line of its
+/// own above the bar, once for as long as it stays the same.
+struct ProgressView {
+    bar: Option<indicatif::ProgressBar>,
+    mode: Mode,
+    last_error: Option<String>,
+}
+
+/// What the bar's line shows besides the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The rate and the time left.
+    Moving,
+    /// No progress, so no time left to estimate: when the next try is.
+    Retrying,
+    /// Which host the client waits for, and when it falls back.
+    Waiting,
+}
+
+impl ProgressView {
+    const MOVING: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}";
+    // Short, so that "waiting for host HOST (retry N, falls back in T s)" fits in 80 columns.
+    const STALLED: &str = "{bar:10} {percent:>3}% {wide_msg}";
+
+    /// `bar`: the upload's size on a terminal; None writes plain lines instead.
+    fn new(bar: Option<u64>) -> Self {
+        let view = ProgressView {
+            bar: bar.map(indicatif::ProgressBar::new),
+            mode: Mode::Moving,
+            last_error: None,
+        };
+        view.style(Self::MOVING);
+        view
+    }
+
+    fn style(&self, template: &str) {
+        if let Some(pb) = &self.bar {
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+        }
+    }
+
+    fn enter(&mut self, mode: Mode, message: String) {
+        if mode != self.mode {
+            let stalled = mode != Mode::Moving;
+            if stalled != (self.mode != Mode::Moving) {
+                self.style(if stalled { Self::STALLED } else { Self::MOVING });
+            }
+            self.mode = mode;
+        }
+        if let Some(pb) = &self.bar {
+            pb.set_message(message);
+        }
+    }
+
+    /// A line above the bar, or on its own without one.
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(pb) => pb.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn show(&mut self, e: &crate::client::Event) {
+        use crate::client::Event;
+        let text = e.describe().unwrap_or_default();
+        match e {
+            Event::Progress { offset, .. } => {
+                if let Some(pb) = &self.bar {
+                    pb.set_position(*offset);
+                }
+                self.last_error = None;
+                if self.mode != Mode::Moving {
+                    self.enter(Mode::Moving, String::new());
+                }
+            }
+            Event::Waiting { .. } => {
+                if self.bar.is_none() {
+                    self.line(&text);
+                }
+                self.enter(Mode::Waiting, text);
+            }
+            Event::Retry { error, delay_s } => {
+                if self.last_error.as_ref() != Some(error) {
+                    self.line(&text);
+                    self.last_error = Some(error.clone());
+                }
+                // A waiting message already says that the client tries again.
+                if self.mode != Mode::Waiting {
+                    self.enter(Mode::Retrying, format!("retrying in {delay_s} s"));
+                }
+            }
+            Event::Restart { .. } | Event::Fallback { .. } => {
+                self.line(&text);
+                self.enter(Mode::Moving, String::new());
+            }
+            Event::Session { .. } | Event::Reply { .. } => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.bar {
+            pb.finish_and_clear();
+        }
+    }
+}
+
 /// `bitsfarm farm` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FarmArgs {
@@ -272,7 +371,8 @@ pub struct FarmArgs {
     /// Folder with one folder per member.
     #[arg(long, default_value = "./bitsfarm-farm", value_name = "DIR")]
     pub data_dir: std::path::PathBuf,
-    /// Seconds a client keeps to a member after an error before it falls back to the shared address.
+    /// Seconds a client keeps to a member after an error before it falls back to the shared address
+    /// [default: the file's, else 30].
     #[arg(long, value_name = "SECS")]
     pub host_id_fallback_timeout: Option<u64>,
     /// Give members no host id: every packet goes through the shared address (IIS farms without
@@ -292,19 +392,20 @@ pub struct FarmArgs {
 }
 
 /// `bitsfarm farm`: runs the members and, when asked, the receiver, until Ctrl-C.
-pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
+/// Members and receivers log in `log_format`, as the farm does.
+pub async fn farm(args: FarmArgs, log_format: crate::telemetry::LogFormat) -> anyhow::Result<()> {
     // The same UploadFarmSpec -> server configuration mapping the operator uses.
-    let (mut server, spec_replicas) = match &args.file {
+    let (mut server, spec_replicas, file_fallback) = match &args.file {
         Some(path) => {
             let farm = crate::api::manifest::load_farm(path)?;
             let config = crate::api::server_config(&farm.spec)?;
-            (config, usize::try_from(farm.spec.replicas).unwrap_or(0))
+            let replicas = usize::try_from(farm.spec.replicas).unwrap_or(0);
+            (config, replicas, crate::farm::names_fallback(path))
         }
-        None => (crate::config::ConfigFile::default(), 3),
+        None => (crate::config::ConfigFile::default(), 3, false),
     };
-    if args.host_id_fallback_timeout.is_some() {
-        server.host_id_fallback_timeout = args.host_id_fallback_timeout;
-    }
+    let fallback_default =
+        crate::farm::settle_fallback(&mut server, args.host_id_fallback_timeout, file_fallback);
     if args.session_timeout.is_some() {
         server.session_timeout = args.session_timeout;
     }
@@ -316,6 +417,8 @@ pub async fn farm(args: FarmArgs) -> anyhow::Result<()> {
         handoff: !args.no_handoff,
         server,
         receiver: args.receiver,
+        fallback_default,
+        json_logs: log_format == crate::telemetry::LogFormat::Json,
     };
     let exe = std::env::current_exe().context("finding the bitsfarm executable")?;
     crate::farm::run(plan, &exe).await?;

@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Upload(args) => std::process::exit(bitsfarm::cli::upload(*args).await),
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
-        Command::Farm(args) => bitsfarm::cli::farm(*args).await,
+        Command::Farm(args) => bitsfarm::cli::farm(*args, cli.log_format).await,
         Command::Passwd { user } => bitsfarm::cli::passwd(&user),
         Command::Drain { pid, wait } => bitsfarm::cli::drain(pid, wait).await,
         Command::Crd => bitsfarm::operator::commands::crd(),

@@ -326,7 +326,7 @@ fn fragments_to_a_host_that_refuses_connections_are_retried_but_not_counted_as_s
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen
         .iter()
-        .filter(|l: &&String| l.contains("\"retry\""))
+        .filter(|l: &&String| l.contains("\"event\":\"retry\""))
         .count()
         < 2
     {
@@ -338,7 +338,7 @@ fn fragments_to_a_host_that_refuses_connections_are_retried_but_not_counted_as_s
             Err(e) => panic!("the client's output ended ({e}): {seen:#?}"),
         }
     }
-    for l in seen.iter().filter(|l| l.contains("\"retry\"")) {
+    for l in seen.iter().filter(|l| l.contains("\"event\":\"retry\"")) {
         assert!(
             l.contains("connect"),
             "the retry is for a refused connection: {l}"

@@ -182,6 +182,18 @@ impl Session {
         due
     }
 
+    /// The host id that packets go to, while they go there rather than to the original `url`.
+    pub fn host_in_use(&self, url: &Url) -> Option<&str> {
+        self.host_id.as_deref().filter(|_| self.target != *url)
+    }
+
+    /// How long until the fallback timer runs out at `now`; None while it is not running, and
+    /// when the server set no timeout (the client never falls back).
+    pub fn falls_back_in(&self, now: Instant) -> Option<Duration> {
+        let (started, timeout) = (self.fallback_started?, self.fallback_timeout?);
+        Some(timeout.saturating_sub(now.saturating_duration_since(started)))
+    }
+
     /// The server took bytes: the fallback timer starts again at the next error.
     pub fn progressed(&mut self) {
         self.fallback_started = None;

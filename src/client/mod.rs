@@ -170,17 +170,86 @@ impl ClientError {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
-    Session { id: String, host_id: Option<String> },
-    Progress { offset: u64, total: u64 },
-    Restart { reason: String },
-    Fallback { url: String },
-    Retry { error: String, delay_s: u64 },
-    Reply { bytes: u64 },
+    Session {
+        id: String,
+        host_id: Option<String>,
+    },
+    Progress {
+        offset: u64,
+        total: u64,
+    },
+    Restart {
+        reason: String,
+    },
+    Fallback {
+        url: String,
+    },
+    Retry {
+        error: String,
+        delay_s: u64,
+    },
+    /// Packets go to the host the session's host id names, and it does not answer: the client
+    /// tries it again (`retry`, counted since the last progress) until the fallback timer runs
+    /// out in `falls_back_in_s` (None: the server set no timeout, and the client never falls back).
+    Waiting {
+        host: String,
+        retry: u32,
+        falls_back_in_s: Option<u64>,
+    },
+    Reply {
+        bytes: u64,
+    },
+}
+
+impl Event {
+    /// The event in words, for the progress line; None for those the bar itself shows.
+    pub fn describe(&self) -> Option<String> {
+        Some(match self {
+            Event::Waiting {
+                host,
+                retry,
+                falls_back_in_s: Some(t),
+            } => format!("waiting for host {host} (retry {retry}, falls back in {t} s)"),
+            Event::Waiting { host, retry, .. } => {
+                format!("waiting for host {host} (retry {retry}, never falls back)")
+            }
+            Event::Retry { error, delay_s } => format!("retrying in {delay_s} s: {error}"),
+            Event::Restart { reason } => format!("restarted from zero: {reason}"),
+            Event::Fallback { url } => format!("fell back to {url}"),
+            Event::Session { .. } | Event::Progress { .. } | Event::Reply { .. } => return None,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiting_says_for_which_host_how_often_and_until_when() {
+        let waiting = |t| Event::Waiting {
+            host: "10.0.0.7:8080".into(),
+            retry: 3,
+            falls_back_in_s: t,
+        };
+        assert_eq!(
+            waiting(Some(27)).describe().unwrap(),
+            "waiting for host 10.0.0.7:8080 (retry 3, falls back in 27 s)"
+        );
+        assert_eq!(
+            waiting(None).describe().unwrap(),
+            "waiting for host 10.0.0.7:8080 (retry 3, never falls back)"
+        );
+        assert_eq!(
+            serde_json::to_value(waiting(Some(27))).unwrap(),
+            serde_json::json!({"event": "waiting", "host": "10.0.0.7:8080", "retry": 3, "falls_back_in_s": 27})
+        );
+        let progress = Event::Progress {
+            offset: 1,
+            total: 2,
+        };
+        assert_eq!(progress.describe(), None);
+    }
 
     fn report() -> UploadReport {
         UploadReport {

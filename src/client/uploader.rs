@@ -278,6 +278,8 @@ struct Run<'a, E> {
     report: UploadReport,
     last_progress: Instant,
     last_error: String,
+    /// Tries at the session's host since the last progress, for the waiting event.
+    host_retries: u32,
     events: E,
 }
 
@@ -316,6 +318,7 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
             },
             last_progress: Instant::now(),
             last_error: String::new(),
+            host_retries: 0,
             events,
         })
     }
@@ -403,6 +406,7 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
     async fn began(&mut self, s: &Session) {
         self.report.sessions += 1;
         self.transfer.restart();
+        self.host_retries = 0;
         self.named(s);
         if s.host_id.is_some() {
             // Windows pings the host id first; a failure shows up on the first fragment.
@@ -466,6 +470,7 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
                     self.last_progress = Instant::now();
                 }
                 s.progressed();
+                self.host_retries = 0;
                 (self.events)(Event::Progress {
                     offset: self.transfer.offset,
                     total: self.transfer.size,
@@ -553,13 +558,23 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
     /// timer has run out (at once, without a wait), else wait and retry.
     async fn transient(&mut self, s: &mut Session, error: String) {
         self.last_error = error;
-        if s.falls_back(self.url, Instant::now()) {
+        let now = Instant::now();
+        if s.falls_back(self.url, now) {
             info!(url = %self.url, "host-id fallback timeout passed; going back to the original URL");
             self.report.fallbacks += 1;
+            self.host_retries = 0;
             (self.events)(Event::Fallback {
                 url: self.url.to_string(),
             });
             return;
+        }
+        if let Some(host) = s.host_in_use(self.url) {
+            self.host_retries += 1;
+            (self.events)(Event::Waiting {
+                host: host.to_string(),
+                retry: self.host_retries,
+                falls_back_in_s: s.falls_back_in(now).map(|d| d.as_secs_f64().ceil() as u64),
+            });
         }
         self.wait_retry().await;
     }

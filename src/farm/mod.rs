@@ -10,17 +10,24 @@
 //! `/drain`. Draining is never offered on the member's own or the shared address, where any
 //! client could use it; `drain N` goes to the admin address.
 
+mod commands;
+mod process;
+
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tracing::{info, warn};
 
 use crate::api::membership;
-use crate::config::{ConfigFile, NotifyType};
+use crate::config::{ConfigFile, DEFAULT_FALLBACK_TIMEOUT_SECS, NotifyType};
+use commands::Console;
+use process::{LogLabel, Member};
+
+/// The host-id fallback timeout of a local farm whose user set none. A server's default (a day)
+/// suits clients that may sleep through a member's restart; on one machine, a member killed in
+/// a demo would leave its clients waiting so long that the upload looks hung.
+pub const LOCAL_FALLBACK_TIMEOUT_SECS: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FarmError {
@@ -33,6 +40,14 @@ pub enum FarmError {
     },
     #[error("member {index} did not start: {message}")]
     Start { index: usize, message: String },
+    #[error("the receiver on {addr} did not start: {message}")]
+    Receiver { addr: SocketAddr, message: String },
+    #[error("{what} is taken ({addr}): {hint}")]
+    PortTaken {
+        what: String,
+        addr: SocketAddr,
+        hint: &'static str,
+    },
 }
 
 /// What to run.
@@ -52,6 +67,34 @@ pub struct FarmPlan {
     pub server: ConfigFile,
     /// Run the reference receiver on the port after the members and deliver to it by value.
     pub receiver: bool,
+    /// The server configuration's host-id fallback timeout is the local farm's default, not one
+    /// the user chose (see `settle_fallback`).
+    pub fallback_default: bool,
+    /// Members and receivers log JSON lines, as the farm itself does with `--log-format json`.
+    pub json_logs: bool,
+}
+
+/// Sets `server`'s host-id fallback timeout: `flag`, else the one the farm's file names, else
+/// the local farm's default. True when it is the default.
+pub fn settle_fallback(server: &mut ConfigFile, flag: Option<u64>, file_names_one: bool) -> bool {
+    if flag.is_some() {
+        server.host_id_fallback_timeout = flag;
+        return false;
+    }
+    if file_names_one && server.host_id_fallback_timeout.is_some() {
+        return false;
+    }
+    server.host_id_fallback_timeout = Some(LOCAL_FALLBACK_TIMEOUT_SECS);
+    true
+}
+
+/// Whether an UploadFarm file names `spec.hostIds.fallbackTimeoutSeconds` itself: the spec read
+/// from it holds the server's default when it does not, and cannot tell.
+pub fn names_fallback(manifest: &Path) -> bool {
+    std::fs::read_to_string(manifest)
+        .ok()
+        .and_then(|text| serde_saphyr::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|v| !v["spec"]["hostIds"]["fallbackTimeoutSeconds"].is_null())
 }
 
 impl FarmPlan {
@@ -70,6 +113,46 @@ impl FarmPlan {
     /// that sessions minted before a restart still name their owners.
     pub fn secret_file(&self) -> PathBuf {
         self.data_dir.join("handoff-secret")
+    }
+
+    fn fallback_secs(&self) -> u64 {
+        self.server
+            .host_id_fallback_timeout
+            .unwrap_or(DEFAULT_FALLBACK_TIMEOUT_SECS)
+    }
+
+    /// `status`'s line about the host-id fallback timeout.
+    fn fallback_status(&self) -> String {
+        let default = if self.fallback_default {
+            " (the local farm's default)"
+        } else {
+            ""
+        };
+        format!(
+            "host-id fallback timeout {} s{default}",
+            self.fallback_secs()
+        )
+    }
+
+    /// What the farm says at start about the host-id fallback timeout: what it means here, and
+    /// how to set another when it is the default.
+    fn fallback_said(&self) -> String {
+        let t = self.fallback_secs();
+        let meaning = if self.host_ids {
+            format!(
+                "a client falls back to the shared address once its host id has not answered for {t} s"
+            )
+        } else {
+            format!(
+                "a packet whose session's owner is down is answered \"retry\" for {t} s, then \"session not found\""
+            )
+        };
+        let how = if self.fallback_default {
+            "; the local farm's default, set another with --host-id-fallback-timeout or spec.hostIds.fallbackTimeoutSeconds"
+        } else {
+            ""
+        };
+        format!("host-id fallback timeout {t} s: {meaning}{how}")
     }
 
     pub fn receiver_addr(&self) -> Result<SocketAddr, FarmError> {
@@ -152,29 +235,13 @@ fn loopback(ip: IpAddr) -> IpAddr {
     }
 }
 
-struct Member {
-    index: usize,
-    addr: SocketAddr,
-    /// Where its admin endpoints (drain among them) answer, as it announced at its last start.
-    admin: Option<SocketAddr>,
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Member {
-    /// ` admin http://ADDR`, or nothing before the member has announced one.
-    fn admin_text(&self) -> String {
-        self.admin
-            .map(|a| format!(" admin http://{a}"))
-            .unwrap_or_default()
-    }
-}
-
 /// Runs the farm until Ctrl-C or SIGTERM (or the end of standard input with `exit`).
 pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
     if plan.replicas == 0 {
         return Err(FarmError::Invalid("a farm needs at least 1 replica".into()));
     }
+    let receivers = plan.receivers()?;
+    check_ports(&plan, &receivers)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| FarmError::Io { path, source }
@@ -203,28 +270,32 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
             trusted.push(f);
         }
     }
-    let mut receivers = Vec::new();
-    for addr in plan.receivers()? {
+    let mut receiver_children = Vec::new();
+    for &addr in &receivers {
         let dir = plan.data_dir.join(format!("received-{}", addr.port()));
-        let mut child = Command::new(exe)
-            .args(["receiver", "--listen", &addr.to_string(), "--dir"])
-            .arg(&dir)
-            .args(
-                trusted
-                    .iter()
-                    .flat_map(|t| ["--trust-dir".as_ref(), t.as_os_str()]),
-            )
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io(exe))?;
-        first_line(&mut child, plan.replicas).await?;
+        let listen = addr.to_string();
+        let mut args: Vec<&OsStr> = vec![
+            "receiver".as_ref(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--dir".as_ref(),
+            dir.as_os_str(),
+        ];
+        for t in &trusted {
+            args.extend(["--trust-dir".as_ref(), t.as_os_str()]);
+        }
+        let label = LogLabel::receiver(addr, receivers.len() == 1, plan.json_logs);
+        let (mut child, log) = process::spawn(exe, &args, label).map_err(io(exe))?;
+        if let Err(message) = process::first_line(&mut child).await {
+            process::last_words(log).await;
+            return Err(FarmError::Receiver { addr, message });
+        }
         say(&format!(
             "receiver http://{addr} (stores in {})",
             dir.display()
         ))
         .await;
-        receivers.push(child);
+        receiver_children.push(child);
     }
     let mut members = Vec::new();
     for index in 0..plan.replicas {
@@ -240,8 +311,10 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
             admin: None,
             config,
             child: None,
+            taken_down: None,
+            drained: false,
         };
-        start(&mut m, exe).await?;
+        process::start(&mut m, exe, plan.json_logs).await?;
         say(&format!(
             "member {index} http://{}{}{}",
             m.addr,
@@ -252,8 +325,15 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
         members.push(m);
     }
     say(&format!("shared http://{}", plan.shared)).await;
-    say("ready; commands: kill N, stop N, restart N, drain N, status, exit").await;
+    say(&plan.fallback_said()).await;
+    say("ready; commands: kill N, stop N, restart N, drain N, status, help, exit").await;
 
+    let mut console = Console {
+        members: &mut members,
+        exe,
+        json_logs: plan.json_logs,
+        fallback: plan.fallback_status(),
+    };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let shutdown = crate::shutdown::shutdown_signal();
@@ -263,7 +343,7 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
             line = lines.next_line(), if stdin_open => {
                 match line {
                     Ok(Some(l)) => {
-                        if command(&l, &mut members, exe).await {
+                        if console.run(&l).await {
                             break;
                         }
                     }
@@ -274,12 +354,43 @@ pub async fn run(plan: FarmPlan, exe: &Path) -> Result<(), FarmError> {
         }
     }
     for m in &mut members {
-        stop(m).await;
+        process::stop(m).await;
     }
-    for r in &mut receivers {
-        terminate(r).await;
+    for r in &mut receiver_children {
+        process::terminate(r).await;
     }
     say("stopped").await;
+    Ok(())
+}
+
+/// Refuses to start when a port the farm needs is taken, naming whose port it is: a child that
+/// cannot listen only says that it exited.
+fn check_ports(plan: &FarmPlan, receivers: &[SocketAddr]) -> Result<(), FarmError> {
+    const MOVE: &str = "stop what listens there, or move the farm with --shared (the members \
+                        take the ports after it, then --receiver the next one)";
+    const BACKEND: &str = "the farm's backend URL names it; stop what listens there, or give \
+                           the backend another port";
+    let mut wanted = vec![(
+        format!("the shared port {}", plan.shared.port()),
+        plan.shared,
+        MOVE,
+    )];
+    for i in 0..plan.replicas {
+        let addr = plan.member_addr(i)?;
+        wanted.push((format!("member {i}'s port {}", addr.port()), addr, MOVE));
+    }
+    for &addr in receivers {
+        let hint = if plan.receiver { MOVE } else { BACKEND };
+        wanted.push((format!("the receiver's port {}", addr.port()), addr, hint));
+    }
+    for (what, addr, hint) in wanted {
+        // Anything but a port in use (no such address, a privileged port) the child reports.
+        if let Err(e) = std::net::TcpListener::bind(addr)
+            && e.kind() == std::io::ErrorKind::AddrInUse
+        {
+            return Err(FarmError::PortTaken { what, addr, hint });
+        }
+    }
     Ok(())
 }
 
@@ -316,158 +427,6 @@ async fn say(line: &str) {
     let _ = out.flush().await;
 }
 
-/// Handles one command; true means exit.
-async fn command(line: &str, members: &mut [Member], exe: &Path) -> bool {
-    let mut words = line.split_whitespace();
-    let (verb, arg) = (words.next().unwrap_or(""), words.next());
-    if verb.is_empty() {
-        return false;
-    }
-    if verb == "exit" || verb == "quit" {
-        return true;
-    }
-    if verb == "status" {
-        for m in members.iter_mut() {
-            let alive = m
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-            say(&format!(
-                "member {} http://{} {}{}",
-                m.index,
-                m.addr,
-                if alive { "running" } else { "down" },
-                m.admin_text()
-            ))
-            .await;
-        }
-        return false;
-    }
-    let Some(m) = arg
-        .and_then(|a| a.parse::<usize>().ok())
-        .and_then(|i| members.get_mut(i))
-    else {
-        say(&format!("error: {line:?}: name a member by its number")).await;
-        return false;
-    };
-    match verb {
-        "kill" => {
-            if let Some(c) = m.child.as_mut() {
-                let _ = c.kill().await;
-            }
-            m.child = None;
-            m.admin = None;
-            say(&format!("member {} killed", m.index)).await;
-        }
-        "stop" => {
-            stop(m).await;
-            say(&format!("member {} stopped", m.index)).await;
-        }
-        "drain" => {
-            // The member stops taking new sessions, leaves the shared address, and exits once
-            // its sessions are done.
-            let Some(admin) = m.admin else {
-                say(&format!("error: member {} is not running", m.index)).await;
-                return false;
-            };
-            let url = format!("http://{admin}/drain");
-            crate::tls::install_ring_provider();
-            match reqwest::Client::new().post(&url).send().await {
-                Ok(r) => {
-                    let body = r.text().await.unwrap_or_default();
-                    say(&format!("member {} draining {}", m.index, body.trim())).await;
-                }
-                Err(e) => say(&format!("error: member {}: {e}", m.index)).await,
-            }
-        }
-        "restart" => {
-            stop(m).await;
-            match start(m, exe).await {
-                Ok(()) => say(&format!("member {} restarted{}", m.index, m.admin_text())).await,
-                Err(e) => say(&format!("error: {e}")).await,
-            }
-        }
-        _ => say(&format!("error: unknown command {verb:?}")).await,
-    }
-    false
-}
-
-async fn start(m: &mut Member, exe: &Path) -> Result<(), FarmError> {
-    let mut child = Command::new(exe)
-        .args(["serve", "--config"])
-        .arg(&m.config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| FarmError::Start {
-            index: m.index,
-            message: e.to_string(),
-        })?;
-    let line = first_line(&mut child, m.index).await?;
-    m.admin = announced_admin(&line);
-    // Pass on what the member says later (test hooks announce themselves on stdout).
-    if let Some(out) = child.stdout.take() {
-        let index = m.index;
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                say(&format!("member {index}: {l}")).await;
-            }
-        });
-    }
-    info!(member = m.index, addr = %m.addr, "member started");
-    m.child = Some(child);
-    Ok(())
-}
-
-/// Waits (bounded) for a child's first line on stdout: its "listening" announcement.
-async fn first_line(child: &mut Child, index: usize) -> Result<String, FarmError> {
-    let fail = |message: String| FarmError::Start { index, message };
-    let out = child
-        .stdout
-        .as_mut()
-        .ok_or_else(|| fail("no stdout".into()))?;
-    let mut line = String::new();
-    let mut reader = BufReader::new(out);
-    match tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut line)).await {
-        Ok(Ok(n)) if n > 0 && line.contains("listening on") => Ok(line),
-        Ok(_) => Err(fail(
-            "it exited before listening (see its log above)".into(),
-        )),
-        Err(_) => Err(fail("no announcement within 30 s".into())),
-    }
-}
-
-/// The admin address in a member's `bitsfarm: listening on URL admin http://ADDR`.
-fn announced_admin(line: &str) -> Option<SocketAddr> {
-    line.split_once(" admin http://")?.1.trim().parse().ok()
-}
-
-async fn stop(m: &mut Member) {
-    m.admin = None;
-    if let Some(mut c) = m.child.take() {
-        terminate(&mut c).await;
-    }
-}
-
-/// SIGTERM, then SIGKILL if the process is still there after 10 s.
-async fn terminate(c: &mut Child) {
-    if let Some(pid) = c.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        if tokio::time::timeout(Duration::from_secs(10), c.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        warn!(pid, "did not stop on SIGTERM; killing");
-    }
-    let _ = c.kill().await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +440,8 @@ mod tests {
             handoff: false,
             server: ConfigFile::default(),
             receiver: false,
+            fallback_default: false,
+            json_logs: false,
         }
     }
 
@@ -501,16 +462,54 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_address_is_read_from_the_members_announcement() {
+    fn the_fallback_timeout_is_the_users_else_the_files_else_the_local_default() {
+        let mut c = ConfigFile::default();
+        assert!(settle_fallback(&mut c, None, false));
         assert_eq!(
-            announced_admin(
-                "bitsfarm: listening on http://127.0.0.1:8081 admin http://127.0.0.1:40001\n"
-            ),
-            Some("127.0.0.1:40001".parse().unwrap())
+            c.host_id_fallback_timeout,
+            Some(LOCAL_FALLBACK_TIMEOUT_SECS)
         );
+        let mut c = ConfigFile {
+            host_id_fallback_timeout: Some(86_400),
+            ..ConfigFile::default()
+        };
+        // A spec that names none still holds the server's default.
+        assert!(settle_fallback(&mut c, None, false));
         assert_eq!(
-            announced_admin("bitsfarm: listening on http://127.0.0.1:8081\n"),
-            None
+            c.host_id_fallback_timeout,
+            Some(LOCAL_FALLBACK_TIMEOUT_SECS)
         );
+        c.host_id_fallback_timeout = Some(600);
+        assert!(!settle_fallback(&mut c, None, true));
+        assert_eq!(c.host_id_fallback_timeout, Some(600));
+        assert!(!settle_fallback(&mut c, Some(5), true));
+        assert_eq!(c.host_id_fallback_timeout, Some(5));
+
+        let mut p = plan("127.0.0.1:8080");
+        p.server.host_id_fallback_timeout = Some(30);
+        p.fallback_default = true;
+        assert!(p.fallback_said().contains("--host-id-fallback-timeout"));
+        assert_eq!(
+            p.fallback_status(),
+            "host-id fallback timeout 30 s (the local farm's default)"
+        );
+        p.fallback_default = false;
+        assert!(!p.fallback_said().contains("default"));
+    }
+
+    #[test]
+    fn a_farm_file_names_its_fallback_timeout_or_not() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let with = dir.path().join("with.yaml");
+        std::fs::write(
+            &with,
+            "kind: UploadFarm\nspec:\n  hostIds:\n    fallbackTimeoutSeconds: 30\n",
+        )
+        .unwrap();
+        let without = dir.path().join("without.yaml");
+        std::fs::write(&without, "kind: UploadFarm\nspec:\n  hostIds: {}\n").unwrap();
+        assert!(names_fallback(&with));
+        assert!(!names_fallback(&without));
+        assert!(!names_fallback(&dir.path().join("absent.yaml")));
     }
 }

@@ -1,7 +1,8 @@
 //! Shared helpers for the integration tests: a handle on the real `bitsfarm` binary and a tiny raw
 //! HTTP/1.1 client that sends exactly the bytes a test asks for. One file per helper: `server`
 //! (the server process), `http` (requests, responses, connections), `data` (bytes, files and shared
-//! assertions), `receiver` (the reference backend process), `backend` (a scripted backend).
+//! assertions), `receiver` (the reference backend process), `backend` (a scripted backend), `farm`
+//! (`bitsfarm farm` driven through its standard input).
 //! (`kube.rs` beside them is the cluster tests' own, included by path.)
 //!
 //! Everything here is bounded in time: sockets carry read and write timeouts, and every loop has a
@@ -39,12 +40,14 @@ const MAX_RESPONSE: usize = 64 << 20;
 
 mod backend;
 mod data;
+mod farm;
 mod http;
 mod receiver;
 mod server;
 
 pub use backend::*;
 pub use data::*;
+pub use farm::*;
 pub use http::*;
 pub use receiver::*;
 pub use server::*;

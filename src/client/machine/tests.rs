@@ -277,6 +277,32 @@ fn without_a_timeout_or_a_host_id_there_is_no_fallback() {
 }
 
 #[test]
+fn while_the_host_does_not_answer_the_time_left_before_the_fallback_is_known() {
+    let t0 = Instant::now();
+    let mut s = session_at_host(Some(10));
+    assert_eq!(s.host_in_use(&url()), Some("pod-1.farm"));
+    // The timer runs from the first error only.
+    assert_eq!(s.falls_back_in(t0), None);
+    assert!(!s.falls_back(&url(), t0));
+    assert_eq!(s.falls_back_in(t0), Some(Duration::from_secs(10)));
+    assert_eq!(
+        s.falls_back_in(t0 + Duration::from_secs(4)),
+        Some(Duration::from_secs(6))
+    );
+    assert_eq!(
+        s.falls_back_in(t0 + Duration::from_secs(40)),
+        Some(Duration::ZERO)
+    );
+    assert!(s.falls_back(&url(), t0 + Duration::from_secs(10)));
+    assert_eq!(s.host_in_use(&url()), None);
+
+    let mut never = session_at_host(None);
+    assert!(!never.falls_back(&url(), t0));
+    assert_eq!(never.host_in_use(&url()), Some("pod-1.farm"));
+    assert_eq!(never.falls_back_in(t0), None);
+}
+
+#[test]
 fn fragments_follow_the_offset_and_the_fragment_size() {
     let mut t = Transfer::new(10, 4);
     assert_eq!(t.next_fragment().to_string(), "bytes 0-3/10");
