@@ -417,3 +417,122 @@ fn wait_exit_of(
     }
     status.code()
 }
+
+/// A host id that takes every packet but Close-Session: it relays each request to `server` and
+/// its answer back, and drops the connection on a Close-Session. Counts the Closes it dropped.
+fn host_that_drops_close(
+    listener: std::net::TcpListener,
+    server: std::net::SocketAddr,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dropped = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = dropped.clone();
+    /// One HTTP message (head and Content-Length body), or None at the end of the stream.
+    fn message(r: &mut BufReader<std::net::TcpStream>) -> Option<(String, Vec<u8>)> {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let mut from_client = BufReader::new(conn.try_clone().unwrap());
+                let mut to_client = conn;
+                while let Some((head, body)) = message(&mut from_client) {
+                    if head
+                        .to_ascii_lowercase()
+                        .contains("bits-packet-type: close-session")
+                    {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let Ok(up) = std::net::TcpStream::connect(server) else {
+                        return;
+                    };
+                    up.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    let mut up_w = up.try_clone().unwrap();
+                    if up_w
+                        .write_all(head.as_bytes())
+                        .and_then(|_| up_w.write_all(&body))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let Some((rhead, rbody)) = message(&mut BufReader::new(up)) else {
+                        return;
+                    };
+                    if to_client
+                        .write_all(rhead.as_bytes())
+                        .and_then(|_| to_client.write_all(&rbody))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    dropped
+}
+
+/// A host id that stops answering after the last fragment: Close-Session falls back to the
+/// original URL once the fallback timeout has passed, as every other packet does, instead of
+/// being retried at the silent host until the no-progress timeout gives up.
+#[test]
+fn close_session_falls_back_to_the_original_url_when_its_host_stops_answering() {
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_id = host.local_addr().unwrap().to_string();
+    let server = Server::start(&["--host-id", &host_id, "--host-id-fallback-timeout", "2"]);
+    let dropped = host_that_drops_close(host, server.addr);
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = random_bytes(3 * FRAGMENT as usize, 41);
+    let file = dir.path().join("closing.bin");
+    std::fs::write(&file, &data).unwrap();
+    let out = upload_cmd(
+        &file,
+        &format!("http://{}/c/closing.bin", server.addr),
+        &[
+            "--retry-delay",
+            "1",
+            "--no-progress-timeout",
+            "20",
+            "--no-resume",
+        ],
+    )
+    .output()
+    .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the upload failed: {out:?}");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no Close reached the host id"
+    );
+    assert!(events.contains("\"event\":\"waiting\""), "{events}");
+    assert!(events.contains("\"event\":\"fallback\""), "{events}");
+    assert_eq!(
+        std::fs::read(server.data_dir.join("c/closing.bin")).expect("committed"),
+        data
+    );
+}

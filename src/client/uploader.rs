@@ -148,7 +148,7 @@ impl Uploader {
     ) -> Result<UploadReport, ClientError> {
         let mut run = Run::open(self, file, url, events).await?;
         let mut session = run.resume_job();
-        let session = loop {
+        let mut session = loop {
             if interrupted() {
                 return Err(ClientError::Interrupted);
             }
@@ -167,7 +167,7 @@ impl Uploader {
                 Sent::SessionLost => {}
             }
         };
-        run.close(&session).await?;
+        run.close(&mut session).await?;
         if let Some(jp) = &self.opts.job_file {
             JobFile::remove(jp);
         }
@@ -524,8 +524,9 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
         Ok(())
     }
 
-    /// Close-Session, retried until it is answered or the no-progress timeout passes.
-    async fn close(&mut self, s: &Session) -> Result<(), ClientError> {
+    /// Close-Session, retried until it is answered or the no-progress timeout passes; like any
+    /// other packet it falls back to the original URL when its host id stops answering.
+    async fn close(&mut self, s: &mut Session) -> Result<(), ClientError> {
         loop {
             self.check_progress()?;
             let close = PacketType::CloseSession;
@@ -536,7 +537,7 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
             {
                 Ok(ack) => ack,
                 Err(e) => {
-                    self.retry_later(e.into()).await;
+                    self.transient(s, e.into()).await;
                     continue;
                 }
             };
@@ -548,7 +549,7 @@ impl<'a, E: FnMut(Event)> Run<'a, E> {
                     );
                     return Ok(());
                 }
-                Closed::Retry => self.retry_later(ack.describe()).await,
+                Closed::Retry => self.transient(s, ack.describe()).await,
                 Closed::Refused => return Err(refusal(&ack, "Close-Session was refused")),
             }
         }
