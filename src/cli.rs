@@ -11,7 +11,7 @@ use crate::shutdown::shutdown_signal;
 mod drain;
 mod passwd;
 
-pub use drain::drain;
+pub use drain::{drain, drain_through_admin};
 pub use passwd::passwd;
 
 /// `bitsfarm serve`: prints one line naming the address (tests and scripts read it), then serves

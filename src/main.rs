@@ -29,15 +29,23 @@ enum Command {
     Render(bitsfarm::operator::commands::RenderArgs),
     /// Run the UploadFarm operator.
     Operator(bitsfarm::operator::commands::OperatorArgs),
-    /// Drain a running server (SIGUSR1) and wait until it has exited: its sessions are done.
+    /// Drain a running server and wait until its sessions are done.
     ///
-    /// The farm's pods run this as their preStop hook, where the server is process 1.
+    /// By signal (SIGUSR1, `--pid`): the server exits once empty, and drain waits for that. By
+    /// its admin address (`--admin`): the server stays up once empty and drain returns then; the
+    /// farm's pods run this as their preStop hook, so that the hook ends before the server
+    /// (a hook still running when the container's process 1 exits is killed, and the kubelet
+    /// records a failed hook on every stop).
     Drain {
-        /// The server's process id. Without it, process 1, but only when process 1 is a bitsfarm
-        /// server (as in the server's own container): on a host, process 1 is its init, and
-        /// drain refuses rather than signal it.
-        #[arg(long)]
+        /// The server's process id. Without it (and without --admin), process 1, but only when
+        /// process 1 is a bitsfarm server (as in the server's own container): on a host, process
+        /// 1 is its init, and drain refuses rather than signal it.
+        #[arg(long, conflicts_with = "admin")]
         pid: Option<i32>,
+        /// The server's admin address (its --admin-listen, e.g. 127.0.0.1:8081): POST
+        /// /drain?stay=true there, then wait until GET /drain counts no session.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
         /// Give up waiting after this many seconds (the server goes on draining).
         #[arg(long, default_value_t = 86_400, value_name = "SECS")]
         wait: u64,
@@ -81,7 +89,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => bitsfarm::cli::serve(*args).await,
         Command::Farm(args) => bitsfarm::cli::farm(*args, cli.log_format).await,
         Command::Passwd { user } => bitsfarm::cli::passwd(&user),
-        Command::Drain { pid, wait } => bitsfarm::cli::drain(pid, wait).await,
+        Command::Drain {
+            admin: Some(admin),
+            wait,
+            ..
+        } => bitsfarm::cli::drain_through_admin(&admin, wait).await,
+        Command::Drain { pid, wait, .. } => bitsfarm::cli::drain(pid, wait).await,
         Command::Crd => bitsfarm::operator::commands::crd(),
         Command::Render(args) => bitsfarm::operator::commands::render(args),
         Command::Operator(args) => bitsfarm::operator::commands::operator(args).await,

@@ -269,6 +269,75 @@ fn drain_says_which_server_it_drains() {
     assert!(s.wait_exit(Duration::from_secs(5)).is_some());
 }
 
+/// The pods' preStop hook: drain through the admin address returns once the last session is
+/// done, and leaves the server up (empty, unready) for the kubelet's SIGTERM, so that the hook
+/// never outlives the server (a hook killed with its container is recorded as failed).
+#[test]
+fn drain_through_the_admin_address_returns_when_the_sessions_are_done_and_leaves_the_server_up() {
+    let mut s = Server::start(&["--admin-listen", "127.0.0.1:0"]);
+    let admin = s.admin_addr.expect("an admin address").to_string();
+    let r = s.send(&create_request("/up/open.bin"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let id = r.header("BITS-Session-Id").unwrap().to_string();
+    let mut drain = Command::new(BIN)
+        .args(["drain", "--admin", &admin, "--wait", "60"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the session is open, the drain waits and the server takes no new session.
+    let mut refused = false;
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(100));
+        if s.send(&create_request("/up/new.bin")).status == 503 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the server kept taking sessions");
+    assert!(
+        drain.try_wait().unwrap().is_none(),
+        "drain returned with a session open"
+    );
+    let r = s.send(&Request::bits("Close-Session", "/up/open.bin").header("BITS-Session-Id", &id));
+    assert_eq!(r.status, 200, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = drain.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drain did not return after the last Close"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    drain
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("no session left"), "{err}");
+    // Still up, and unready, until something stops it.
+    assert!(
+        s.wait_exit(Duration::from_millis(500)).is_none(),
+        "the server exited"
+    );
+    let ready = Conn::open(s.admin_addr.unwrap())
+        .send(&Request::new("GET", "/readyz"))
+        .unwrap();
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let out = run(&["drain", "--admin", "127.0.0.1:1", "--wait", "5"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--admin-listen"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 // -- colour ----------------------------------------------------------------------------------
 
 /// A start-up that logs a line and fails at once: the data folder is a file.

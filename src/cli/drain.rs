@@ -68,6 +68,66 @@ pub async fn drain(pid: Option<i32>, wait: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `POST /drain?stay=true` on the server's admin address, then `GET /drain` until it counts no
+/// session, at most `wait` seconds. The server stays up, empty and unready, for whoever stops it
+/// next (the kubelet's SIGTERM after the preStop hook).
+pub async fn drain_through_admin(admin: &str, wait: u64) -> anyhow::Result<()> {
+    let base = if admin.contains("://") {
+        admin.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{admin}")
+    };
+    let url = reqwest::Url::parse(&format!("{base}/drain"))
+        .with_context(|| format!("--admin {admin:?} is not an address (HOST:PORT)"))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")?;
+    let mut start = url.clone();
+    start.set_query(Some("stay=true"));
+    let started = http
+        .post(start)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| {
+            format!("asking {url} to drain failed; is ADDR the server's --admin-listen?")
+        })?;
+    let mut left = sessions_left(started).await?;
+    eprintln!(
+        "bitsfarm drain: {base} drains; waiting up to {wait} s for its {left} session(s) to finish"
+    );
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    while left > 0 {
+        if Instant::now() >= deadline {
+            eprintln!(
+                "bitsfarm drain: {base} still has {left} session(s) after {wait} s; giving up \
+                 waiting (it goes on draining)"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A status that cannot be read now (a busy server) is read again at the next turn.
+        if let Ok(r) = http.get(url.clone()).send().await
+            && let Ok(n) = sessions_left(r).await
+        {
+            left = n;
+        }
+    }
+    eprintln!("bitsfarm drain: {base} drained: no session left");
+    Ok(())
+}
+
+/// The `sessions` of a `{"draining": true, "sessions": N}` answer.
+async fn sessions_left(r: reqwest::Response) -> anyhow::Result<u64> {
+    let body = r.bytes().await.context("reading the drain status")?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&body).context("the drain status is not JSON")?;
+    status["sessions"]
+        .as_u64()
+        .with_context(|| format!("the drain status {status} has no session count"))
+}
+
 /// Signal 0 only checks that the process is there; an exited one that its parent has not yet
 /// reaped (a zombie) is there too, but done.
 fn still_running(pid: i32) -> bool {

@@ -96,15 +96,17 @@ fn server_container(farm: &UploadFarm, opts: &BuildOptions) -> Container {
             },
         ]),
         // A stopping pod first drains: no new sessions, the open ones finish (up to the drain
-        // timeout), then the server exits by itself.
+        // timeout); the hook then returns and the kubelet's SIGTERM stops the empty server. The
+        // server stays up once empty (`stay`), so the hook ends before process 1 does: a hook
+        // still running when process 1 exits is killed, and recorded as a failed hook.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
                     command: Some(vec![
                         "bitsfarm".into(),
                         "drain".into(),
-                        "--pid".into(),
-                        "1".into(),
+                        "--admin".into(),
+                        format!("127.0.0.1:{}", crate::api::ADMIN_PORT),
                         "--wait".into(),
                         drain_timeout(spec).to_string(),
                     ]),

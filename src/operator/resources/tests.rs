@@ -398,7 +398,17 @@ fn stopping_pods_drain_for_the_drain_timeout_then_the_fallback_timeout() {
     };
     let f = farm_with("farm", json!({"hostIds": {"fallbackTimeoutSeconds": 110}}));
     let (cmd, grace) = pre_stop(&f);
-    assert_eq!(cmd, ["bitsfarm", "drain", "--pid", "1", "--wait", "110"]);
+    assert_eq!(
+        cmd,
+        [
+            "bitsfarm",
+            "drain",
+            "--admin",
+            "127.0.0.1:8081",
+            "--wait",
+            "110"
+        ]
+    );
     assert_eq!(
         grace,
         Some(140),
