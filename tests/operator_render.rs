@@ -61,6 +61,14 @@ fn render_prints_every_object_for_each_example() {
             "{}",
             path.display()
         );
+        // A farm of two servers or more gets a PodDisruptionBudget (none asks for it off).
+        let budgets = usize::from(replicas >= 2);
+        assert_eq!(
+            yaml.matches("\nkind: PodDisruptionBudget\n").count(),
+            budgets,
+            "{}",
+            path.display()
+        );
         for kind in ["ConfigMap", "StatefulSet"] {
             assert_eq!(
                 yaml.matches(&format!("\nkind: {kind}\n")).count(),
@@ -78,7 +86,7 @@ fn render_prints_every_object_for_each_example() {
         );
         assert_eq!(
             yaml.matches("---\n").count(),
-            replicas + 4 + policies,
+            replicas + 4 + policies + budgets,
             "{}",
             path.display()
         );

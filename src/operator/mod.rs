@@ -32,6 +32,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use kube::core::error_boundary::DeserializeGuard;
@@ -131,7 +132,16 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
         )
         // A NetworkPolicy edited or deleted by hand is put back at once, not at the next
         // periodic reconcile: until then the pods would be open.
-        .owns(scoped::<NetworkPolicy>(&client, &opts.namespace), children)
+        .owns(
+            scoped::<NetworkPolicy>(&client, &opts.namespace),
+            children.clone(),
+        )
+        // A budget deleted by hand is put back at once: until then a drain could stop every
+        // server of the farm together.
+        .owns(
+            scoped::<PodDisruptionBudget>(&client, &opts.namespace),
+            children,
+        )
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .graceful_shutdown_on(stopped(stop_rx.clone()));
     health.ready.store(true, Ordering::Relaxed);
