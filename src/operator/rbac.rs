@@ -123,6 +123,17 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// Leader election's one rule, granted by a Role in the operator's own namespace (the Lease is
+/// there, whatever namespaces the operator watches): what kube-lease-manager sends, as
+/// `leader::tests` records it against a mock API server.
+pub const LEASE_RULE: Rule = Rule {
+    api_group: "coordination.k8s.io",
+    resource: "leases",
+    verbs: &["create", "get", "patch"],
+    why: "leader election: the Lease is read, created when missing, taken and renewed with \
+          server-side apply and released with a merge patch; never updated, listed or watched",
+};
+
 /// Whether `RULES` let the operator make `verb` on `resource` of `api_group`.
 pub fn allows(api_group: &str, resource: &str, verb: &str) -> bool {
     RULES
