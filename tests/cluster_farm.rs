@@ -443,7 +443,7 @@ async fn helm_install(c: &Cluster) {
 }
 
 async fn operator_pod(c: &Cluster) -> Pod {
-    eventually("one Ready operator pod", SETTLE, || async {
+    eventually("two Ready operator pods", SETTLE, || async {
         let pods = c
             .api::<Pod>(OPERATOR_NS)
             .list(&ListParams::default().labels("app.kubernetes.io/name=bitsfarm-operator"))
@@ -454,8 +454,9 @@ async fn operator_pod(c: &Cluster) -> Pod {
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .collect();
+        // Two replicas by default (one leads, one stands by), both ready.
         match live.as_slice() {
-            [p] if pod_ready(p) => Ok(p.clone()),
+            [p, q] if pod_ready(p) && pod_ready(q) => Ok(p.clone()),
             other => Err(format!(
                 "operator pods: {:?}",
                 other
