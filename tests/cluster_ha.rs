@@ -471,6 +471,18 @@ async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Evictions
 
+/// A client that takes the API server's 429 as the answer: kube retries it by default, and a
+/// refused eviction would then hang until the budget allows it.
+async fn no_retry_client(c: &Cluster) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(&c.kubeconfig).expect("the kubeconfig");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("a usable kubeconfig");
+    config.default_retry = false;
+    kube::Client::try_from(config).expect("a client")
+}
+
 async fn farm_pods(c: &Cluster) -> Vec<Pod> {
     c.api::<Pod>(NS)
         .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={FARM}")))
@@ -483,7 +495,7 @@ async fn farm_pods(c: &Cluster) -> Vec<Pod> {
 /// again; right after each, a second eviction must be refused (429) while that server is out.
 /// Returns how many second evictions were refused.
 async fn evict_every_server(c: &Cluster) -> usize {
-    let pods: Api<Pod> = c.api(NS);
+    let pods: Api<Pod> = Api::namespaced(no_retry_client(c).await, NS);
     let mut refused = 0;
     let mut saw_disrupted = false;
     for ordinal in (0..SERVERS).rev() {

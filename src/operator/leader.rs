@@ -186,6 +186,9 @@ pub fn lease_client(config: &kube::Config, grace: Duration) -> anyhow::Result<Cl
     config.connect_timeout = Some(limit);
     config.read_timeout = Some(limit);
     config.write_timeout = Some(limit);
+    // kube retries 429s and 5xx with backoff by default, which could stretch one renewal past
+    // the term; the lease manager retries by itself, and a failed renewal must show at once.
+    config.default_retry = false;
     Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot make the Lease's API client: {e}"))
 }
 
