@@ -125,14 +125,21 @@ async fn scenario(c: &Cluster, report: &mut Vec<String>) {
         t.elapsed().as_secs_f64()
     ));
 
-    let t = Instant::now();
-    let (takeover, reconciled) = failover(c, &mut writers).await;
-    report.push(format!(
-        "  {:>6.1} s  leader deleted: the standby took the Lease after {:.1} s; the farm change made meanwhile was applied {:.1} s after the delete",
-        t.elapsed().as_secs_f64(),
-        takeover.as_secs_f64(),
-        reconciled.as_secs_f64()
-    ));
+    // A leader that stops cleanly gives the Lease up; one killed outright (a lost node) holds it
+    // until its term ends.
+    for (force, how) in [
+        (false, "deleted"),
+        (true, "force-deleted (killed, no release)"),
+    ] {
+        let t = Instant::now();
+        let (takeover, reconciled, by) = failover(c, &mut writers, force).await;
+        report.push(format!(
+            "  {:>6.1} s  leader {how}: {by} took the Lease after {:.1} s; the farm change made meanwhile was applied {:.1} s after the delete",
+            t.elapsed().as_secs_f64(),
+            takeover.as_secs_f64(),
+            reconciled.as_secs_f64()
+        ));
+    }
 
     let t = Instant::now();
     let uploads = start_uploads(c, work.path(), "upgrade", 30).await;
@@ -573,13 +580,31 @@ async fn evict_every_server(c: &Cluster) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Failover
 
-/// Deletes the leading operator pod and, right after, changes the farm. Returns how long the
-/// standby took to hold the Lease, and how long until the change was applied.
-async fn failover(c: &Cluster, writers: &mut Writers) -> (Duration, Duration) {
+/// Deletes the leading operator pod (`force`: at once, without its SIGTERM, as a lost node
+/// would) and, right after, changes the farm. Returns how long until another replica held the
+/// Lease, how long until the change was applied, and which replica took over (the standby, or
+/// the Deployment's replacement for the deleted pod, whichever was first).
+async fn failover(c: &Cluster, writers: &mut Writers, force: bool) -> (Duration, Duration, String) {
     let old = lease_holder(c).await.expect("a leader");
+    let standby: Vec<String> = operator_pods(c, 2)
+        .await
+        .iter()
+        .map(ResourceExt::name_any)
+        .filter(|n| *n != old)
+        .collect();
     let start = Instant::now();
-    c.kubectl_ok(&["delete", "pod", "-n", OPERATOR_NS, &old, "--wait=false"])
-        .await;
+    let mut delete = vec![
+        "delete",
+        "pod",
+        "-n",
+        OPERATOR_NS,
+        old.as_str(),
+        "--wait=false",
+    ];
+    if force {
+        delete.extend(["--force", "--grace-period=0"]);
+    }
+    c.kubectl_ok(&delete).await;
     c.kubectl_ok(&[
         "patch",
         "uploadfarm",
@@ -588,7 +613,7 @@ async fn failover(c: &Cluster, writers: &mut Writers) -> (Duration, Duration) {
         FARM,
         "--type=merge",
         "-p",
-        r#"{"spec":{"service":{"annotations":{"bitsfarm.io/failover-test":"1"}}}}"#,
+        &format!(r#"{{"spec":{{"service":{{"annotations":{{"bitsfarm.io/failover-test":"{force}"}}}}}}}}"#),
     ])
     .await;
     let leases: Api<Lease> = c.api(OPERATOR_NS);
@@ -614,21 +639,30 @@ async fn failover(c: &Cluster, writers: &mut Writers) -> (Duration, Duration) {
         Duration::from_secs(90),
         || async {
             let s = services.get(FARM).await.map_err(|e| e.to_string())?;
-            s.annotations()
-                .get("bitsfarm.io/failover-test")
-                .map(|_| start.elapsed())
+            (s.annotations().get("bitsfarm.io/failover-test") == Some(&force.to_string()))
+                .then(|| start.elapsed())
                 .ok_or("not yet".to_string())
         },
     )
     .await;
     let new = lease_holder(c).await.expect("a leader");
+    let by = if standby.contains(&new) {
+        format!("the standby {new}")
+    } else {
+        format!("the replacement pod {new}")
+    };
     say(&format!(
-        "  {old} deleted: {new} took the Lease after {:.1} s",
+        "  {old} deleted (force: {force}): {by} took the Lease after {:.1} s",
         takeover.as_secs_f64()
     ));
+    // Killed outright, the leader cannot give the Lease up: its term (15 s) bounds the wait.
+    assert!(
+        takeover < Duration::from_secs(25),
+        "takeover took {takeover:?}"
+    );
     let pods = operator_pods(c, 2).await;
     writers.note(&pods);
-    (takeover, reconciled)
+    (takeover, reconciled, by)
 }
 
 // ---------------------------------------------------------------------------------------------
