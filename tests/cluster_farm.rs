@@ -314,6 +314,10 @@ async fn crds_and_cel_rules(c: &Cluster) {
             "spec.storage",
             farm_yaml("cel-storage", "  storage:\n    size: 2Gi\n"),
         ),
+        (
+            "spec.disruptionBudget.maxUnavailable",
+            farm_yaml("cel-budget", "  disruptionBudget:\n    maxUnavailable: 0\n"),
+        ),
     ]);
     for (at, message) in &rules {
         assert!(
@@ -329,7 +333,7 @@ async fn crds_and_cel_rules(c: &Cluster) {
     .await;
     let valid = farm_yaml(
         "cel-valid",
-        "  backend:\n    url: http://b:8090/\n    notification: ByValue\n",
+        "  backend:\n    url: http://b:8090/\n    notification: ByValue\n  disruptionBudget:\n    maxUnavailable: 25%\n",
     );
     let out = c
         .kubectl_in(
