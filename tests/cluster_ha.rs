@@ -96,7 +96,10 @@ async fn drains_failover_and_upgrades_with_uploads_in_flight() {
 }
 
 async fn scenario(c: &Cluster, report: &mut Vec<String>) {
-    let mut writers = Writers::default();
+    let mut writers = Writers {
+        since: jiff::Timestamp::now(),
+        by_ip: BTreeMap::new(),
+    };
     let t = Instant::now();
     install(c, &mut writers).await;
     report.push(format!(
@@ -822,8 +825,9 @@ async fn upgrade(c: &Cluster, writers: &mut Writers) -> Vec<usize> {
 
 /// The operator pods seen during the test, by address: the audit log names a writer by the
 /// address its request came from (both replicas use the same ServiceAccount).
-#[derive(Default)]
 struct Writers {
+    /// When this test began: earlier writes (another test's, on the same cluster) are not ours.
+    since: jiff::Timestamp,
     by_ip: BTreeMap<String, String>,
 }
 
@@ -861,6 +865,12 @@ fn one_writer_at_a_time(writers: &Writers) -> String {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        let Ok(when) = at.parse::<jiff::Timestamp>() else {
+            continue;
+        };
+        if when < writers.since {
+            continue;
+        }
         writes.push((at, ip));
     }
     writes.sort();
