@@ -1299,7 +1299,12 @@ fn operator_rss(dir: &Path) -> Result<(u64, u64, usize, f64), String> {
     .map_err(|e| e.to_string())?;
     let health = free_port();
     let mut child = Command::new(bitsfarm_exe())
-        .args(["operator", "--listen", &format!("127.0.0.1:{health}")])
+        .args([
+            "operator",
+            "--no-leader-election",
+            "--listen",
+            &format!("127.0.0.1:{health}"),
+        ])
         .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())

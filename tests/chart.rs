@@ -4,8 +4,11 @@
 //! test reads that folder from `BITSFARM_CHART_RENDERED` and checks the objects:
 //! - every object parses as the Kubernetes type it claims to be (k8s-openapi), and serializes back
 //!   to the same JSON, so a misspelt or misplaced field fails;
-//! - the Deployment runs `bitsfarm operator` (one replica, Recreate) with the restricted security
-//!   context, probes, RUST_LOG and the farm image the values ask for;
+//! - the Deployment runs `bitsfarm operator` (two replicas behind a Lease with RollingUpdate and a
+//!   preferred anti-affinity by default; one replica with Recreate without the Lease) with the
+//!   restricted security context, probes, RUST_LOG and the farm image the values ask for;
+//! - the leader-election Role in the operator's namespace grants exactly
+//!   `bitsfarm::operator::rbac::LEASE_RULE`, and a PodDisruptionBudget keeps one replica up;
 //! - the (Cluster)Role grants exactly `bitsfarm::operator::rbac::RULES` (which a unit test holds
 //!   to the calls the operator makes), each rule with a comment saying why, bound to the
 //!   operator's ServiceAccount, cluster-wide by default and in one namespace when told to;
@@ -18,12 +21,13 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use bitsfarm::operator::rbac::RULES;
+use bitsfarm::operator::rbac::{LEASE_RULE, RULES};
 
 const RELEASE: &str = "bitsfarm-operator";
 const NAMESPACE: &str = "bitsfarm-system";
@@ -65,6 +69,25 @@ impl Case {
             .filter(|(_, o)| o["kind"] == kind)
             .map(|(_, o)| o)
             .collect()
+    }
+
+    /// The objects of `kind` that are not from the template `file`.
+    fn of_kind_outside(&self, kind: &str, file: &str) -> Vec<&Value> {
+        self.objects
+            .iter()
+            .filter(|(f, o)| o["kind"] == kind && f != file)
+            .map(|(_, o)| o)
+            .collect()
+    }
+
+    fn replicas(&self) -> i32 {
+        self.value("replicaCount")
+            .and_then(Value::as_i64)
+            .map_or(2, |n| n as i32)
+    }
+
+    fn election(&self) -> bool {
+        self.flag("leaderElection.enabled") != Some(false)
     }
 
     fn one<T: DeserializeOwned>(&self, kind: &str) -> T {
@@ -252,6 +275,7 @@ fn check_types(case: &Case) {
             "Role" => drop(typed::<Role>(&case.name, file, o)),
             "RoleBinding" => drop(typed::<RoleBinding>(&case.name, file, o)),
             "NetworkPolicy" => drop(typed::<NetworkPolicy>(&case.name, file, o)),
+            "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(&case.name, file, o)),
             // prometheus-operator's type, not in k8s-openapi: checked field by field below.
             "ServiceMonitor" => assert_eq!(o["apiVersion"], "monitoring.coreos.com/v1"),
             other => panic!(
@@ -276,13 +300,38 @@ fn operator_container(case: &Case, d: &Deployment) -> Container {
 fn check_deployment(case: &Case) {
     let d: Deployment = case.one("Deployment");
     let spec = d.spec.as_ref().unwrap();
-    assert_eq!(spec.replicas, Some(1), "{}: one replica", case.name);
-    assert_eq!(
-        spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
-        Some("Recreate"),
-        "{}: two controllers must never run side by side",
-        case.name
-    );
+    let replicas = case.replicas();
+    assert_eq!(spec.replicas, Some(replicas), "{}", case.name);
+    let strategy = spec.strategy.clone().unwrap_or_default();
+    if case.election() {
+        // Only the Lease holder reconciles: old and new pods may overlap, and a new one is up
+        // (a ready standby) before an old one goes.
+        assert_eq!(
+            strategy.type_.as_deref(),
+            Some("RollingUpdate"),
+            "{}",
+            case.name
+        );
+        let rolling = strategy.rolling_update.unwrap();
+        assert_eq!(
+            serde_json::to_value(&rolling.max_unavailable).unwrap(),
+            Value::from(0),
+            "{}",
+            case.name
+        );
+    } else {
+        assert_eq!(
+            replicas, 1,
+            "{}: two controllers without a Lease",
+            case.name
+        );
+        assert_eq!(
+            strategy.type_.as_deref(),
+            Some("Recreate"),
+            "{}: two controllers must never run side by side",
+            case.name
+        );
+    }
     assert_eq!(
         spec.selector.match_labels.as_ref().unwrap(),
         &selector_labels()
@@ -336,6 +385,36 @@ fn check_deployment(case: &Case) {
         "{}",
         case.name
     );
+    if case.election() {
+        let number = |path: &str, default: i64| {
+            case.value(path)
+                .and_then(Value::as_i64)
+                .unwrap_or(default)
+                .to_string()
+        };
+        assert_eq!(
+            flag("lease-name").as_deref(),
+            Some(RELEASE),
+            "{}",
+            case.name
+        );
+        assert_eq!(
+            flag("lease-duration-seconds"),
+            Some(number("leaderElection.leaseDurationSeconds", 15))
+        );
+        assert_eq!(
+            flag("lease-renew-seconds"),
+            Some(number("leaderElection.renewSeconds", 10))
+        );
+        assert!(!args.contains(&"--no-leader-election".to_string()));
+    } else {
+        assert!(
+            args.contains(&"--no-leader-election".to_string()),
+            "{}",
+            case.name
+        );
+        assert_eq!(flag("lease-name"), None);
+    }
     assert_eq!(
         flag("log-format").as_deref(),
         Some(case.str_value("logFormat").unwrap_or("json"))
@@ -427,6 +506,32 @@ fn check_deployment(case: &Case) {
             .is_some_and(|r| r.contains_key("memory"))
     );
 
+    // The replicas spread over nodes, preferably: never required, or a one-node cluster (and a
+    // drain of all but one node) could not run them all.
+    let affinity = pod.affinity.clone().unwrap_or_default();
+    match case
+        .value("affinity")
+        .filter(|a| a.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        Some(given) => assert_eq!(&serde_json::to_value(&affinity).unwrap(), given),
+        None => {
+            let anti = affinity.pod_anti_affinity.expect("a default anti-affinity");
+            assert!(
+                anti.required_during_scheduling_ignored_during_execution
+                    .is_none()
+            );
+            let preferred = anti
+                .preferred_during_scheduling_ignored_during_execution
+                .unwrap();
+            let term = &preferred[0].pod_affinity_term;
+            assert_eq!(term.topology_key, "kubernetes.io/hostname");
+            assert_eq!(
+                term.label_selector.as_ref().unwrap().match_labels.as_ref(),
+                Some(&selector_labels())
+            );
+        }
+    }
+
     let sa = pod.service_account_name.clone().unwrap();
     if case.flag("serviceAccount.create") == Some(false) {
         assert_eq!(Some(sa.as_str()), case.str_value("serviceAccount.name"));
@@ -450,7 +555,7 @@ fn check_rbac(case: &Case) {
         .unwrap();
     let watch = case.str_value("watchNamespace");
     let kinds = ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
-    let count = |k: &str| case.of_kind(k).len();
+    let count = |k: &str| case.of_kind_outside(k, LEADER_FILE).len();
     if case.flag("rbac.create") == Some(false) {
         for k in kinds {
             assert_eq!(count(k), 0, "{}: {k} with rbac.create false", case.name);
@@ -471,7 +576,9 @@ fn check_rbac(case: &Case) {
             (r.metadata.name, None, r.rules.unwrap_or_default())
         }
         Some(_) => {
-            let r: Role = case.one("Role");
+            let r: Role =
+                serde_json::from_value(case.of_kind_outside("Role", LEADER_FILE)[0].clone())
+                    .unwrap();
             (
                 r.metadata.name,
                 r.metadata.namespace,
@@ -497,7 +604,7 @@ fn check_rbac(case: &Case) {
     );
     every_rule_commented(&case.name, file, &case.texts[file]);
 
-    let binding = case.of_kind(binding_kind)[0].clone();
+    let binding = case.of_kind_outside(binding_kind, LEADER_FILE)[0].clone();
     let (role_ref, subjects, binding_ns) = match watch {
         None => {
             let b: ClusterRoleBinding = serde_json::from_value(binding).unwrap();
@@ -519,6 +626,90 @@ fn check_rbac(case: &Case) {
     assert_eq!(subjects[0].kind, "ServiceAccount");
     assert_eq!(subjects[0].name, sa);
     assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+}
+
+/// The template of leader election's Role and RoleBinding.
+const LEADER_FILE: &str = "leader-election.yaml";
+
+/// Leader election's Role, in the operator's namespace, grants exactly `LEASE_RULE` to the
+/// operator's ServiceAccount.
+fn check_leader_election(case: &Case) {
+    let objects: Vec<&Value> = case
+        .objects
+        .iter()
+        .filter(|(f, _)| f == LEADER_FILE)
+        .map(|(_, o)| o)
+        .collect();
+    if !case.election() || case.flag("rbac.create") == Some(false) {
+        assert!(
+            objects.is_empty(),
+            "{}: a Lease Role without use",
+            case.name
+        );
+        return;
+    }
+    assert_eq!(objects.len(), 2, "{}", case.name);
+    let role: Role = serde_json::from_value(objects[0].clone()).unwrap();
+    let binding: RoleBinding = serde_json::from_value(objects[1].clone()).unwrap();
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let granted = granted_by_chart(&case.name, &role.rules.unwrap_or_default());
+    let wanted: BTreeSet<Grant> = LEASE_RULE
+        .verbs
+        .iter()
+        .map(|v| {
+            (
+                LEASE_RULE.api_group.to_string(),
+                LEASE_RULE.resource.to_string(),
+                v.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        granted, wanted,
+        "{}: the Lease Role differs from LEASE_RULE",
+        case.name
+    );
+    let text = &case.texts[LEADER_FILE];
+    let rule = text.find("- apiGroups:").unwrap();
+    assert!(
+        text[..rule]
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .trim_start()
+            .starts_with('#'),
+        "{}: the Lease rule needs a comment saying why",
+        case.name
+    );
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(Some(binding.role_ref.name), role.metadata.name);
+    let d: Deployment = case.one("Deployment");
+    let sa = d.spec.unwrap().template.spec.unwrap().service_account_name;
+    let subjects = binding.subjects.unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(Some(subjects[0].name.clone()), sa);
+}
+
+/// With more than one replica, a PodDisruptionBudget keeps one up through a node drain; with
+/// one, none (it would block every drain).
+fn check_disruption_budget(case: &Case) {
+    let budgets = case.of_kind("PodDisruptionBudget");
+    let wanted = case.replicas() > 1 && case.flag("podDisruptionBudget.enabled") != Some(false);
+    assert_eq!(budgets.len(), usize::from(wanted), "{}", case.name);
+    if !wanted {
+        return;
+    }
+    let pdb: PodDisruptionBudget = case.one("PodDisruptionBudget");
+    assert_eq!(pdb.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = pdb.spec.unwrap();
+    assert_eq!(
+        serde_json::to_value(&spec.min_available).unwrap(),
+        Value::from(1)
+    );
+    assert!(spec.max_unavailable.is_none());
+    assert_eq!(spec.selector.unwrap().match_labels, Some(selector_labels()));
 }
 
 fn check_metrics(case: &Case) {
@@ -612,6 +803,8 @@ fn every_rendered_case_is_valid_and_least_privilege() {
         check_types(case);
         check_deployment(case);
         check_rbac(case);
+        check_leader_election(case);
+        check_disruption_budget(case);
         check_metrics(case);
     }
     // The switches the issue names were all rendered.
@@ -624,6 +817,8 @@ fn every_rendered_case_is_valid_and_least_privilege() {
         "no-rbac",
         "existing-service-account",
         "farm-image",
+        "single-replica",
+        "ha-tuned",
     ] {
         assert!(names.contains(want), "case {want} not rendered");
     }

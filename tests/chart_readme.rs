@@ -40,6 +40,9 @@ fn type_of(name: &str, schema: &Value) -> String {
     if let Some((_, t)) = KUBERNETES_TYPED.iter().find(|(n, _)| *n == name) {
         return format!("Kubernetes `{t}`");
     }
+    if schema["x-kubernetes-int-or-string"] == Value::Bool(true) {
+        return "integer or string".into();
+    }
     if let Some(values) = schema["enum"].as_array() {
         return values
             .iter()

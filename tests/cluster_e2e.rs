@@ -61,6 +61,8 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
                 "--image",
                 &c.image,
+                // The only operator, run as a process: no Lease to wait for.
+                "--no-leader-election",
             ])
             .env("KUBECONFIG", &c.kubeconfig)
             .env("RUST_LOG", "info,bitsfarm=debug")

@@ -314,6 +314,10 @@ async fn crds_and_cel_rules(c: &Cluster) {
             "spec.storage",
             farm_yaml("cel-storage", "  storage:\n    size: 2Gi\n"),
         ),
+        (
+            "spec.disruptionBudget.maxUnavailable",
+            farm_yaml("cel-budget", "  disruptionBudget:\n    maxUnavailable: 0\n"),
+        ),
     ]);
     for (at, message) in &rules {
         assert!(
@@ -329,7 +333,7 @@ async fn crds_and_cel_rules(c: &Cluster) {
     .await;
     let valid = farm_yaml(
         "cel-valid",
-        "  backend:\n    url: http://b:8090/\n    notification: ByValue\n",
+        "  backend:\n    url: http://b:8090/\n    notification: ByValue\n  disruptionBudget:\n    maxUnavailable: 25%\n",
     );
     let out = c
         .kubectl_in(
@@ -443,7 +447,7 @@ async fn helm_install(c: &Cluster) {
 }
 
 async fn operator_pod(c: &Cluster) -> Pod {
-    eventually("one Ready operator pod", SETTLE, || async {
+    eventually("two Ready operator pods", SETTLE, || async {
         let pods = c
             .api::<Pod>(OPERATOR_NS)
             .list(&ListParams::default().labels("app.kubernetes.io/name=bitsfarm-operator"))
@@ -454,8 +458,9 @@ async fn operator_pod(c: &Cluster) -> Pod {
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .collect();
+        // Two replicas by default (one leads, one stands by), both ready.
         match live.as_slice() {
-            [p] if pod_ready(p) => Ok(p.clone()),
+            [p, q] if pod_ready(p) && pod_ready(q) => Ok(p.clone()),
             other => Err(format!(
                 "operator pods: {:?}",
                 other

@@ -61,6 +61,14 @@ fn render_prints_every_object_for_each_example() {
             "{}",
             path.display()
         );
+        // A farm of two servers or more gets a PodDisruptionBudget (none asks for it off).
+        let budgets = usize::from(replicas >= 2);
+        assert_eq!(
+            yaml.matches("\nkind: PodDisruptionBudget\n").count(),
+            budgets,
+            "{}",
+            path.display()
+        );
         for kind in ["ConfigMap", "StatefulSet"] {
             assert_eq!(
                 yaml.matches(&format!("\nkind: {kind}\n")).count(),
@@ -79,7 +87,7 @@ fn render_prints_every_object_for_each_example() {
         // ... and the handoff Secret.
         assert_eq!(
             yaml.matches("---\n").count(),
-            replicas + 5 + policies,
+            replicas + 5 + policies + budgets,
             "{}",
             path.display()
         );

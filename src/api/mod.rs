@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -160,6 +161,43 @@ pub struct UploadFarmSpec {
     /// where the cluster's network plugin enforces NetworkPolicies (Calico, Cilium, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<FarmNetworkPolicy>,
+
+    /// The farm's PodDisruptionBudget (named like the farm): how many servers a voluntary
+    /// disruption (a node drain, an eviction) may take down at once. Made only for farms of two
+    /// servers or more; a one-server farm gets none, so that it never blocks a node drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption_budget: Option<DisruptionBudget>,
+}
+
+/// The farm's PodDisruptionBudget (`operator::resources::disruption_budget` builds it).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudget {
+    /// Create the PodDisruptionBudget (for farms of two servers or more). Turning it off deletes
+    /// the one the operator made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Servers a voluntary disruption may take down at once: a number (at least 1) or a
+    /// percentage of the servers (such as `25%`, rounded up by Kubernetes). Default 1, so a
+    /// drain stops one server at a time: each drains its sessions (`drainTimeoutSeconds`) while
+    /// the others serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("string(self).matches('^([1-9][0-9]*|([1-9][0-9]?|100)%)$')").message("maxUnavailable must be at least 1 or a percentage from 1% to 100%; 0 would block every node drain (set enabled: false to have no budget)"))]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+impl Default for DisruptionBudget {
+    fn default() -> Self {
+        DisruptionBudget {
+            enabled: true,
+            max_unavailable: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The farm's NetworkPolicy: who may reach the servers and whom they may reach

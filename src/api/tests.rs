@@ -365,3 +365,35 @@ fn server_config_rejects_what_cel_would_with_actionable_messages() {
         assert!(e.to_string().contains(needle), "{spec}: {e}");
     }
 }
+
+#[test]
+fn cel_refuses_a_disruption_budget_that_would_block_every_drain() {
+    for bad in [
+        json!(0),
+        json!("0%"),
+        json!("101%"),
+        json!("one"),
+        json!(-1),
+    ] {
+        let e = farm(json!({"replicas": 3, "disruptionBudget": {"maxUnavailable": bad}}))
+            .validate_cel()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("maxUnavailable must be at least 1"),
+            "{bad}: {e}"
+        );
+    }
+    for good in [json!(1), json!(2), json!("25%"), json!("100%")] {
+        farm(json!({"replicas": 3, "disruptionBudget": {"maxUnavailable": good}}))
+            .validate_cel()
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    // Off, or left out: valid, and the budget is on by default.
+    assert!(
+        farm(json!({"disruptionBudget": {"enabled": false}}))
+            .validate_cel()
+            .is_ok()
+    );
+    let f = farm(json!({"disruptionBudget": {}}));
+    assert!(f.spec.disruption_budget.is_some_and(|b| b.enabled));
+}

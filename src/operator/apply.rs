@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::NamespaceResourceScope;
 use kube::{Client, Resource, ResourceExt};
@@ -44,13 +45,13 @@ impl<K> Child for K where
 /// missing, applies every child in order (the headless Service before the StatefulSet that names
 /// it; the NetworkPolicy before the pods it restricts, so that a farm that asks for one never has
 /// pods without it), then deletes the children the farm owns and no longer asks for. Returns the
-/// StatefulSet as the API server stored it, for the status.
+/// StatefulSet and the PodDisruptionBudget as the API server stored them, for the status.
 pub async fn apply_and_prune(
     client: &Client,
     farm: &UploadFarm,
     ns: &str,
     children: &Children,
-) -> Result<StatefulSet, Error> {
+) -> Result<Applied, Error> {
     ensure_handoff_secret(client, farm, ns).await?;
     apply(client, ns, &children.config_map).await?;
     apply(client, ns, &children.headless_service).await?;
@@ -84,12 +85,35 @@ pub async fn apply_and_prune(
         "per-pod Services",
     )
     .await?;
-    Ok(stateful_set)
+    let disruption_budget = match &children.disruption_budget {
+        Some(budget) => Some(apply(client, ns, budget).await?),
+        None => None,
+    };
+    // A farm shrunk to one server, or that turned its budget off, loses the one it had: left in
+    // place, a budget over one pod would block every drain of that pod's node.
+    let budgets: Vec<String> = disruption_budget
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    prune_kind::<PodDisruptionBudget>(client, farm, ns, &budgets, "PodDisruptionBudgets").await?;
+    Ok(Applied {
+        stateful_set,
+        disruption_budget,
+    })
+}
+
+/// What the API server stored of the children the status is computed from.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub stateful_set: StatefulSet,
+    /// Its `status` says how many disruptions the budget allows now.
+    pub disruption_budget: Option<PodDisruptionBudget>,
 }
 
 /// The sweep covers the kinds of which a farm can stop asking for objects: per-pod Services come
 /// and go with its size (a scale-down's draining servers keep theirs until they are removed, as
-/// they are in `children`), the NetworkPolicy with `spec.networkPolicy`. The ConfigMap and the
+/// they are in `children`), the NetworkPolicy with `spec.networkPolicy`, the
+/// PodDisruptionBudget with `spec.disruptionBudget` and the farm's size. The ConfigMap and the
 /// StatefulSet are one object each, always asked for under a name fixed by the farm's: sweeping
 /// them could never delete anything, and would only cost two lists per reconcile and the right to
 /// delete StatefulSets. The handoff Secret is never listed: the operator may not read Secrets.

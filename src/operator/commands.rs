@@ -23,6 +23,8 @@ pub struct OperatorArgs {
     /// UploadFarms reconciled at the same time.
     #[arg(long, default_value_t = 4)]
     pub concurrency: u16,
+    #[command(flatten)]
+    pub election: super::leader::ElectionArgs,
 }
 
 /// `bitsfarm render` flags.
@@ -68,6 +70,7 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         listen: args.listen,
         image: args.image.unwrap_or_else(default_image),
         concurrency: args.concurrency.max(1),
+        election: args.election.election()?,
     })
     .await
 }

@@ -136,6 +136,26 @@ pub fn set_draining(conditions: &mut [Condition], message: String, now: Timestam
     }
 }
 
+/// `Ready`'s reason while servers are missing because of a voluntary disruption.
+pub const DISRUPTED: &str = "Disrupted";
+
+/// Says in `Ready` that servers are missing because of a voluntary disruption (a node drain, an
+/// eviction): a False `Ready` takes reason `Disrupted` (keeping its lastTransitionTime) unless a
+/// failure already explains it (a failing pod is the more urgent news). A farm whose servers are
+/// all ready is not short of any, whatever is being evicted next.
+pub fn set_disrupted(conditions: &mut [Condition], message: String) {
+    let failing = conditions
+        .iter()
+        .any(|c| c.type_ == DEGRADED && c.status == TRUE);
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == READY) {
+        if failing || c.status == TRUE {
+            return;
+        }
+        c.reason = DISRUPTED.into();
+        c.message = message;
+    }
+}
+
 /// The three conditions for `obs`, with `lastTransitionTime` kept from `old` unless the status
 /// flipped.
 pub fn conditions(obs: &Observed, old: &[Condition], now: Timestamp) -> Vec<Condition> {

@@ -18,7 +18,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use super::apply::apply_and_prune;
+use super::apply::{Applied, apply_and_prune};
 use super::conditions::{self, Problem};
 use super::error::Error;
 use super::error::api_message;
@@ -158,7 +158,7 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
         .await
         .inspect_err(|_| ctx.metrics.set_farm_ready(&key(farm), Some(false)))?;
     let children = checked.children(&ctx.build, scale.replicas);
-    let (stateful_set, pods) = match apply_and_observe(farm, &ns, &children, ctx).await {
+    let (applied, pods) = match apply_and_observe(farm, &ns, &children, ctx).await {
         Ok(seen) => seen,
         Err(e) => {
             let problem = Problem::ApplyFailed(e.to_string());
@@ -173,7 +173,8 @@ async fn reconcile_farm(farm: &UploadFarm, ctx: &Context) -> Result<Action, Erro
     let status = status::reconciled(
         farm,
         &old,
-        &stateful_set,
+        &applied.stateful_set,
+        applied.disruption_budget.as_ref(),
         &pods,
         &children.config_hash,
         scale.record,
@@ -234,8 +235,8 @@ async fn apply_and_observe(
     ns: &str,
     children: &Children,
     ctx: &Context,
-) -> Result<(StatefulSet, Vec<Pod>), Error> {
-    let stateful_set = apply_and_prune(&ctx.client, farm, ns, children).await?;
+) -> Result<(Applied, Vec<Pod>), Error> {
+    let applied = apply_and_prune(&ctx.client, farm, ns, children).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pods = pods
         .list(&ListParams::default().labels(&resources::selector_string(&farm.name_any())))
@@ -245,7 +246,7 @@ async fn apply_and_observe(
             source,
         })?
         .items;
-    Ok((stateful_set, pods))
+    Ok((applied, pods))
 }
 
 /// How often a scale-down in progress asks its draining servers how many sessions are left.

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub farms: Family<ReadyLabels, Gauge>,
     pub crd_missing: Gauge,
+    /// 1 while this replica holds the Lease and runs the controller (always 1 without election).
+    pub leader: Gauge,
     /// Readiness of each farm by `namespace/name`, from which the `farms` gauge is recomputed.
     readiness: Mutex<HashMap<String, bool>>,
 }
@@ -41,6 +43,7 @@ impl Default for Metrics {
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 12));
         let farms = Family::<ReadyLabels, Gauge>::default();
         let crd_missing = Gauge::default();
+        let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -58,7 +61,13 @@ impl Default for Metrics {
             "1 while the UploadFarm CRD is not installed",
             crd_missing.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica leads (holds the Lease and reconciles), 0 on a standby",
+            leader.clone(),
+        );
         Metrics {
+            leader,
             registry,
             reconciles,
             failures,
@@ -145,6 +154,9 @@ mod tests {
         m.set_farm_ready("ns/c", Some(false));
         m.set_farm_ready("ns/c", None);
         let text = m.encode();
+        assert!(text.contains("bitsfarm_operator_leader 0"), "{text}");
+        m.leader.set(1);
+        assert!(m.encode().contains("bitsfarm_operator_leader 1"));
         assert!(
             text.contains("bitsfarm_operator_reconciles_total 1"),
             "{text}"

@@ -13,6 +13,7 @@ pub mod conditions;
 pub mod controller;
 pub mod error;
 pub mod health;
+pub mod leader;
 pub mod metrics;
 pub mod rbac;
 pub mod render;
@@ -32,6 +33,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use kube::core::error_boundary::DeserializeGuard;
@@ -40,6 +42,7 @@ use kube::runtime::{Controller, watcher};
 use crate::api::UploadFarm;
 use controller::{Context, error_policy, reconcile};
 use health::Health;
+use leader::{Candidate, Election};
 use metrics::Metrics;
 use resources::{BuildOptions, MANAGED_BY};
 
@@ -54,6 +57,8 @@ pub struct OperatorOptions {
     pub image: String,
     /// Farms reconciled at the same time.
     pub concurrency: u16,
+    /// Whether this replica must hold the Lease to reconcile.
+    pub election: Election,
 }
 
 /// Whether the API server knows `persistentVolumeClaimRetentionPolicy` (1.27+).
@@ -68,10 +73,14 @@ pub fn supports_pvc_retention(major: &str, minor: &str) -> bool {
     (num(major), num(minor)) >= (1, 27)
 }
 
-/// `bitsfarm operator`: serves health and metrics, waits for the CRD, then runs the controller
-/// until SIGINT or SIGTERM.
+/// `bitsfarm operator`: serves health and metrics, waits for the CRD and, with leader election,
+/// for the Lease, then runs the controller until SIGINT or SIGTERM (then gives the Lease up), or
+/// until it loses the Lease (then returns an error at once, for the process to exit).
 pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| {
+    let config = kube::Config::infer().await.map_err(|e| {
+        anyhow::anyhow!("cannot find the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
+    })?;
+    let client = Client::try_from(config.clone()).map_err(|e| {
         anyhow::anyhow!("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}")
     })?;
     let metrics = Arc::new(Metrics::default());
@@ -112,10 +121,34 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
     if !wait_for_crd(&client, &opts.namespace, &metrics, stop_rx.clone()).await {
         return Ok(());
     }
+    // Ready from here on, leading or not: a standby is healthy, and a rollout waits for it.
+    health.ready.store(true, Ordering::Relaxed);
+    let candidate = match &opts.election {
+        Election::Off => None,
+        Election::On(settings) => {
+            let grace = Duration::from_secs(settings.grace_seconds);
+            let candidate =
+                Candidate::new(leader::lease_client(&config, grace)?, settings.clone()).await?;
+            tracing::info!(identity = %settings.identity, lease = %settings.name, namespace = %settings.namespace,
+                "not the leader: standing by, ready, until the Lease is free");
+            tokio::select! {
+                _ = candidate.acquire() => {}
+                _ = stopped(stop_rx.clone()) => {
+                    tracing::info!("stopped while standing by");
+                    health.ready.store(false, Ordering::Relaxed);
+                    let _ = health_task.await;
+                    return Ok(());
+                }
+            }
+            tracing::info!(identity = %settings.identity, lease = %settings.name, "leading: holds the Lease; starting the controller");
+            Some(candidate)
+        }
+    };
+    metrics.leader.set(1);
 
     let children =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    let ctx = Arc::new(Context::new(client.clone(), build, metrics));
+    let ctx = Arc::new(Context::new(client.clone(), build, metrics.clone()));
     let controller = Controller::new(farms, watcher::Config::default().any_semantic())
         .owns(
             scoped::<StatefulSet>(&client, &opts.namespace),
@@ -131,22 +164,48 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
         )
         // A NetworkPolicy edited or deleted by hand is put back at once, not at the next
         // periodic reconcile: until then the pods would be open.
-        .owns(scoped::<NetworkPolicy>(&client, &opts.namespace), children)
+        .owns(
+            scoped::<NetworkPolicy>(&client, &opts.namespace),
+            children.clone(),
+        )
+        // A budget deleted by hand is put back at once: until then a drain could stop every
+        // server of the farm together.
+        .owns(
+            scoped::<PodDisruptionBudget>(&client, &opts.namespace),
+            children,
+        )
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .graceful_shutdown_on(stopped(stop_rx.clone()));
-    health.ready.store(true, Ordering::Relaxed);
     tracing::info!("controller started");
-    controller
+    let running = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(farm = %obj.name, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile did not complete"),
             }
-        })
-        .await;
+        });
+    match &candidate {
+        None => running.await,
+        Some(lease) => {
+            tokio::select! {
+                _ = running => {}
+                why = lease.hold() => {
+                    // Dropping the controller here cancels every reconcile in flight: another
+                    // replica may lead already, and two writers must never overlap.
+                    metrics.leader.set(0);
+                    tracing::error!(%why, "lost the leadership: stopped reconciling; exiting so that Kubernetes restarts this replica as a follower");
+                    return Err(anyhow::anyhow!("lost the leadership ({why}); exiting so that Kubernetes restarts this replica as a follower"));
+                }
+            }
+        }
+    }
     health.ready.store(false, Ordering::Relaxed);
     tracing::info!("controller stopped");
+    metrics.leader.set(0);
+    if let Some(lease) = &candidate {
+        lease.release().await;
+    }
     let _ = health_task.await;
     Ok(())
 }

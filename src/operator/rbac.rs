@@ -106,6 +106,15 @@ pub const RULES: &[Rule] = &[
               the farm's labels and, once a farm no longer asks for it, delete of the one it owns",
     },
     Rule {
+        api_group: "policy",
+        resource: "poddisruptionbudgets",
+        verbs: &["create", "delete", "list", "patch", "watch"],
+        why: "server-side apply of a farm's PodDisruptionBudget (farms of two servers or more), \
+              the owns-watch that puts back one edited or deleted by hand, and the sweep: the list \
+              by the farm's labels and delete of the one it owns once the farm shrinks to one \
+              server or turns spec.disruptionBudget off",
+    },
+    Rule {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
@@ -113,6 +122,17 @@ pub const RULES: &[Rule] = &[
               created, then patched when the same event repeats (an event series, kube's Recorder)",
     },
 ];
+
+/// Leader election's one rule, granted by a Role in the operator's own namespace (the Lease is
+/// there, whatever namespaces the operator watches): what kube-lease-manager sends, as
+/// `leader::tests` records it against a mock API server.
+pub const LEASE_RULE: Rule = Rule {
+    api_group: "coordination.k8s.io",
+    resource: "leases",
+    verbs: &["create", "get", "patch"],
+    why: "leader election: the Lease is read, created when missing, taken and renewed with \
+          server-side apply and released with a merge patch; never updated, listed or watched",
+};
 
 /// Whether `RULES` let the operator make `verb` on `resource` of `api_group`.
 pub fn allows(api_group: &str, resource: &str, verb: &str) -> bool {
@@ -188,6 +208,7 @@ mod tests {
     use k8s_openapi::api::apps::v1::StatefulSet;
     use k8s_openapi::api::core::v1::{ConfigMap, Service};
     use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
     use kube::api::Api;
     use kube::client::Body;
     use kube::core::error_boundary::DeserializeGuard;
@@ -290,6 +311,17 @@ mod tests {
                     let policy = resources::network_policy(&f).unwrap();
                     (200, Some(list(vec![serde_json::to_value(policy).unwrap()])))
                 }
+                // Every farm once had two servers: a farm of one deletes its budget.
+                "GET" if path.ends_with("/poddisruptionbudgets") && !query.contains("watch=") => {
+                    let name = farms
+                        .iter()
+                        .filter_map(|f| f["metadata"]["name"].as_str())
+                        .find(|n| query.contains(&format!("instance%3D{n}")))
+                        .unwrap_or("farm");
+                    let f: UploadFarm = serde_json::from_value(farm_json(name, json!({}))).unwrap();
+                    let budget = resources::disruption_budget(&f, 2).unwrap();
+                    (200, Some(list(vec![serde_json::to_value(budget).unwrap()])))
+                }
                 "GET" if path.ends_with("/services") && query.contains("managed-by") => {
                     let f: UploadFarm = serde_json::from_value(farms[0].clone()).unwrap();
                     let items = (0..4)
@@ -366,6 +398,7 @@ mod tests {
         watch_until_watching::<Service>(&client, &log).await;
         watch_until_watching::<ConfigMap>(&client, &log).await;
         watch_until_watching::<NetworkPolicy>(&client, &log).await;
+        watch_until_watching::<PodDisruptionBudget>(&client, &log).await;
 
         drop(ctx);
         drop(client);
@@ -482,6 +515,8 @@ mod tests {
         assert!(seen("DELETE", "/services/farm-2") && seen("DELETE", "/services/farm-3"));
         assert!(seen("PATCH", "/networkpolicies/guarded-network-policy"));
         assert!(seen("DELETE", "/networkpolicies/farm-network-policy"));
+        assert!(seen("PATCH", "/poddisruptionbudgets/farm"));
+        assert!(seen("DELETE", "/poddisruptionbudgets/guarded"));
         assert!(seen("PATCH", "/events/") && seen("POST", "/events"));
         assert!(seen("PATCH", "/uploadfarms/farm/status"));
     }

@@ -6,6 +6,7 @@ use std::ops::Range;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 
@@ -64,10 +65,12 @@ pub fn failed(
 /// The status after a reconcile that applied every child: the StatefulSet's rollout and the
 /// pods, the configuration they run, and the scale-down under way (`None` when there is none or
 /// it just ended), whose draining servers are listed among the hosts until they are removed.
+#[allow(clippy::too_many_arguments)] // what one reconcile saw, each part from its own request
 pub fn reconciled(
     farm: &UploadFarm,
     old: &UploadFarmStatus,
     stateful_set: &StatefulSet,
+    budget: Option<&PodDisruptionBudget>,
     pods: &[Pod],
     config_hash: &str,
     scale_down: Option<ScaleDownStatus>,
@@ -75,6 +78,9 @@ pub fn reconciled(
 ) -> UploadFarmStatus {
     let mut status = status_for(farm, old, Some(stateful_set), pods, None, now);
     status.config_hash = Some(config_hash.to_string());
+    if let Some(message) = disruption(farm.spec.replicas, pods, budget) {
+        conditions::set_disrupted(&mut status.conditions, message);
+    }
     status.scale_down = None;
     if let Some(record) = scale_down {
         let names = Names::of(farm);
@@ -97,6 +103,50 @@ pub fn reconciled(
         status.scale_down = Some(record);
     }
     status
+}
+
+/// Why the farm is short of servers because of a voluntary disruption, or `None` when it is not:
+/// pods that Kubernetes marked for eviction (`DisruptionTarget`: a node drain, the eviction API,
+/// preemption), or a budget that allows no further disruption while fewer than `desired`
+/// servers are ready. A scale-down or a rollout is no disruption: those say so themselves.
+pub fn disruption(
+    desired: i32,
+    pods: &[Pod],
+    budget: Option<&PodDisruptionBudget>,
+) -> Option<String> {
+    let mut evicted: Vec<String> = pods
+        .iter()
+        .filter_map(|p| {
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")?;
+            let why = c.reason.as_deref().unwrap_or("disruption");
+            Some(format!("{} ({why})", p.name_any()))
+        })
+        .collect();
+    evicted.sort();
+    let ready = pods.iter().filter(|p| pod_ready(p)).count();
+    let ready = i32::try_from(ready).unwrap_or(i32::MAX);
+    let exhausted = budget
+        .and_then(|b| b.status.as_ref())
+        .is_some_and(|s| s.disruptions_allowed == 0 && ready < desired);
+    if evicted.is_empty() && !exhausted {
+        return None;
+    }
+    let mut message = format!("{ready} of {desired} upload servers ready");
+    if !evicted.is_empty() {
+        message.push_str(&format!("; being evicted: {}", evicted.join(", ")));
+    }
+    if exhausted {
+        message.push_str(
+            "; the PodDisruptionBudget allows no further eviction until a server is ready again",
+        );
+    }
+    Some(message)
 }
 
 /// One entry per ordinal in `ordinals`, ready when its pod is.
@@ -160,8 +210,9 @@ pub fn failing_pods(pods: &[Pod]) -> Vec<FailingPod> {
     out
 }
 
-/// The events a user should see for the step from `old` to `new`: the farm created, scaled, or
-/// rolled out with a new configuration (Normal), and pods that started failing (Warning).
+/// The events a user should see for the step from `old` to `new`: the farm created, scaled,
+/// rolled out with a new configuration or short of servers by a disruption (Normal), and pods
+/// that started failing (Warning).
 pub fn transitions(
     old: &UploadFarmStatus,
     new: &UploadFarmStatus,
@@ -198,6 +249,15 @@ pub fn transitions(
     };
     if let (None, Some(message)) = (failing(old), failing(new)) {
         out.push((EventType::Warning, "PodsFailing", message));
+    }
+    // A disruption is planned work, not a fault: a Normal event, once when it begins.
+    let disrupted = |s: &UploadFarmStatus| {
+        conditions::find(&s.conditions, conditions::READY)
+            .filter(|c| c.reason == conditions::DISRUPTED)
+            .map(|c| c.message.clone())
+    };
+    if let (None, Some(message)) = (disrupted(old), disrupted(new)) {
+        out.push((EventType::Normal, conditions::DISRUPTED, message));
     }
     out
 }

@@ -67,6 +67,12 @@ CASES: dict[str, dict] = {
         "metrics": {"port": 9090, "service": {"type": "ClusterIP", "annotations": {"prometheus.io/scrape": "true"}}},
     },
 }
+CASES["single-replica"] = {"replicaCount": 1, "leaderElection": {"enabled": False}}
+CASES["ha-tuned"] = {
+    "replicaCount": 3,
+    "leaderElection": {"leaseDurationSeconds": 30, "renewSeconds": 20},
+    "podDisruptionBudget": {"enabled": False},
+}
 CASES["everything"] = {
     k: v
     for case in ("watch-namespace", "service-monitor", "network-policy", "existing-service-account", "farm-image", "logging", "scheduling")
@@ -88,6 +94,9 @@ INVALID: dict[str, dict] = {
     "service type": {"metrics": {"service": {"type": "External"}}},
     "resources quantity": {"resources": {"requests": {"memory": "lots"}}},
     "scrape interval": {"serviceMonitor": {"enabled": True, "interval": "often"}},
+    "two replicas without a Lease": {"replicaCount": 2, "leaderElection": {"enabled": False}},
+    "zero replicas": {"replicaCount": 0},
+    "lease duration as string": {"leaderElection": {"leaseDurationSeconds": "15s"}},
 }
 
 

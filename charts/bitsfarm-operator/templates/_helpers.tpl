@@ -97,6 +97,12 @@ tests/chart.rs fails if the two differ. Every rule grants exactly the calls the 
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "delete", "list", "patch", "watch"]
+# A farm's PodDisruptionBudget (farms of two servers or more): server-side apply, the owns-watch
+# that puts back one edited or deleted by hand, and the sweep: the list by the farm's labels and
+# delete of the one the farm owns once it shrinks to one server or turns spec.disruptionBudget off.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create", "delete", "list", "patch", "watch"]
 # Events on UploadFarms (Created, Scaled, ConfigRolledOut, InvalidSpec, ApplyFailed): created,
 # then patched when the same event repeats (an event series).
 - apiGroups: ["events.k8s.io"]

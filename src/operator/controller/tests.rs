@@ -175,6 +175,44 @@ async fn expect_service_sweep(api: &mut ApiServer, listed: i32, deleted: Range<i
     expect_sweep_of(api, &services, "ServiceList", farm_services(listed), &gone).await;
 }
 
+fn budget_path(name: &str) -> String {
+    format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets{name}")
+}
+
+/// The farm's PodDisruptionBudget as the API server stores it, with `allowed` disruptions left.
+fn budget_json(allowed: i32) -> Value {
+    let mut b = serde_json::to_value(
+        resources::disruption_budget(&farm(json!({}), None), 2).expect("a budget for 2 servers"),
+    )
+    .unwrap();
+    b["status"] = json!({"disruptionsAllowed": allowed, "currentHealthy": 2, "desiredHealthy": 1, "expectedPods": 2});
+    b
+}
+
+/// The PodDisruptionBudget, after the Service sweep: applied for a farm running `servers` of
+/// two or more, then the sweep, which lists the one a farm of `listed` servers had and deletes it
+/// when no longer asked for. Gives the apply.
+async fn expect_budget(api: &mut ApiServer, servers: i32, listed: i32) -> Option<Seen> {
+    let applied = if servers >= 2 {
+        Some(api.expect_apply(&budget_path("/farm")).await)
+    } else {
+        None
+    };
+    let had = if listed >= 2 {
+        vec![budget_json(1)]
+    } else {
+        vec![]
+    };
+    let deleted = if listed >= 2 && servers < 2 {
+        vec!["farm".to_string()]
+    } else {
+        vec![]
+    };
+    let collection = budget_path("");
+    expect_sweep_of(api, &collection, "PodDisruptionBudgetList", had, &deleted).await;
+    applied
+}
+
 async fn expect_pods(api: &mut ApiServer) {
     api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
         list("PodList", vec![])
@@ -195,8 +233,8 @@ async fn expect_live_replicas(api: &mut ApiServer, replicas: i32) {
 /// The requests of one reconcile of a farm without a NetworkPolicy, after any drains: the
 /// handoff Secret (kept), the ConfigMap, the headless Service, the NetworkPolicy sweep (none
 /// listed), the StatefulSet at `replicas`, the per-pod Services `0..replicas` and the shared one,
-/// the Service sweep (per-pod ones `0..listed` listed, those at or above `replicas` deleted), and
-/// the pod list. Gives the ConfigMap and StatefulSet applies for a closer look.
+/// the Service sweep (per-pod ones `0..listed` listed, those at or above `replicas` deleted), the
+/// PodDisruptionBudget (`expect_budget`) and the pod list. Gives the ConfigMap and StatefulSet applies for a closer look.
 async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Seen, Seen) {
     let cm = expect_config(api).await;
     expect_policy_sweep(api, vec![], &[]).await;
@@ -204,6 +242,7 @@ async fn expect_children(api: &mut ApiServer, replicas: i32, listed: i32) -> (Se
     assert_eq!(sts.body["spec"]["replicas"], replicas);
     expect_services(api, replicas).await;
     expect_service_sweep(api, listed, replicas..listed).await;
+    expect_budget(api, replicas, listed).await;
     expect_pods(api).await;
     (cm, sts)
 }
@@ -269,6 +308,18 @@ async fn creating_a_farm_applies_every_child_then_reports() {
         api.expect_apply(&svc_path("farm")).await;
         // Everything listed is asked for: the sweep deletes nothing.
         expect_service_sweep(api, 3, 0..0).await;
+        let pdb = expect_budget(api, 3, 0)
+            .await
+            .expect("a budget for 3 servers");
+        let body = &pdb.body;
+        assert_eq!(body["apiVersion"], "policy/v1");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(body["spec"]["maxUnavailable"], 1);
+        assert_eq!(
+            body["spec"]["selector"]["matchLabels"],
+            json!({"app.kubernetes.io/instance": "farm", "app.kubernetes.io/name": "bitsfarm"})
+        );
         expect_pods(api).await;
         let st = expect_status(api, &f).await;
         let status = &st.body["status"];
@@ -658,6 +709,7 @@ async fn a_network_policy_is_applied_before_the_pods_and_owned_by_the_farm() {
         api.expect_apply(&stateful_set_path()).await;
         expect_services(api, 1).await;
         expect_service_sweep(api, 1, 0..0).await;
+        expect_budget(api, 1, 1).await;
         expect_pods(api).await;
         expect_status(api, &f).await;
         let ev = expect_event(api).await;
@@ -689,6 +741,7 @@ async fn turning_the_network_policy_off_deletes_only_the_one_the_farm_made() {
         api.expect_apply(&stateful_set_path()).await;
         expect_services(api, 1).await;
         expect_service_sweep(api, 1, 0..0).await;
+        expect_budget(api, 1, 1).await;
         expect_pods(api).await;
         expect_status(api, &f).await;
     })
@@ -732,4 +785,92 @@ async fn a_refused_network_policy_stops_before_the_pods() {
         ),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn turning_the_disruption_budget_off_deletes_the_one_the_farm_made() {
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(
+        json!({"replicas": 3, "disruptionBudget": {"enabled": false}}),
+        Some(running_status(&hash, 3)),
+    );
+    let result = scenario(&f, async |api| {
+        expect_config(api).await;
+        expect_policy_sweep(api, vec![], &[]).await;
+        api.expect_apply(&stateful_set_path()).await;
+        expect_services(api, 3).await;
+        expect_service_sweep(api, 3, 0..0).await;
+        // No apply: the sweep finds the budget the farm made and deletes it.
+        let collection = budget_path("");
+        expect_sweep_of(
+            api,
+            &collection,
+            "PodDisruptionBudgetList",
+            vec![budget_json(1)],
+            &["farm".to_string()],
+        )
+        .await;
+        expect_pods(api).await;
+        expect_status(api, &f).await;
+    })
+    .await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn a_farm_short_of_a_server_by_an_eviction_says_so_in_ready_and_an_event() {
+    let hash = resources::config_yaml(&farm(json!({}), None)).unwrap().1;
+    let f = farm(json!({"replicas": 3}), Some(running_status(&hash, 3)));
+    let pod = |i: i32, ready: &str, evicted: bool| {
+        let mut conditions = vec![json!({"type": "Ready", "status": ready})];
+        if evicted {
+            conditions.push(json!({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}));
+        }
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("farm-{i}"), "namespace": NS},
+               "status": {"conditions": conditions}})
+    };
+    let pods = vec![
+        pod(0, "True", false),
+        pod(1, "True", false),
+        pod(2, "False", true),
+    ];
+    let result = scenario(&f, async |api| {
+        expect_config(api).await;
+        expect_policy_sweep(api, vec![], &[]).await;
+        // The StatefulSet's controller counts 2 ready of 3.
+        api.expect("PATCH", &stateful_set_path(), 200, |b| {
+            let mut sts = b.clone();
+            sts["metadata"]["generation"] = json!(1);
+            sts["status"] = json!({"observedGeneration": 1, "replicas": 3, "readyReplicas": 2,
+                                   "updatedReplicas": 3, "currentRevision": "r1", "updateRevision": "r1"});
+            sts
+        })
+        .await;
+        expect_services(api, 3).await;
+        expect_service_sweep(api, 3, 0..0).await;
+        // The budget allows no further eviction while one server is out.
+        api.expect("PATCH", &budget_path("/farm"), 200, |_| budget_json(0))
+            .await;
+        let collection = budget_path("");
+        expect_sweep_of(api, &collection, "PodDisruptionBudgetList", vec![budget_json(0)], &[]).await;
+        api.expect("GET", &format!("/api/v1/namespaces/{NS}/pods"), 200, |_| {
+            list("PodList", pods.clone())
+        })
+        .await;
+        let st = expect_status(api, &f).await;
+        let ready = condition(&st.body["status"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "Disrupted");
+        let message = ready["message"].as_str().unwrap();
+        assert!(message.contains("2 of 3 upload servers ready"), "{message}");
+        assert!(message.contains("farm-2 (EvictionByEvictionAPI)"), "{message}");
+        assert!(message.contains("allows no further eviction"), "{message}");
+        // Planned work, not a fault: Degraded stays False.
+        assert_eq!(condition(&st.body["status"], "Degraded")["status"], "False");
+        let ev = expect_event(api).await;
+        assert_eq!(ev.body["reason"], "Disrupted");
+        assert_eq!(ev.body["type"], "Normal");
+    })
+    .await;
+    result.unwrap();
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
@@ -13,10 +14,12 @@ use sha2::{Digest, Sha256};
 use crate::api::membership::{self, HANDOFF_SECRET_KEY};
 use crate::api::{InvalidSpec, UploadFarm, server_config};
 
+mod disruption_budget;
 mod network_policy;
 mod services;
 mod statefulset;
 
+pub use disruption_budget::disruption_budget;
 pub use network_policy::{backend_ports, network_policy};
 pub use services::{headless_service, host_service, shared_service};
 pub use statefulset::{apply_body as stateful_set_apply_body, drain_timeout, stateful_set};
@@ -38,6 +41,7 @@ pub const COMPONENT_HEADLESS_SERVICE: &str = "headless-service";
 pub const COMPONENT_CONFIG: &str = "config";
 pub const COMPONENT_HANDOFF_SECRET: &str = "handoff-secret";
 pub const COMPONENT_NETWORK_POLICY: &str = "network-policy";
+pub const COMPONENT_DISRUPTION_BUDGET: &str = "disruption-budget";
 pub const CONFIG_FILE_NAME: &str = "config.yaml";
 pub const CONFIG_MOUNT: &str = "/etc/bitsfarm";
 
@@ -99,6 +103,10 @@ impl Names {
     /// policy the user made for the farm is likely to be called that.
     pub fn network_policy(&self) -> String {
         format!("{}-network-policy", self.farm)
+    }
+    /// The farm's PodDisruptionBudget: the farm's own name (a kind of its own, so no clash).
+    pub fn disruption_budget(&self) -> String {
+        self.farm.clone()
     }
     /// Per-pod Services are named after their pods, so `{pod}.{namespace}.svc...` resolves to them.
     pub fn pod(&self, ordinal: i32) -> String {
@@ -216,7 +224,8 @@ pub fn config_map(farm: &UploadFarm, yaml: &str) -> ConfigMap {
 }
 
 /// Everything the operator applies for one farm, in apply order (the headless Service before
-/// the StatefulSet that names it, the NetworkPolicy before the pods it restricts).
+/// the StatefulSet that names it, the NetworkPolicy before the pods it restricts, the
+/// PodDisruptionBudget last: it protects pods, so it need not precede them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Children {
     pub config_hash: String,
@@ -227,6 +236,9 @@ pub struct Children {
     pub stateful_set: StatefulSet,
     pub host_services: Vec<Service>,
     pub shared_service: Service,
+    /// `None` for a farm of fewer than two servers or one that asks for no budget (an earlier
+    /// one is then swept away).
+    pub disruption_budget: Option<PodDisruptionBudget>,
 }
 
 /// The longest farm name: its per-pod Services are named `{name}-{ordinal}` and must stay DNS
@@ -293,6 +305,7 @@ impl Checked<'_> {
             stateful_set: stateful_set(farm, &self.config_hash, servers, opts),
             host_services: (0..servers.max(0)).map(|i| host_service(farm, i)).collect(),
             shared_service: shared_service(farm),
+            disruption_budget: disruption_budget(farm, servers),
             config_hash: self.config_hash.clone(),
         }
     }
@@ -318,6 +331,9 @@ impl Children {
             out.push(serde_json::to_value(s)?);
         }
         out.push(serde_json::to_value(&self.shared_service)?);
+        if let Some(budget) = &self.disruption_budget {
+            out.push(serde_json::to_value(budget)?);
+        }
         Ok(out)
     }
 

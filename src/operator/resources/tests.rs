@@ -1,4 +1,5 @@
 use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
 use super::*;
@@ -660,4 +661,62 @@ fn a_scale_down_under_way_keeps_the_draining_servers_and_their_services() {
     let done = checked.children(&opts(), 1);
     assert_eq!(draining.config_map, done.config_map);
     assert_eq!(draining.config_hash, done.config_hash);
+}
+
+#[test]
+fn a_disruption_budget_lets_one_server_go_at_a_time_from_two_servers_on() {
+    let f = farm_with("farm", json!({"replicas": 3}));
+    let c = children(&f, &opts()).unwrap();
+    let pdb = c.disruption_budget.expect("a budget for 3 servers");
+    assert_eq!(pdb.metadata.name.as_deref(), Some("farm"));
+    let owner = &pdb.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("UploadFarm", "uid-1", Some(true))
+    );
+    let spec = pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(spec.min_available, None);
+    // Exactly the StatefulSet's pods.
+    let sts_selector = c
+        .stateful_set
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .match_labels
+        .clone();
+    assert_eq!(spec.selector.unwrap().match_labels, sts_selector);
+    assert_eq!(
+        spec.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+    // Rendered too, last.
+    let values = children(&f, &opts()).unwrap().to_values().unwrap();
+    assert_eq!(values.last().unwrap()["kind"], "PodDisruptionBudget");
+}
+
+#[test]
+fn one_server_or_a_budget_turned_off_gets_none_and_a_percentage_is_kept() {
+    assert!(disruption_budget(&farm_with("farm", json!({"replicas": 1})), 1).is_none());
+    assert!(disruption_budget(&farm_with("farm", json!({"replicas": 0})), 0).is_none());
+    let off = farm_with(
+        "farm",
+        json!({"replicas": 4, "disruptionBudget": {"enabled": false}}),
+    );
+    assert!(children(&off, &opts()).unwrap().disruption_budget.is_none());
+    let pct = farm_with(
+        "farm",
+        json!({"replicas": 4, "disruptionBudget": {"maxUnavailable": "25%"}}),
+    );
+    let spec = disruption_budget(&pct, 4).unwrap().spec.unwrap();
+    assert_eq!(
+        spec.max_unavailable,
+        Some(IntOrString::String("25%".into()))
+    );
+    // A farm scaling down from 3 to 1 keeps its budget until the draining servers are gone.
+    let shrinking = farm_with("farm", json!({"replicas": 1}));
+    let checked = check(&shrinking).unwrap();
+    assert!(checked.children(&opts(), 3).disruption_budget.is_some());
+    assert!(checked.children(&opts(), 1).disruption_budget.is_none());
 }

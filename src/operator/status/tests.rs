@@ -153,6 +153,7 @@ fn a_scale_down_under_way_lists_its_draining_servers_and_says_so() {
         &f,
         &old,
         &stateful_set(3),
+        None,
         &pods,
         "abc",
         Some(record.clone()),
@@ -182,7 +183,7 @@ fn a_scale_down_under_way_lists_its_draining_servers_and_says_so() {
     assert_eq!(progressing.last_transition_time.0, now);
 
     // Done draining: the record goes, and with it the draining hosts.
-    let done = reconciled(&f, &s, &stateful_set(1), &pods[..1], "abc", None, now);
+    let done = reconciled(&f, &s, &stateful_set(1), None, &pods[..1], "abc", None, now);
     assert_eq!(done.scale_down, None);
     assert_eq!(done.hosts.len(), 1);
     assert_ne!(
@@ -240,4 +241,119 @@ fn failures_are_reported_with_their_own_reason_and_action() {
             "applying Service farm failed".to_string()
         )
     );
+}
+
+fn pod(name: &str, ready: bool, disruption: Option<&str>) -> Pod {
+    let mut conditions =
+        vec![json!({"type": "Ready", "status": if ready { "True" } else { "False" }})];
+    if let Some(reason) = disruption {
+        conditions.push(json!({"type": "DisruptionTarget", "status": "True", "reason": reason}));
+    }
+    serde_json::from_value(
+        json!({"metadata": {"name": name}, "status": {"conditions": conditions}}),
+    )
+    .unwrap()
+}
+
+fn budget(allowed: i32) -> PodDisruptionBudget {
+    serde_json::from_value(json!({"metadata": {"name": "farm"},
+        "status": {"disruptionsAllowed": allowed, "currentHealthy": 2, "desiredHealthy": 2, "expectedPods": 3}}))
+    .unwrap()
+}
+
+#[test]
+fn a_disruption_is_told_by_evicted_pods_or_an_exhausted_budget() {
+    let all_ready = [pod("farm-0", true, None), pod("farm-1", true, None)];
+    // Nothing evicted, budget with room: no disruption.
+    assert_eq!(disruption(2, &all_ready, Some(&budget(1))), None);
+    // An exhausted budget with every server ready is no shortage (e.g. maxUnavailable reached by
+    // a rollout that just ended).
+    assert_eq!(disruption(2, &all_ready, Some(&budget(0))), None);
+    // A pod being evicted: named, with the kubelet's or the API server's reason.
+    let evicted = [
+        pod("farm-0", true, None),
+        pod("farm-1", false, Some("EvictionByEvictionAPI")),
+    ];
+    let m = disruption(2, &evicted, Some(&budget(1))).unwrap();
+    assert_eq!(
+        m,
+        "1 of 2 upload servers ready; being evicted: farm-1 (EvictionByEvictionAPI)"
+    );
+    // The evicted pod gone, its replacement not ready yet, the budget used up.
+    let replaced = [pod("farm-0", true, None), pod("farm-1", false, None)];
+    let m = disruption(2, &replaced, Some(&budget(0))).unwrap();
+    assert!(
+        m.starts_with(
+            "1 of 2 upload servers ready; the PodDisruptionBudget allows no further eviction"
+        ),
+        "{m}"
+    );
+    // Not ready without eviction and without a budget: starting pods, not a disruption.
+    assert_eq!(disruption(2, &replaced, None), None);
+}
+
+#[test]
+fn a_disruption_shows_in_ready_and_as_one_normal_event() {
+    let f = farm_with("farm", json!({"replicas": 2}));
+    let now: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+    let pods = [
+        pod("farm-0", true, None),
+        pod("farm-1", false, Some("TerminationByKubelet")),
+    ];
+    let before = reconciled(
+        &f,
+        &UploadFarmStatus::default(),
+        &stateful_set(2),
+        None,
+        &pods[..1],
+        "abc",
+        None,
+        now,
+    );
+    assert_eq!(
+        conditions::find(&before.conditions, conditions::READY)
+            .unwrap()
+            .status,
+        "True"
+    );
+    // The StatefulSet's controller counts one server less.
+    let mut short = stateful_set(2);
+    if let Some(s) = short.status.as_mut() {
+        s.ready_replicas = Some(1);
+    }
+    let during = reconciled(
+        &f,
+        &before,
+        &short,
+        Some(&budget(0)),
+        &pods,
+        "abc",
+        None,
+        now,
+    );
+    let ready = conditions::find(&during.conditions, conditions::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Disrupted")
+    );
+    assert!(
+        ready.message.contains("farm-1 (TerminationByKubelet)"),
+        "{}",
+        ready.message
+    );
+    let events = transitions(&before, &during, 2);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].0, events[0].1), (EventType::Normal, "Disrupted"));
+    // Still disrupted at the next reconcile: no second event.
+    let again = reconciled(
+        &f,
+        &during,
+        &short,
+        Some(&budget(0)),
+        &pods,
+        "abc",
+        None,
+        now,
+    );
+    assert!(transitions(&during, &again, 2).is_empty());
 }
