@@ -205,7 +205,12 @@ async fn install(c: &Cluster, writers: &mut Writers) {
     .await;
     let pods = operator_pods(c, 2).await;
     writers.note(&pods);
-    let leader = lease_holder(c).await.expect("a leader within the wait");
+    // The Lease outlives an uninstall: an earlier test's operator may still be named in it
+    // until its term runs out, so wait for one of these pods.
+    let installed: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+    let leader = lease_holder_among(c, &installed)
+        .await
+        .expect("a leader among the installed pods within the wait");
     assert!(
         pods.iter().any(|p| p.name_any() == leader),
         "{leader} is no operator pod"
@@ -312,6 +317,20 @@ async fn lease_holder(c: &Cluster) -> Option<String> {
     while start.elapsed() < SETTLE {
         if let Ok(l) = leases.get(RELEASE).await
             && let Some(h) = l.spec.and_then(|s| s.holder_identity)
+        {
+            return Some(h);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// The Lease's holder once it is one of `pods`, within the settle time.
+async fn lease_holder_among(c: &Cluster, pods: &[String]) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < SETTLE {
+        if let Some(h) = lease_holder(c).await
+            && pods.contains(&h)
         {
             return Some(h);
         }
@@ -588,13 +607,13 @@ async fn evict_every_server(c: &Cluster) -> usize {
 /// Lease, how long until the change was applied, and which replica took over (the standby, or
 /// the Deployment's replacement for the deleted pod, whichever was first).
 async fn failover(c: &Cluster, writers: &mut Writers, force: bool) -> (Duration, Duration, String) {
-    let old = lease_holder(c).await.expect("a leader");
-    let standby: Vec<String> = operator_pods(c, 2)
+    let pods: Vec<String> = operator_pods(c, 2)
         .await
         .iter()
         .map(ResourceExt::name_any)
-        .filter(|n| *n != old)
         .collect();
+    let old = lease_holder_among(c, &pods).await.expect("a leader");
+    let standby: Vec<String> = pods.into_iter().filter(|n| *n != old).collect();
     let start = Instant::now();
     let mut delete = vec![
         "delete",
