@@ -27,13 +27,11 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 use harness::{Cluster, condition, eventually, manifest_dir, objects_where, owned_by, say};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::ListParams;
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 
@@ -711,28 +709,6 @@ async fn shared_url(c: &Cluster, path: &str) -> String {
 }
 
 /// Copies the receiver holds of content with this SHA-256, read off its volume on the node.
-async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
-    let pvc: PersistentVolumeClaim = c.api(NS).get("receiver-data").await.expect("receiver-data");
-    let pv_name = pvc
-        .spec
-        .and_then(|s| s.volume_name)
-        .expect("receiver-data is bound");
-    let pv: PersistentVolume = Api::all(c.client.clone())
-        .get(&pv_name)
-        .await
-        .expect("its volume");
-    let spec = pv.spec.expect("volume spec");
-    let dir = spec
-        .host_path
-        .map(|h| h.path)
-        .or(spec.local.map(|l| l.path))
-        .expect("a folder on the node");
-    common::stored_deliveries(Path::new(&dir))
-        .iter()
-        .filter(|d| d.content_sha256 == sha)
-        .count()
-}
-
 async fn upload_with_reply(c: &Cluster, file: &Path, sha: &str, work: &Path) {
     let before = fragments_per_pod(c, 2).await;
     let url = shared_url(c, "/dumps/d.bin").await;
@@ -1228,4 +1204,13 @@ async fn upgrade_and_uninstall(c: &Cluster) {
     .await;
     c.kubectl_ok(&["delete", "namespace", NS, OPERATOR_NS, "--timeout=180s"])
         .await;
+}
+
+/// How many deliveries with content `sha` the reference receiver holds, read off its volume.
+async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
+    let dir = c.volume_dir(NS, "receiver-data").await;
+    common::stored_deliveries(&dir)
+        .iter()
+        .filter(|d| d.content_sha256 == sha)
+        .count()
 }

@@ -23,7 +23,7 @@ use futures_util::FutureExt as _;
 use harness::{Cluster, condition, eventually, manifest_dir, owned_by, say};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -473,30 +473,6 @@ async fn finish_uploads(c: &Cluster, uploads: Vec<NodeUpload>) {
     }
 }
 
-async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
-    let pvc: PersistentVolumeClaim = c.api(NS).get("receiver-data").await.expect("receiver-data");
-    let pv_name = pvc.spec.and_then(|s| s.volume_name).expect("bound");
-    let pv: PersistentVolume = Api::all(c.client.clone())
-        .get(&pv_name)
-        .await
-        .expect("volume");
-    let spec = pv.spec.expect("volume spec");
-    let dir = spec
-        .host_path
-        .map(|h| h.path)
-        .or(spec.local.map(|l| l.path))
-        .expect("a folder on the node");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter(|e| {
-            let content = e.path().join("content");
-            content.is_file() && common::file_sha256(&content) == sha
-        })
-        .count()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Evictions
 
@@ -942,4 +918,13 @@ fn one_writer_at_a_time(writers: &Writers) -> String {
             .map(|(i, n)| (name(i), *n))
             .collect::<Vec<_>>()
     )
+}
+
+/// How many deliveries with content `sha` the reference receiver holds, read off its volume.
+async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
+    let dir = c.volume_dir(NS, "receiver-data").await;
+    common::stored_deliveries(&dir)
+        .iter()
+        .filter(|d| d.content_sha256 == sha)
+        .count()
 }

@@ -75,6 +75,27 @@ pub struct Out {
 }
 
 impl Cluster {
+    /// The folder on the node that holds the volume bound to the claim `claim` of `ns`.
+    pub async fn volume_dir(&self, ns: &str, claim: &str) -> PathBuf {
+        use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+        let pvc: PersistentVolumeClaim = self.api(ns).get(claim).await.expect("the claim");
+        let pv_name = pvc
+            .spec
+            .and_then(|s| s.volume_name)
+            .unwrap_or_else(|| panic!("{claim} is not bound"));
+        let pv: PersistentVolume = Api::all(self.client.clone())
+            .get(&pv_name)
+            .await
+            .expect("its volume");
+        let spec = pv.spec.expect("volume spec");
+        let dir = spec
+            .host_path
+            .map(|h| h.path)
+            .or(spec.local.map(|l| l.path))
+            .expect("a folder on the node");
+        PathBuf::from(dir)
+    }
+
     /// The cluster `cluster.sh` describes in the environment, or None (and a loud note) when the
     /// tests run without one.
     pub async fn from_env(test: &str) -> Option<Cluster> {
