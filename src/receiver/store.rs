@@ -161,13 +161,7 @@ impl Folder {
     /// A new file in the incoming folder, and its name there.
     pub fn incoming_file(&self) -> io::Result<(File, String)> {
         let name = uuid::Uuid::new_v4().simple().to_string();
-        let fd = rustix::fs::openat(
-            &self.incoming,
-            &name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )?;
-        Ok((File::from(fd), name))
+        Ok((super::trusted::create_new(&self.incoming, &name)?, name))
     }
 
     /// Removes an incoming file that will not be stored.
@@ -206,13 +200,7 @@ impl Folder {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
         }
-        let fd = rustix::fs::openat(
-            &self.records,
-            temp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )?;
-        let mut f = File::from(fd);
+        let mut f = super::trusted::create_new(&self.records, &temp)?;
         let json = serde_json::to_vec_pretty(d).map_err(io::Error::other)?;
         f.write_all(&json)?;
         f.sync_all()?;

@@ -225,13 +225,7 @@ impl ReplyTarget {
     /// and a reader never sees half a reply.
     pub fn write(&self, bytes: &[u8]) -> io::Result<()> {
         let temp = format!(".bitsfarm-reply-{}.tmp", uuid::Uuid::new_v4().simple());
-        let fd = rustix::fs::openat(
-            &self.parent,
-            &temp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )?;
-        let mut file = File::from(fd);
+        let mut file = create_new(&self.parent, &temp)?;
         let written = file
             .write_all(bytes)
             .and_then(|()| file.sync_all())
@@ -279,6 +273,18 @@ impl Refusal<'_> {
             },
         }
     }
+}
+
+/// A new file `name` in the folder `dir`, for writing: never one that is there already (a link
+/// planted there included), so nothing is ever written through a name someone else made.
+pub fn create_new(dir: impl AsFd, name: &str) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    Ok(File::from(fd))
 }
 
 /// `named` without the `trusted` prefix, if it is beneath it by name alone: compared component by
