@@ -13,13 +13,11 @@ mod common;
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 
 const FLOOD_CONNECTIONS: usize = 64;
@@ -32,31 +30,6 @@ const HONEST_WITHIN: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The two floods run one after the other: on a small machine, one would measure the other.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
-}
-
-fn passwd(user: &str, password: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
-        .args(["passwd", user])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("running bitsfarm passwd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "passwd failed: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn loopback(a: u8, b: u8, c: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, a, b, c))

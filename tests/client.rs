@@ -6,10 +6,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{Server, random_bytes, sha256_hex, wait_until};
+use common::{Server, lines_of, random_bytes, sha256_hex, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -253,19 +253,6 @@ fn exit_codes_say_what_went_wrong() {
     assert!(started.elapsed() >= Duration::from_secs(2));
 }
 
-/// Lines a child prints on stdout, collected by a thread.
-fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 /// A port on 127.0.0.1 that nothing listens on, below the kernel's ephemeral range (so no
 /// outgoing connection of this test takes it meanwhile).
 fn free_port() -> u16 {
@@ -318,7 +305,7 @@ fn fragments_to_a_host_that_refuses_connections_are_retried_but_not_counted_as_s
     .stdout(Stdio::piped())
     .spawn()
     .unwrap();
-    let lines = line_channel(child.stdout.take().unwrap());
+    let lines = lines_of(child.stdout.take().unwrap());
     let mut client = Killed(child);
 
     // Two refused fragments (a retry each) before the host comes up.
@@ -363,7 +350,7 @@ fn fragments_to_a_host_that_refuses_connections_are_retried_but_not_counted_as_s
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
-    let host_lines = line_channel(host.stdout.take().unwrap());
+    let host_lines = lines_of(host.stdout.take().unwrap());
     let _host = Killed(host);
     let first = host_lines
         .recv_timeout(Duration::from_secs(30))

@@ -25,7 +25,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
-use harness::{Cluster, condition, eventually, manifest_dir, objects_where, owned_by, say};
+use harness::{
+    Cluster, condition, eventually, manifest_dir, objects_where, owned_by, pod_ready, say,
+};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -755,7 +757,11 @@ async fn upload_with_reply(c: &Cluster, file: &Path, sha: &str, work: &Path) {
             "fragments per pod before {before:?}, after {after:?}; owner {owner}"
         );
     }
-    assert_eq!(receiver_copies(c, sha).await, 1, "copies at the receiver");
+    assert_eq!(
+        common::stored_copies(&c.volume_dir(NS, "receiver-data").await, sha),
+        1,
+        "copies at the receiver"
+    );
     say(&format!(
         "  {} MiB to {url}: all {fragments} fragments to {host_id} ({ip}); reply {:?}",
         UPLOAD_BYTES >> 20,
@@ -765,13 +771,6 @@ async fn upload_with_reply(c: &Cluster, file: &Path, sha: &str, work: &Path) {
 
 // ---------------------------------------------------------------------------------------------
 // e, g, f: the cluster acts while uploads run
-
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
 
 async fn pod_uid(c: &Cluster, name: &str) -> Option<String> {
     c.api::<Pod>(NS)
@@ -838,7 +837,11 @@ async fn pod_deleted_mid_upload(c: &Cluster, file: &Path, sha: &str) {
         volume_after, volume_before,
         "{owner} came back with another volume"
     );
-    assert_eq!(receiver_copies(c, sha).await, 1, "copies at the receiver");
+    assert_eq!(
+        common::stored_copies(&c.volume_dir(NS, "receiver-data").await, sha),
+        1,
+        "copies at the receiver"
+    );
     // Whether the replacement found the old container still on the volume depends on how fast
     // the kubelet killed it; say which it was.
     let logs = c.kubectl(&["logs", "-n", NS, &owner]).await.stdout;
@@ -941,7 +944,11 @@ async fn config_roll(c: &Cluster, file: &Path, sha: &str) {
         vec![1, 0],
         "the pods were not replaced highest ordinal first"
     );
-    assert_eq!(receiver_copies(c, sha).await, 1, "copies at the receiver");
+    assert_eq!(
+        common::stored_copies(&c.volume_dir(NS, "receiver-data").await, sha),
+        1,
+        "copies at the receiver"
+    );
     c.kubectl_ok(&[
         "wait",
         "-n",
@@ -1059,7 +1066,11 @@ async fn scale_down(c: &Cluster, file: &Path, sha: &str) {
         },
     )
     .await;
-    assert_eq!(receiver_copies(c, sha).await, 1, "copies at the receiver");
+    assert_eq!(
+        common::stored_copies(&c.volume_dir(NS, "receiver-data").await, sha),
+        1,
+        "copies at the receiver"
+    );
     say("  server 1 drained: the upload finished, then the pod and its Service went");
 }
 
@@ -1204,13 +1215,4 @@ async fn upgrade_and_uninstall(c: &Cluster) {
     .await;
     c.kubectl_ok(&["delete", "namespace", NS, OPERATOR_NS, "--timeout=180s"])
         .await;
-}
-
-/// How many deliveries with content `sha` the reference receiver holds, read off its volume.
-async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
-    let dir = c.volume_dir(NS, "receiver-data").await;
-    common::stored_deliveries(&dir)
-        .iter()
-        .filter(|d| d.content_sha256 == sha)
-        .count()
 }

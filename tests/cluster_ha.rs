@@ -20,7 +20,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
-use harness::{Cluster, condition, eventually, manifest_dir, owned_by, say};
+use harness::{Cluster, condition, eventually, manifest_dir, owned_by, pod_ready, say};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -207,8 +207,7 @@ async fn install(c: &Cluster, writers: &mut Writers) {
     writers.note(&pods);
     // The Lease outlives an uninstall: an earlier test's operator may still be named in it
     // until its term runs out, so wait for one of these pods.
-    let installed: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
-    let leader = lease_holder_among(c, &installed)
+    let leader = lease_holder_among(c, &names(&pods))
         .await
         .expect("a leader among the installed pods within the wait");
     assert!(
@@ -301,13 +300,6 @@ async fn operator_pods(c: &Cluster, want: usize) -> Vec<Pod> {
 
 fn names(pods: &[Pod]) -> Vec<String> {
     pods.iter().map(ResourceExt::name_any).collect()
-}
-
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The Lease's holder, once there is one.
@@ -462,7 +454,7 @@ async fn finish_uploads(c: &Cluster, uploads: Vec<NodeUpload>) {
             "the delivery at the receiver",
             Duration::from_secs(60),
             || async {
-                match receiver_copies(c, &sha).await {
+                match common::stored_copies(&c.volume_dir(NS, "receiver-data").await, &sha) {
                     0 => Err("no copy yet".to_string()),
                     n => Ok(n),
                 }
@@ -583,11 +575,7 @@ async fn evict_every_server(c: &Cluster) -> usize {
 /// Lease, how long until the change was applied, and which replica took over (the standby, or
 /// the Deployment's replacement for the deleted pod, whichever was first).
 async fn failover(c: &Cluster, writers: &mut Writers, force: bool) -> (Duration, Duration, String) {
-    let pods: Vec<String> = operator_pods(c, 2)
-        .await
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
+    let pods = names(&operator_pods(c, 2).await);
     let old = lease_holder_among(c, &pods).await.expect("a leader");
     let standby: Vec<String> = pods.into_iter().filter(|n| *n != old).collect();
     let start = Instant::now();
@@ -918,13 +906,4 @@ fn one_writer_at_a_time(writers: &Writers) -> String {
             .map(|(i, n)| (name(i), *n))
             .collect::<Vec<_>>()
     )
-}
-
-/// How many deliveries with content `sha` the reference receiver holds, read off its volume.
-async fn receiver_copies(c: &Cluster, sha: &str) -> usize {
-    let dir = c.volume_dir(NS, "receiver-data").await;
-    common::stored_deliveries(&dir)
-        .iter()
-        .filter(|d| d.content_sha256 == sha)
-        .count()
 }

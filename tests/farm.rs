@@ -3,69 +3,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Conn, Request, metric_value, random_bytes, sha256_hex};
+use common::{
+    Conn, Request, expect_line, free_port_block, lines_of, metric_value, random_bytes, sha256_hex,
+};
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bitsfarm");
-
-/// `n` consecutive free ports on 127.0.0.1 (the farm puts its shared address, members and
-/// receiver on consecutive ports).
-fn free_port_block(n: u16) -> u16 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(7);
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 30_000) as u16;
-        let held: Vec<_> = (0..n)
-            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == usize::from(n) {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports on 127.0.0.1");
-}
-
-/// Lines a child prints on stdout, collected by a thread.
-fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits (bounded) for a line containing `needle`; returns every line seen up to it.
-fn wait_line(rx: &Receiver<String>, needle: &str, limit: Duration) -> Vec<String> {
-    let deadline = Instant::now() + limit;
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                let hit = l.contains(needle);
-                seen.push(l);
-                if hit {
-                    return seen;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    panic!("no line containing {needle:?} within {limit:?}; saw {seen:#?}");
-}
 
 /// A running `bitsfarm farm`; told to exit (and killed if it will not) on drop.
 struct Farm {
@@ -108,8 +59,8 @@ impl Farm {
             .spawn()
             .expect("starting bitsfarm farm");
         let stdin = child.stdin.take().unwrap();
-        let lines = line_channel(child.stdout.take().unwrap());
-        let seen = wait_line(&lines, "ready", Duration::from_secs(60));
+        let lines = lines_of(child.stdout.take().unwrap());
+        let seen = expect_line(&lines, "ready", Duration::from_secs(60));
         let mut farm = Farm {
             child,
             stdin,
@@ -149,7 +100,7 @@ impl Farm {
     fn command(&mut self, cmd: &str, expect: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
-        let seen = wait_line(&self.lines, expect, Duration::from_secs(30));
+        let seen = expect_line(&self.lines, expect, Duration::from_secs(30));
         self.note_admins(&seen);
     }
 
@@ -222,7 +173,7 @@ impl Upload {
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting bitsfarm upload");
-        let lines = line_channel(child.stdout.take().unwrap());
+        let lines = lines_of(child.stdout.take().unwrap());
         Upload {
             child,
             lines,
@@ -231,7 +182,7 @@ impl Upload {
     }
 
     fn wait_event(&mut self, needle: &str) -> serde_json::Value {
-        let lines = wait_line(&self.lines, needle, Duration::from_secs(60));
+        let lines = expect_line(&self.lines, needle, Duration::from_secs(60));
         self.seen.extend(lines.iter().cloned());
         serde_json::from_str(lines.last().unwrap()).expect("a JSON event")
     }
@@ -577,8 +528,8 @@ fn a_duplicate_delivery_after_fallback_is_stored_once() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let rx_lines = line_channel(receiver.stdout.take().unwrap());
-    wait_line(&rx_lines, "listening", Duration::from_secs(30));
+    let rx_lines = lines_of(receiver.stdout.take().unwrap());
+    expect_line(&rx_lines, "listening", Duration::from_secs(30));
     let member = |addr: &str, dir: &str, pause: Option<&str>| {
         let mut c = Command::new(BIN);
         c.args([
@@ -607,8 +558,8 @@ fn a_duplicate_delivery_after_fallback_is_stored_once() {
             c.env("BITSFARM_TEST_PAUSE_AT", p);
         }
         let mut child = c.spawn().unwrap();
-        let lines = line_channel(child.stdout.take().unwrap());
-        wait_line(&lines, "listening", Duration::from_secs(30));
+        let lines = lines_of(child.stdout.take().unwrap());
+        expect_line(&lines, "listening", Duration::from_secs(30));
         (child, lines)
     };
     // Only A is up when the upload starts, so A holds the session.
@@ -619,7 +570,7 @@ fn a_duplicate_delivery_after_fallback_is_stored_once() {
         &format!("http://{shared}/up/dup.bin"),
         &["--fragment-size", "262144", "--retry-delay", "1"],
     );
-    wait_line(&a_lines, "paused at after-notify", Duration::from_secs(60));
+    expect_line(&a_lines, "paused at after-notify", Duration::from_secs(60));
     let (mut b, _b_lines) = member(&b_addr, "b", None);
     a.kill().unwrap();
     a.wait().unwrap();
@@ -675,8 +626,8 @@ fn farm_runs_an_uploadfarm_manifest_with_its_local_backend() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let lines = line_channel(child.stdout.take().unwrap());
-    let seen = wait_line(&lines, "ready", Duration::from_secs(60));
+    let lines = lines_of(child.stdout.take().unwrap());
+    let seen = expect_line(&lines, "ready", Duration::from_secs(60));
     assert!(
         seen.iter()
             .any(|l| l.contains(&format!("receiver http://127.0.0.1:{}", base + 4))),

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -544,37 +543,6 @@ fn a_delivery_path_stays_below_the_folder_and_follows_no_link() {
 // `bitsfarm farm`: its receiver trusts exactly the members' data folders
 // ---------------------------------------------------------------------------------------------
 
-/// `n` consecutive free ports on 127.0.0.1 (the farm puts its shared address, members and
-/// receiver on consecutive ports).
-fn free_port_block(n: u16) -> u16 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(7);
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((seed.wrapping_add(attempt * 7919)) % 30_000) as u16;
-        let held: Vec<_> = (0..n)
-            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == usize::from(n) {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports on 127.0.0.1");
-}
-
-fn line_channel(out: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 /// A farm of two members with two upload directories, each delivering by reference to the
 /// receiver the farm runs for the loopback backend: every member's every data folder is trusted.
 #[test]
@@ -610,7 +578,7 @@ fn a_farm_delivers_by_reference_to_its_receiver() {
             .spawn()
             .expect("starting bitsfarm farm"),
     );
-    let lines = line_channel(farm.0.stdout.take().unwrap());
+    let lines = lines_of(farm.0.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.contains("ready")) {
@@ -680,8 +648,8 @@ fn farm_with_a_receiver_logs_where_each_upload_went() {
             .spawn()
             .expect("starting bitsfarm farm"),
     );
-    let lines = line_channel(farm.0.stdout.take().unwrap());
-    let log = line_channel(farm.0.stderr.take().unwrap());
+    let lines = lines_of(farm.0.stdout.take().unwrap());
+    let log = lines_of(farm.0.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.contains("ready")) {

@@ -74,6 +74,14 @@ pub struct Out {
     pub stderr: String,
 }
 
+/// Whether the pod's Ready condition is True.
+pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 impl Cluster {
     /// The folder on the node that holds the volume bound to the claim `claim` of `ns`.
     pub async fn volume_dir(&self, ns: &str, claim: &str) -> PathBuf {

@@ -11,6 +11,14 @@ pub struct StoredDelivery {
     pub record: serde_json::Value,
 }
 
+/// How many deliveries with content `sha` (hex SHA-256) the receiver with folder `dir` holds.
+pub fn stored_copies(dir: &Path, sha: &str) -> usize {
+    stored_deliveries(dir)
+        .iter()
+        .filter(|d| d.content_sha256 == sha)
+        .count()
+}
+
 /// Every delivery the receiver with folder `dir` stored, sorted by key: each record, and the
 /// SHA-256 of the file it names.
 pub fn stored_deliveries(dir: &Path) -> Vec<StoredDelivery> {

@@ -475,3 +475,40 @@ fn parse_listen_line(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     };
     Some((main.parse().ok()?, admin))
 }
+
+/// `bitsfarm passwd USER` with `password` on stdin: the users-file line.
+pub fn passwd(user: &str, password: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
+        .args(["passwd", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running bitsfarm passwd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "passwd failed: {out:?}");
+    let line = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(line.starts_with(&format!("{user}:$argon2id$")), "{line}");
+    assert!(
+        !line.contains(password),
+        "the entry must not contain the password"
+    );
+    line
+}
+
+/// The `Authorization` value of HTTP Basic for `user` and `password`.
+pub fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{user}:{password}")
+        )
+    )
+}
