@@ -450,35 +450,6 @@ fn a_first_fragment_refused_with_416_does_not_fix_the_total() {
     assert_eq!(fs::read(s.data_dir.join("t.bin")).unwrap(), data);
 }
 
-/// A 2 MiB tmpfs mounted for the test; unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount() -> Result<Tmpfs, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed (not root, or no CAP_SYS_ADMIN?): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs { dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[test]
 fn a_create_session_that_fails_leaves_no_session_folder() {
     let fs_ = match Tmpfs::mount() {
@@ -488,11 +459,11 @@ fn a_create_session_that_fails_leaves_no_session_folder() {
             return;
         }
     };
-    let data_dir = fs_.dir.path().join("data");
+    let data_dir = fs_.path().join("data");
     fs::create_dir_all(&data_dir).unwrap();
     let s = Server::start_at(&data_dir, &[]);
     let requests = data_dir.join("BITS-Sessions").join("Requests");
-    let filler = fs_.dir.path().join("filler");
+    let filler = fs_.path().join("filler");
     {
         let mut f = fs::File::create(&filler).unwrap();
         let block = vec![0u8; 64 << 10];
