@@ -107,6 +107,11 @@ impl Beneath {
         Ok(rustix::fs::fstatfs(&*self.root)?.f_namelen as usize)
     }
 
+    /// The kind of the folder's file system (`statfs`'s `f_type`).
+    pub fn fs_type(&self) -> io::Result<i64> {
+        Ok(rustix::fs::fstatfs(&*self.root)?.f_type as i64)
+    }
+
     /// Opens `rel` with `flags` (`O_NOFOLLOW` and `O_CLOEXEC` are added; with `O_CREAT` a new
     /// file gets mode 0666 less the umask).
     pub fn open_fd(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
@@ -261,6 +266,12 @@ impl Beneath {
     }
 
     /// Flushes folder `rel`'s entries (a new or renamed name in it) to disk.
+    /// Makes a new, empty file `rel`; fails if the name exists (EEXIST), even as a link.
+    pub fn create_empty(&self, rel: &Path) -> io::Result<()> {
+        self.open_fd(rel, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)
+            .map(drop)
+    }
+
     pub fn sync_dir(&self, rel: &Path) -> io::Result<()> {
         let dir = self.open_fd(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
         Ok(rustix::fs::fsync(&dir)?)

@@ -10,6 +10,7 @@
 //! machine what to do, and has the store, the writer or the delivery do it.
 
 mod delivery;
+mod flush;
 mod machine;
 mod place;
 mod store;
@@ -37,8 +38,9 @@ use store::Store;
 pub use super::clock::unix_now;
 pub use delivery::Origin;
 pub use store::{
-    CreateRequest, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE, RECORD_FILE,
+    CANCELLED_MARK, CLOSED_MARK, CreateRequest, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE, RECORD_FILE,
     REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, Session, SessionRecord, SessionState, StoreError,
+    TOTAL_MARK,
 };
 
 /// One upload directory: its configuration, its folder and its sessions.
@@ -111,7 +113,10 @@ impl UploadDir {
             refused.error
         })?;
         if let Some(total) = plan.record_total {
-            self.store.record_total(&mut session, total).await?;
+            let flushed_by_write = matches!(plan.write, Ok(Write::Append { .. }));
+            self.store
+                .record_total(&mut session, total, flushed_by_write)
+                .await?;
         }
         match plan.write? {
             Write::Append { skip, len } => {
@@ -126,7 +131,7 @@ impl UploadDir {
                     len,
                     body,
                     hash,
-                    self.store.sync,
+                    self.store.flushing,
                 )
                 .await?;
                 self.metrics.bytes_received.inc_by(written);

@@ -1,10 +1,15 @@
 //! The session table of one data folder and its records on disk.
 //!
 //! On disk, under `<data-dir>/BITS-Sessions/Requests/{SESSION-ID}/`:
-//! - `session.json`: what the session is (destination, total, state), replaced atomically;
+//! - `session.json`: what the session is (destination, owner), written once at Create-Session
+//!   and never rewritten;
 //! - `requestfile.bin`: the bytes received so far. Bytes are only ever appended in order, so the
-//!   file's length is the next expected offset, and one `fdatasync` before the Ack makes both the
+//!   file's length is the next expected offset, and one flush before the Ack makes both the
 //!   bytes and that offset durable: no separate metadata write per fragment;
+//! - `total-<bytes>`: an empty file whose name is the upload's size, made by the first Fragment
+//!   that gives it; `closed` or `cancelled`: an empty file, the tombstone of an ended session.
+//!   Facts that come later are names, not rewrites, so the flush a packet makes anyway covers
+//!   them (see `flush`);
 //! - `hash.state`: a checkpoint of the running SHA-256 (see `writer`).
 //!
 //! Memory holds one small `Session` per session, each behind its own lock; the table's lock is
@@ -22,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::flush::Flushing;
 use super::place::{check_new_destination, commit, storage_error};
 use crate::bits::paths::SESSION_DIR;
 use crate::bits::protocol::{BitsError, SessionId};
@@ -40,6 +46,11 @@ pub const RECORD_FILE: &str = "session.json";
 pub const HASH_STATE_FILE: &str = "hash.state";
 pub const DELIVERY_FILE: &str = "delivery.json";
 pub const REPLY_FILE: &str = "responsefile.bin";
+/// The start of the name of the empty file that records the upload's size: `total-<bytes>`.
+pub const TOTAL_MARK: &str = "total-";
+/// Empty files that mark a session as ended (its tombstone).
+pub const CLOSED_MARK: &str = "closed";
+pub const CANCELLED_MARK: &str = "cancelled";
 /// Per data folder: one record per delivered idempotency key, so that a new session for the same
 /// file at the same URL is not delivered again.
 pub const DELIVERED_DIR: &str = "Delivered";
@@ -56,7 +67,8 @@ pub enum SessionState {
     Cancelled,
 }
 
-/// What `session.json` holds.
+/// What `session.json` holds. Records written before the size and the tombstone became names
+/// may carry them here too; they are still read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct SessionRecord {
@@ -177,6 +189,8 @@ pub struct Store {
     metrics: Arc<Metrics>,
     /// Every write is synced before it is acknowledged.
     pub(super) sync: bool,
+    /// What the flushes before an Ack must cover on this file system.
+    pub(super) flushing: Flushing,
     /// Open sessions per user and in all, shared by the server's directories.
     counter: Arc<SessionCounter>,
     /// Held for as long as the directory is served: no other server recovers it meanwhile.
@@ -225,6 +239,10 @@ impl Store {
         }
         // 255 where the file system does not say (and never more: the URL rules stop there).
         let name_max = beneath.name_max().unwrap_or(255).clamp(1, 255);
+        let flushing = Flushing::detect(&beneath, sync);
+        if flushing == Flushing::Folders {
+            info!(dir = %root.display(), "the data folder's file system is not one whose file flushes also make new names durable (ext4, XFS): folders are flushed too, which costs a flush or two more per packet");
+        }
         let store = Store {
             root,
             beneath,
@@ -235,6 +253,7 @@ impl Store {
             sessions: Mutex::new(HashMap::new()),
             metrics,
             sync,
+            flushing,
             counter: Arc::new(SessionCounter::default()),
             _lock: lock,
         };
@@ -372,13 +391,15 @@ impl Store {
             state: SessionState::Receiving,
             owner: req.owner,
         };
-        let (sync, name_max, b) = (self.sync, self.name_max, self.beneath.clone());
+        let (flushing, name_max, b) = (self.flushing, self.name_max, self.beneath.clone());
         let rec = record.clone();
-        let d = dir.clone();
+        let (d, requests) = (dir.clone(), self.requests.clone());
         let created = blocking(move || {
             check_new_destination(&b, &dest, allow_overwrites, name_max)?;
             b.create_dir(&d).map_err(storage_error)?;
-            write_record(&b, &d, &rec, sync).map_err(|e| {
+            write_new_record(&b, &d, &rec, flushing)
+                .and_then(|()| flushing.names(&b, &[&d, &requests]))
+                .map_err(|e| {
                 // The session was never acknowledged: nothing of it stays (a full disk, say).
                 if let Err(left) = b.remove_all(&d) {
                     warn!(dir = %b.absolute(&d).display(), error = %left, "cannot remove a session folder that failed to be made");
@@ -407,20 +428,36 @@ impl Store {
         Ok(id)
     }
 
-    /// Records the upload's size, durably, the first time a fragment names it.
-    pub async fn record_total(&self, session: &mut Session, total: u64) -> Result<(), BitsError> {
-        let mut record = session.record.clone();
-        record.total = Some(total);
-        let (dir, sync, b) = (session.dir.clone(), self.sync, self.beneath.clone());
-        let r = record.clone();
-        blocking(move || write_record(&b, &dir, &r, sync).map_err(storage_error)).await?;
-        session.record = record;
+    /// Records the upload's size the first time a fragment names it, as the name of an empty
+    /// file. `flushed_by_write`: the fragment's bytes are about to be written and flushed, which
+    /// makes the name durable with them; otherwise it is made durable here.
+    pub async fn record_total(
+        &self,
+        session: &mut Session,
+        total: u64,
+        flushed_by_write: bool,
+    ) -> Result<(), BitsError> {
+        let mark = session.dir.join(format!("{TOTAL_MARK}{total}"));
+        let (dir, flushing, b) = (session.dir.clone(), self.flushing, self.beneath.clone());
+        blocking(move || {
+            make_mark(&b, &mark).map_err(storage_error)?;
+            if !flushed_by_write {
+                flushing.names_now(&b, &dir).map_err(storage_error)?;
+            }
+            Ok(())
+        })
+        .await?;
+        session.record.total = Some(total);
         Ok(())
     }
 
     /// Ends a receiving session as a tombstone in `state` (so a retried Close or Cancel is answered
-    /// 200): commits the upload to `commit_to` first when given, then drops its data, hash
-    /// checkpoint and reply. The session no longer counts as open.
+    /// 200): commits the upload to `commit_to` first when given (the one flush), then drops its
+    /// data, hash checkpoint and reply. The session no longer counts as open.
+    ///
+    /// The tombstone is not flushed: if a crash loses it, the session comes back open, and a
+    /// retried Close commits again, which finds its own file in place (see `commit`); a retried
+    /// Cancel drops it again.
     pub async fn end(
         &self,
         session: &mut Session,
@@ -432,13 +469,16 @@ impl Store {
         record.state = state;
         let (dir, data, sync) = (session.dir.clone(), session.data_file(), self.sync);
         let reply_dir = self.replies.join(record.id.as_str());
-        let rec = record.clone();
+        let tombstone = dir.join(match state {
+            SessionState::Cancelled => CANCELLED_MARK,
+            _ => CLOSED_MARK,
+        });
         let b = self.beneath.clone();
         blocking(move || {
             if let Some(dest) = commit_to {
                 commit(&b, &data, &dest, allow_overwrites, sync)?;
             }
-            write_record(&b, &dir, &rec, sync).map_err(storage_error)?;
+            make_mark(&b, &tombstone).map_err(storage_error)?;
             let _ = b.remove_file(&data);
             let _ = b.remove_file(&dir.join(HASH_STATE_FILE));
             let _ = b.remove_all(&reply_dir);
@@ -544,8 +584,33 @@ impl Store {
     }
 }
 
-fn write_record(b: &Beneath, dir: &Path, record: &SessionRecord, sync: bool) -> io::Result<()> {
-    write_json(b, &dir.join(RECORD_FILE), record, sync)
+/// Writes a new session's record in its new folder `dir`, in place: the name is new, so there is
+/// nothing to replace, and a record cut short by a crash belongs to a session that was never
+/// acknowledged (recovery drops it). The flush (`fsync`, which covers the file's creation) also
+/// makes the folder durable where the file system orders its names (see `flush`).
+fn write_new_record(
+    b: &Beneath,
+    dir: &Path,
+    record: &SessionRecord,
+    flushing: Flushing,
+) -> io::Result<()> {
+    use std::io::Write;
+    let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
+    let mut file = b.open_file(&dir.join(RECORD_FILE), flags)?;
+    file.write_all(&json)?;
+    if flushing.on() {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Makes the empty file `rel`; one already there (a retried packet) is the same fact.
+fn make_mark(b: &Beneath, rel: &Path) -> io::Result<()> {
+    match b.create_empty(rel) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
 }
 
 /// Replaces the JSON file `rel` (below the data folder) atomically: write, sync, rename, sync the
@@ -561,13 +626,21 @@ pub(super) fn write_json<T: Serialize>(
 }
 
 fn load_session(b: &Beneath, dir: &Path) -> io::Result<Option<Session>> {
+    let names = b.read_dir(dir)?;
+    let has = |name: &str| names.iter().any(|n| n == name);
     let record_path = dir.join(RECORD_FILE);
     let json = match b.read(&record_path) {
         Ok(j) => j,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let record: SessionRecord = serde_json::from_slice(&json).map_err(io::Error::other)?;
+    let mut record: SessionRecord = match serde_json::from_slice(&json) {
+        Ok(r) => r,
+        // Cut short by a crash before Create-Session's flush: never acknowledged, nothing to keep.
+        // With anything else in the folder, it is not ours to judge.
+        Err(_) if names.len() == 1 => return Ok(None),
+        Err(e) => return Err(io::Error::other(e)),
+    };
     // The record names where Close will write: never trust it to stay inside the data folder.
     let names_session_dir = record
         .destination
@@ -583,20 +656,37 @@ fn load_session(b: &Beneath, dir: &Path) -> io::Result<Option<Session>> {
             record.destination
         )));
     }
+    if record.total.is_none() {
+        record.total = names
+            .iter()
+            .filter_map(|n| n.to_str()?.strip_prefix(TOTAL_MARK)?.parse().ok())
+            .next();
+    }
+    if record.state == SessionState::Receiving {
+        if has(CLOSED_MARK) {
+            record.state = SessionState::Closed;
+        } else if has(CANCELLED_MARK) {
+            record.state = SessionState::Cancelled;
+        }
+    }
     let (offset, data_mtime) = match b.metadata(&dir.join(DATA_FILE)) {
         Ok(m) => (m.len(), m.modified().ok()),
         Err(_) => (0, None),
     };
-    let record_mtime = b.metadata(&record_path)?.modified().ok();
+    // The folder changes with every name made or dropped in it (the size, the tombstone).
+    let folder_mtime = b.metadata(dir)?.modified().ok();
     let last_activity = data_mtime
         .into_iter()
-        .chain(record_mtime)
+        .chain(folder_mtime)
         .max()
         .unwrap_or_else(SystemTime::now);
-    let delivery = b
-        .read(&dir.join(DELIVERY_FILE))
-        .ok()
-        .and_then(|j| serde_json::from_slice(&j).ok());
+    let delivery = if has(DELIVERY_FILE) {
+        b.read(&dir.join(DELIVERY_FILE))
+            .ok()
+            .and_then(|j| serde_json::from_slice(&j).ok())
+    } else {
+        None
+    };
     Ok(Some(Session {
         record,
         dir: dir.to_path_buf(),
@@ -640,7 +730,7 @@ mod tests {
         let s = Path::new("s");
         assert!(load_session(&b, s).unwrap().is_none(), "no record yet");
         let rec = record("sub/a.bin");
-        write_record(&b, s, &rec, false).unwrap();
+        write_new_record(&b, s, &rec, Flushing::Off).unwrap();
         fs::write(dir.path().join("s").join(DATA_FILE), b"ab").unwrap();
         let session = load_session(&b, s).unwrap().unwrap();
         assert_eq!(
@@ -660,7 +750,7 @@ mod tests {
             "bits-sessions",
         ] {
             let (_dir, b) = folder();
-            write_record(&b, Path::new("s"), &record(destination), false).unwrap();
+            write_new_record(&b, Path::new("s"), &record(destination), Flushing::Off).unwrap();
             assert!(load_session(&b, Path::new("s")).is_err(), "{destination:?}");
         }
     }

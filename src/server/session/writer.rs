@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::flush::Flushing;
 use super::place::storage_error;
 use super::store::Session;
 use crate::bits::protocol::BitsError;
@@ -40,7 +41,7 @@ const WRITEBACK_STEP: u64 = 1 << 20;
 
 /// Streams `body` to the session's file (below the data folder `b`, reached without following a
 /// link): skips `skip` bytes, appends the next `len` bytes at the current offset, flushes them
-/// (when `sync`), and advances the offset; with `hash`, the running hash follows. On any failure
+/// (see `flushing`), and advances the offset; with `hash`, the running hash follows. On any failure
 /// the file goes back to its previous length, so it only ever holds whole fragments' worth of
 /// acknowledged bytes.
 pub async fn append<S, E>(
@@ -50,7 +51,7 @@ pub async fn append<S, E>(
     len: u64,
     body: &mut S,
     hash: bool,
-    sync: bool,
+    flushing: Flushing,
 ) -> Result<u64, BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -67,14 +68,14 @@ where
         // hand-off to a blocking thread and back, which costs as much as the write itself.
         let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| {
-            write_fragment(b, &path, &state_path, offset, hasher, hash, rx, sync)
+            write_fragment(b, &path, &state_path, offset, hasher, hash, rx, flushing)
         });
         (result, None)
     } else {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let b2 = b.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            write_fragment(&b2, &path, &state_path, offset, hasher, hash, rx, sync)
+            write_fragment(&b2, &path, &state_path, offset, hasher, hash, rx, flushing)
         });
         let failure = stream_to(tx, body, skip, len).await;
         let result = writer
@@ -214,8 +215,9 @@ where
 }
 
 /// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
-/// when `hash`), then, when `sync`, flushes it: the bytes and the file length (the next offset)
-/// are durable when this returns. `path` and `state_path` are below the data folder `b`.
+/// when `hash`), then flushes it (unless `flushing` is off): the bytes and the file length (the
+/// next offset) are durable when this returns, and so are the file's name and the names made
+/// before it in its folder (the size). `path` and `state_path` are below the data folder `b`.
 #[allow(clippy::too_many_arguments)]
 fn write_fragment(
     b: &Beneath,
@@ -225,8 +227,9 @@ fn write_fragment(
     hasher: Option<Sha256>,
     hash: bool,
     mut rx: mpsc::Receiver<Bytes>,
-    sync: bool,
+    flushing: Flushing,
 ) -> io::Result<Written> {
+    let sync = flushing.on();
     let mut file = b.open_file(path, OFlags::RDWR | OFlags::CREATE)?;
     let mut hasher = match (hash, hasher) {
         (false, _) => None,
@@ -282,7 +285,12 @@ fn write_fragment(
             writeback_from = at;
         }
     }
-    if sync {
+    if offset == 0 && sync {
+        // The fragment that made the file: `fsync` also covers its creation (an empty upload's
+        // file grows by nothing, which `fdatasync` would not flush).
+        file.sync_all()?;
+        flushing.names(b, &[path.parent().unwrap_or(Path::new(""))])?;
+    } else if sync {
         file.sync_data()?;
     }
     if let Some(h) = &hasher {
@@ -412,7 +420,7 @@ mod tests {
             None,
             true,
             rx,
-            true,
+            Flushing::Ordered,
         )
         .unwrap()
     }
