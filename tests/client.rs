@@ -198,9 +198,9 @@ fn ctrl_c_keeps_the_job_for_later_unless_asked_to_cancel() {
     let out = wait_exit(child);
     assert_eq!(out.status.code(), Some(4));
     assert!(!job_path(&file).exists(), "the job file is removed");
-    // The session's tombstone: an empty file named for how it ended.
+    // The session's tombstone: its record, renamed for how it ended.
     assert!(
-        s.session_dir(&id).join("cancelled").is_file(),
+        s.session_dir(&id).join("cancelled.json").is_file(),
         "the session was cancelled"
     );
     assert!(!s.data_dir.join("c/drop.bin").exists());

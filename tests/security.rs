@@ -228,8 +228,8 @@ fn another_users_session_id_is_answered_like_an_unknown_session() {
         fs::read(s.data_dir.join("up/mine.bin")).unwrap(),
         b"0123456789ABCDEFGHIJ"
     );
-    // The owner is stored with the session.
-    let record = fs::read_to_string(s.session_dir(&id).join("session.json")).unwrap();
+    // The owner is stored with the session (whose record, closed, is its tombstone).
+    let record = fs::read_to_string(s.session_dir(&id).join("closed.json")).unwrap();
     assert!(record.contains("\"owner\": \"alice\""), "{record}");
 }
 

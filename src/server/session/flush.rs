@@ -1,16 +1,16 @@
 //! How many flushes an acknowledgement needs on the data folder's file system.
 //!
-//! A flush is one `fsync` or `fdatasync`, and on this path it is the disk's slowest step: each
-//! one is a journal commit and a cache flush. The store keeps every fact a later packet only adds
-//! (the upload's size, the session's end) as a new name in the session's folder, never as a
-//! rewrite of a file, so what must be durable before an Ack is always one file's bytes plus names.
+//! A flush is one `fsync` or `fdatasync`, and on this path it is the disk's slowest step. The
+//! store arranges every packet so that what must be durable before its Ack is one file: its bytes,
+//! its own attributes (`fsync` covers them on every file system) and, for a file the packet
+//! created, its name. Facts that come later are attributes or renames, never rewrites.
 //!
-//! On ext4 and XFS a flush of any file commits the metadata journal up to that file's last
-//! change, and the journal commits in order: every name made earlier on the same file system (a
-//! folder, a file's creation, a link, an empty marker) is durable with it. There the minimum is
-//! one flush per Create-Session, per Fragment and per Close-Session. Elsewhere (btrfs, NFS, and
-//! any file system we cannot name) names are only durable when their folder is flushed, so the
-//! folders that gained one are flushed too.
+//! On ext4 (with or without a journal), XFS and btrfs, the `fsync` of a newly created file also
+//! makes its name durable, and the names of the new folders above it: journaled file systems
+//! commit the creation with the file, and ext4 without a journal flushes the new file's folders
+//! itself (`ext4_sync_parent`). There the minimum is one flush per Create-Session, per Fragment
+//! and per Close-Session. On any other file system (NFS, and those we cannot name) a new name is
+//! durable only once its folder is flushed, so those folders are flushed too.
 
 use std::io;
 use std::path::Path;
@@ -22,7 +22,7 @@ use crate::server::beneath::Beneath;
 pub enum Flushing {
     /// Writes are not flushed at all (`--unsafe-no-sync`).
     Off,
-    /// A file's flush also makes every earlier name on the file system durable (ext4, XFS).
+    /// A new file's flush also makes its name durable (ext4, XFS, btrfs, tmpfs).
     Ordered,
     /// A new name is durable only once its folder is flushed.
     Folders,
@@ -30,6 +30,7 @@ pub enum Flushing {
 
 const EXT4_MAGIC: i64 = 0xEF53;
 const XFS_MAGIC: i64 = 0x5846_5342;
+const BTRFS_MAGIC: i64 = 0x9123_683E;
 /// Nothing on tmpfs survives a reboot, so no flush can lose anything there.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
@@ -38,7 +39,7 @@ impl Flushing {
     pub fn for_file_system(sync: bool, fs_type: i64) -> Flushing {
         match fs_type {
             _ if !sync => Flushing::Off,
-            EXT4_MAGIC | XFS_MAGIC | TMPFS_MAGIC => Flushing::Ordered,
+            EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC | TMPFS_MAGIC => Flushing::Ordered,
             _ => Flushing::Folders,
         }
     }
@@ -53,22 +54,13 @@ impl Flushing {
         self != Flushing::Off
     }
 
-    /// Makes the names just made in `folders` (below `b`) durable, when a later file flush will
-    /// not.
+    /// Makes the new names in `folders` (below `b`) durable where flushing the new file in them
+    /// did not.
     pub fn names(self, b: &Beneath, folders: &[&Path]) -> io::Result<()> {
         if self == Flushing::Folders {
             for folder in folders {
                 b.sync_dir(folder)?;
             }
-        }
-        Ok(())
-    }
-
-    /// Makes the names just made in `folder` durable now, with no file flush to come after them
-    /// in this packet.
-    pub fn names_now(self, b: &Beneath, folder: &Path) -> io::Result<()> {
-        if self.on() {
-            b.sync_dir(folder)?;
         }
         Ok(())
     }
@@ -79,7 +71,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn journaled_file_systems_need_one_flush_others_their_folders_too() {
+    fn known_file_systems_need_one_flush_others_their_folders_too() {
         assert_eq!(
             Flushing::for_file_system(true, EXT4_MAGIC),
             Flushing::Ordered
@@ -88,8 +80,12 @@ mod tests {
             Flushing::for_file_system(true, XFS_MAGIC),
             Flushing::Ordered
         );
-        // btrfs, NFS, and a file system that could not be asked.
-        for other in [0x9123_683E, 0x6969, 0] {
+        assert_eq!(
+            Flushing::for_file_system(true, BTRFS_MAGIC),
+            Flushing::Ordered
+        );
+        // NFS, FUSE, and a file system that could not be asked.
+        for other in [0x6969, 0x6573_5546, 0] {
             assert_eq!(Flushing::for_file_system(true, other), Flushing::Folders);
         }
         assert_eq!(Flushing::for_file_system(false, EXT4_MAGIC), Flushing::Off);

@@ -38,9 +38,9 @@ use store::Store;
 pub use super::clock::unix_now;
 pub use delivery::Origin;
 pub use store::{
-    CANCELLED_MARK, CLOSED_MARK, CreateRequest, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE, RECORD_FILE,
-    REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, Session, SessionRecord, SessionState, StoreError,
-    TOTAL_MARK,
+    CANCELLED_RECORD, CLOSED_RECORD, CreateRequest, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE,
+    HASH_STATE_FILE, RECORD_FILE, REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, Session, SessionRecord,
+    SessionState, StoreError, TOTAL_ATTRIBUTE, TOTAL_MARK,
 };
 
 /// One upload directory: its configuration, its folder and its sessions.
@@ -112,12 +112,6 @@ impl UploadDir {
             }
             refused.error
         })?;
-        if let Some(total) = plan.record_total {
-            let flushed_by_write = matches!(plan.write, Ok(Write::Append { .. }));
-            self.store
-                .record_total(&mut session, total, flushed_by_write)
-                .await?;
-        }
         match plan.write? {
             Write::Append { skip, len } => {
                 // The running hash only serves deliveries to a server application (their
@@ -127,8 +121,11 @@ impl UploadDir {
                 let written = writer::append(
                     &self.store.beneath,
                     &mut session,
-                    skip,
-                    len,
+                    writer::Append {
+                        skip,
+                        len,
+                        new_total: plan.record_total,
+                    },
                     body,
                     hash,
                     self.store.flushing,
@@ -138,6 +135,9 @@ impl UploadDir {
                 debug!(session = %id, %range, written, next = session.offset, "fragment stored");
             }
             Write::Held => {
+                if let Some(total) = plan.record_total {
+                    self.store.record_total(&mut session, total).await?;
+                }
                 debug!(session = %id, %range, next = session.offset, "fragment already held; nothing written")
             }
         }

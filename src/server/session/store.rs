@@ -2,15 +2,18 @@
 //!
 //! On disk, under `<data-dir>/BITS-Sessions/Requests/{SESSION-ID}/`:
 //! - `session.json`: what the session is (destination, owner), written once at Create-Session
-//!   and never rewritten;
+//!   and never rewritten. When the session ends it is renamed `closed.json` or `cancelled.json`:
+//!   its tombstone;
 //! - `requestfile.bin`: the bytes received so far. Bytes are only ever appended in order, so the
 //!   file's length is the next expected offset, and one flush before the Ack makes both the
-//!   bytes and that offset durable: no separate metadata write per fragment;
-//! - `total-<bytes>`: an empty file whose name is the upload's size, made by the first Fragment
-//!   that gives it; `closed` or `cancelled`: an empty file, the tombstone of an ended session.
-//!   Facts that come later are names, not rewrites, so the flush a packet makes anyway covers
-//!   them (see `flush`);
+//!   bytes and that offset durable: no separate metadata write per fragment. The upload's size,
+//!   once a Fragment gave it, is the file's extended attribute `user.bitsfarm.total`, which the
+//!   same flush covers (where the file system has no user attributes: an empty file
+//!   `total-<bytes>` beside it, and its folder flushed);
 //! - `hash.state`: a checkpoint of the running SHA-256 (see `writer`).
+//!
+//! Later facts are never rewrites of a file and never new files where that can be helped: each
+//! new file costs an inode, and each rewrite a flush and a rename (see `flush`).
 //!
 //! Memory holds one small `Session` per session, each behind its own lock; the table's lock is
 //! only held to look a session up, insert or remove it. No upload's bytes are ever held whole.
@@ -46,11 +49,14 @@ pub const RECORD_FILE: &str = "session.json";
 pub const HASH_STATE_FILE: &str = "hash.state";
 pub const DELIVERY_FILE: &str = "delivery.json";
 pub const REPLY_FILE: &str = "responsefile.bin";
-/// The start of the name of the empty file that records the upload's size: `total-<bytes>`.
+/// The record's name once the session was closed, or cancelled: its tombstone.
+pub const CLOSED_RECORD: &str = "closed.json";
+pub const CANCELLED_RECORD: &str = "cancelled.json";
+/// The data file's extended attribute that holds the upload's size, in decimal.
+pub const TOTAL_ATTRIBUTE: &str = "user.bitsfarm.total";
+/// Where the file system has no user attributes: the start of the name of an empty file that
+/// records the upload's size, `total-<bytes>`.
 pub const TOTAL_MARK: &str = "total-";
-/// Empty files that mark a session as ended (its tombstone).
-pub const CLOSED_MARK: &str = "closed";
-pub const CANCELLED_MARK: &str = "cancelled";
 /// Per data folder: one record per delivered idempotency key, so that a new session for the same
 /// file at the same URL is not delivered again.
 pub const DELIVERED_DIR: &str = "Delivered";
@@ -241,7 +247,7 @@ impl Store {
         let name_max = beneath.name_max().unwrap_or(255).clamp(1, 255);
         let flushing = Flushing::detect(&beneath, sync);
         if flushing == Flushing::Folders {
-            info!(dir = %root.display(), "the data folder's file system is not one whose file flushes also make new names durable (ext4, XFS): folders are flushed too, which costs a flush or two more per packet");
+            info!(dir = %root.display(), "the data folder's file system is not one known to make a new file's name durable with the file (ext4, XFS, btrfs): new names' folders are flushed too, a flush or two more per packet");
         }
         let store = Store {
             root,
@@ -428,23 +434,23 @@ impl Store {
         Ok(id)
     }
 
-    /// Records the upload's size the first time a fragment names it, as the name of an empty
-    /// file. `flushed_by_write`: the fragment's bytes are about to be written and flushed, which
-    /// makes the name durable with them; otherwise it is made durable here.
-    pub async fn record_total(
-        &self,
-        session: &mut Session,
-        total: u64,
-        flushed_by_write: bool,
-    ) -> Result<(), BitsError> {
-        let mark = session.dir.join(format!("{TOTAL_MARK}{total}"));
-        let (dir, flushing, b) = (session.dir.clone(), self.flushing, self.beneath.clone());
+    /// Records the upload's size, durably, when a fragment names it for the first time but
+    /// brings no new bytes (a Fragment that writes records it with its bytes, see `writer`).
+    pub async fn record_total(&self, session: &mut Session, total: u64) -> Result<(), BitsError> {
+        let (data, flushing, b) = (session.data_file(), self.flushing, self.beneath.clone());
         blocking(move || {
-            make_mark(&b, &mark).map_err(storage_error)?;
-            if !flushed_by_write {
-                flushing.names_now(&b, &dir).map_err(storage_error)?;
-            }
-            Ok(())
+            let recorded = || -> io::Result<()> {
+                let file = b.open_file(&data, OFlags::WRONLY)?;
+                let folder_flush = record_total_on(&b, &file, &data, total)?;
+                if flushing.on() {
+                    file.sync_all()?;
+                    if folder_flush {
+                        b.sync_dir(data.parent().unwrap_or(Path::new("")))?;
+                    }
+                }
+                Ok(())
+            };
+            recorded().map_err(storage_error)
         })
         .await?;
         session.record.total = Some(total);
@@ -470,15 +476,16 @@ impl Store {
         let (dir, data, sync) = (session.dir.clone(), session.data_file(), self.sync);
         let reply_dir = self.replies.join(record.id.as_str());
         let tombstone = dir.join(match state {
-            SessionState::Cancelled => CANCELLED_MARK,
-            _ => CLOSED_MARK,
+            SessionState::Cancelled => CANCELLED_RECORD,
+            _ => CLOSED_RECORD,
         });
         let b = self.beneath.clone();
         blocking(move || {
             if let Some(dest) = commit_to {
                 commit(&b, &data, &dest, allow_overwrites, sync)?;
             }
-            make_mark(&b, &tombstone).map_err(storage_error)?;
+            b.rename(&dir.join(RECORD_FILE), &tombstone)
+                .map_err(storage_error)?;
             let _ = b.remove_file(&data);
             let _ = b.remove_file(&dir.join(HASH_STATE_FILE));
             let _ = b.remove_all(&reply_dir);
@@ -605,11 +612,44 @@ fn write_new_record(
     Ok(())
 }
 
-/// Makes the empty file `rel`; one already there (a retried packet) is the same fact.
-fn make_mark(b: &Beneath, rel: &Path) -> io::Result<()> {
-    match b.create_empty(rel) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
+/// Records the upload's size `total` on its data `file` (at `data`, below `b`), for the flush
+/// that follows to make durable: as an attribute of the file, or where the file system has none,
+/// as an empty file beside it. True when that file was made, and its folder must be flushed too.
+pub(super) fn record_total_on(
+    b: &Beneath,
+    file: &File,
+    data: &Path,
+    total: u64,
+) -> io::Result<bool> {
+    let value = total.to_string();
+    let flags = rustix::fs::XattrFlags::empty();
+    match rustix::fs::fsetxattr(file, TOTAL_ATTRIBUTE, value.as_bytes(), flags) {
+        Ok(()) => Ok(false),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let mark = data.with_file_name(format!("{TOTAL_MARK}{total}"));
+            match b.create_empty(&mark) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(true),
+                other => other.map(|()| true),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The upload's size as recorded by `record_total_on`, if it was.
+fn recorded_total(b: &Beneath, data: &Path, names: &[std::ffi::OsString]) -> Option<u64> {
+    let from_mark = || {
+        names
+            .iter()
+            .find_map(|n| n.to_str()?.strip_prefix(TOTAL_MARK)?.parse().ok())
+    };
+    let Ok(file) = b.open_file(data, OFlags::RDONLY | OFlags::NONBLOCK) else {
+        return from_mark();
+    };
+    let mut value = [0u8; 20];
+    match rustix::fs::fgetxattr(&file, TOTAL_ATTRIBUTE, &mut value) {
+        Ok(n) => std::str::from_utf8(&value[..n]).ok()?.parse().ok(),
+        Err(_) => from_mark(),
     }
 }
 
@@ -628,12 +668,17 @@ pub(super) fn write_json<T: Serialize>(
 fn load_session(b: &Beneath, dir: &Path) -> io::Result<Option<Session>> {
     let names = b.read_dir(dir)?;
     let has = |name: &str| names.iter().any(|n| n == name);
-    let record_path = dir.join(RECORD_FILE);
-    let json = match b.read(&record_path) {
-        Ok(j) => j,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    // The record, under the name that says how far the session got.
+    let Some((record_name, ended)) = [
+        (RECORD_FILE, None),
+        (CLOSED_RECORD, Some(SessionState::Closed)),
+        (CANCELLED_RECORD, Some(SessionState::Cancelled)),
+    ]
+    .into_iter()
+    .find(|(name, _)| has(name)) else {
+        return Ok(None);
     };
+    let json = b.read(&dir.join(record_name))?;
     let mut record: SessionRecord = match serde_json::from_slice(&json) {
         Ok(r) => r,
         // Cut short by a crash before Create-Session's flush: never acknowledged, nothing to keep.
@@ -656,24 +701,17 @@ fn load_session(b: &Beneath, dir: &Path) -> io::Result<Option<Session>> {
             record.destination
         )));
     }
-    if record.total.is_none() {
-        record.total = names
-            .iter()
-            .filter_map(|n| n.to_str()?.strip_prefix(TOTAL_MARK)?.parse().ok())
-            .next();
+    if let Some(state) = ended {
+        record.state = state;
     }
-    if record.state == SessionState::Receiving {
-        if has(CLOSED_MARK) {
-            record.state = SessionState::Closed;
-        } else if has(CANCELLED_MARK) {
-            record.state = SessionState::Cancelled;
-        }
+    if record.total.is_none() && record.state == SessionState::Receiving {
+        record.total = recorded_total(b, &dir.join(DATA_FILE), &names);
     }
     let (offset, data_mtime) = match b.metadata(&dir.join(DATA_FILE)) {
         Ok(m) => (m.len(), m.modified().ok()),
         Err(_) => (0, None),
     };
-    // The folder changes with every name made or dropped in it (the size, the tombstone).
+    // The folder changes with every name made, renamed or dropped in it (the tombstone).
     let folder_mtime = b.metadata(dir)?.modified().ok();
     let last_activity = data_mtime
         .into_iter()
@@ -738,6 +776,54 @@ mod tests {
             (&rec, 2, false)
         );
         assert!(session.hasher.is_none() && session.delivery.is_none());
+    }
+
+    #[test]
+    fn a_tombstone_and_a_recorded_size_come_back() {
+        let (dir, b) = folder();
+        let s = Path::new("s");
+        let mut rec = record("a.bin");
+        rec.total = None;
+        write_new_record(&b, s, &rec, Flushing::Ordered).unwrap();
+        let data = s.join(DATA_FILE);
+        fs::write(dir.path().join(&data), b"ab").unwrap();
+        let file = b.open_file(&data, OFlags::WRONLY).unwrap();
+        assert!(
+            !record_total_on(&b, &file, &data, 5).unwrap(),
+            "an attribute"
+        );
+        let session = load_session(&b, s).unwrap().unwrap();
+        assert_eq!((session.record.total, session.offset), (Some(5), 2));
+        // Where the attribute is missing, the empty file beside the data stands in for it.
+        fs::remove_file(dir.path().join(&data)).unwrap();
+        fs::write(dir.path().join(&data), b"ab").unwrap();
+        fs::write(dir.path().join("s").join(format!("{TOTAL_MARK}9")), b"").unwrap();
+        assert_eq!(load_session(&b, s).unwrap().unwrap().record.total, Some(9));
+        for (name, state) in [
+            (CLOSED_RECORD, SessionState::Closed),
+            (CANCELLED_RECORD, SessionState::Cancelled),
+        ] {
+            let now = fs::read_dir(dir.path().join("s"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|e| e == "json"))
+                .unwrap();
+            fs::rename(now, dir.path().join("s").join(name)).unwrap();
+            assert_eq!(load_session(&b, s).unwrap().unwrap().record.state, state);
+        }
+    }
+
+    #[test]
+    fn a_record_cut_short_before_its_flush_is_dropped_unless_the_folder_holds_more() {
+        let (dir, b) = folder();
+        let s = Path::new("s");
+        fs::write(dir.path().join("s").join(RECORD_FILE), b"{\"id\": \"{1").unwrap();
+        assert!(load_session(&b, s).unwrap().is_none(), "never acknowledged");
+        fs::write(dir.path().join("s").join(DATA_FILE), b"ab").unwrap();
+        assert!(
+            load_session(&b, s).is_err(),
+            "not ours to judge: left alone"
+        );
     }
 
     #[test]

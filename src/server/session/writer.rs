@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::flush::Flushing;
 use super::place::storage_error;
-use super::store::Session;
+use super::store::{Session, record_total_on};
 use crate::bits::protocol::BitsError;
 use crate::server::beneath::Beneath;
 
@@ -39,16 +39,28 @@ const WRITE_IOVECS: usize = 1024;
 /// waits for the tail.
 const WRITEBACK_STEP: u64 = 1 << 20;
 
+/// What a Fragment appends: `len` bytes after skipping `skip` already held, and the upload's
+/// size when the fragment gives it for the first time.
+pub struct Append {
+    pub skip: u64,
+    pub len: u64,
+    pub new_total: Option<u64>,
+}
+
 /// Streams `body` to the session's file (below the data folder `b`, reached without following a
 /// link): skips `skip` bytes, appends the next `len` bytes at the current offset, flushes them
-/// (see `flushing`), and advances the offset; with `hash`, the running hash follows. On any failure
+/// (see `flushing`), and advances the offset; with `hash`, the running hash follows. `new_total`:
+/// the upload's size, given for the first time, recorded with the bytes. On any failure
 /// the file goes back to its previous length, so it only ever holds whole fragments' worth of
 /// acknowledged bytes.
 pub async fn append<S, E>(
     b: &Beneath,
     session: &mut Session,
-    skip: u64,
-    len: u64,
+    Append {
+        skip,
+        len,
+        new_total,
+    }: Append,
     body: &mut S,
     hash: bool,
     flushing: Flushing,
@@ -68,14 +80,34 @@ where
         // hand-off to a blocking thread and back, which costs as much as the write itself.
         let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| {
-            write_fragment(b, &path, &state_path, offset, hasher, hash, rx, flushing)
+            write_fragment(
+                b,
+                &path,
+                &state_path,
+                offset,
+                new_total,
+                hasher,
+                hash,
+                rx,
+                flushing,
+            )
         });
         (result, None)
     } else {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let b2 = b.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            write_fragment(&b2, &path, &state_path, offset, hasher, hash, rx, flushing)
+            write_fragment(
+                &b2,
+                &path,
+                &state_path,
+                offset,
+                new_total,
+                hasher,
+                hash,
+                rx,
+                flushing,
+            )
         });
         let failure = stream_to(tx, body, skip, len).await;
         let result = writer
@@ -87,6 +119,9 @@ where
         (Ok(done), None) if done.written == len => {
             session.offset += done.written;
             session.hasher = done.hasher;
+            if new_total.is_some() {
+                session.record.total = new_total;
+            }
             Ok(done.written)
         }
         (Ok(_), failure) => {
@@ -215,15 +250,16 @@ where
 }
 
 /// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
-/// when `hash`), then flushes it (unless `flushing` is off): the bytes and the file length (the
-/// next offset) are durable when this returns, and so are the file's name and the names made
-/// before it in its folder (the size). `path` and `state_path` are below the data folder `b`.
+/// when `hash`), records `new_total` when given, then flushes it all (unless `flushing` is off):
+/// the bytes, the file length (the next offset), the size and, for a new file, its name are
+/// durable when this returns. `path` and `state_path` are below the data folder `b`.
 #[allow(clippy::too_many_arguments)]
 fn write_fragment(
     b: &Beneath,
     path: &Path,
     state_path: &Path,
     offset: u64,
+    new_total: Option<u64>,
     hasher: Option<Sha256>,
     hash: bool,
     mut rx: mpsc::Receiver<Bytes>,
@@ -285,11 +321,20 @@ fn write_fragment(
             writeback_from = at;
         }
     }
-    if offset == 0 && sync {
-        // The fragment that made the file: `fsync` also covers its creation (an empty upload's
-        // file grows by nothing, which `fdatasync` would not flush).
+    let folder = path.parent().unwrap_or(Path::new(""));
+    let total_beside = match new_total {
+        Some(total) => record_total_on(b, &file, path, total)?,
+        None => false,
+    };
+    if sync && (offset == 0 || new_total.is_some()) {
+        // `fsync`, not `fdatasync`: it also covers the size attribute, and the creation of a new
+        // file (an empty upload's file grows by nothing, which `fdatasync` would not flush).
         file.sync_all()?;
-        flushing.names(b, &[path.parent().unwrap_or(Path::new(""))])?;
+        if total_beside {
+            b.sync_dir(folder)?;
+        } else if offset == 0 {
+            flushing.names(b, &[folder])?;
+        }
     } else if sync {
         file.sync_data()?;
     }
@@ -417,6 +462,7 @@ mod tests {
             Path::new(DATA_FILE),
             Path::new("h"),
             offset,
+            None,
             None,
             true,
             rx,
