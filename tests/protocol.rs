@@ -1682,3 +1682,33 @@ directories:
         "write into another directory's session folder: {r:?}"
     );
 }
+
+/// More fragment bodies at once than the server holds in memory (8 MiB across all uploads): the
+/// ones past it wait their turn, none is refused, and every upload lands whole.
+#[test]
+fn many_large_fragments_at_once_all_land_whole() {
+    let s = Server::start(&["--max-connections-per-address", "0"]);
+    let uploads = 24;
+    let body = |i: usize| -> Vec<u8> {
+        (0..(2 << 20))
+            .map(|k: usize| (k.wrapping_mul(31) ^ i) as u8)
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        for i in 0..uploads {
+            let s = &s;
+            scope.spawn(move || {
+                let path = format!("/many/{i}.bin");
+                let id = s.create_session(&path);
+                let data = body(i);
+                let r = s.fragment(&id, &path, 0, &data, data.len() as u64);
+                assert_eq!(r.status, 200, "upload {i}: {r:?}");
+                assert_eq!(s.close(&id, &path).status, 200, "upload {i}");
+            });
+        }
+    });
+    for i in 0..uploads {
+        let landed = fs::read(s.data_dir.join(format!("many/{i}.bin"))).unwrap();
+        assert!(landed == body(i), "upload {i} landed changed");
+    }
+}

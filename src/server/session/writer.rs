@@ -14,7 +14,9 @@ use futures_util::{Stream, StreamExt};
 use rustix::fs::OFlags;
 use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::debug;
 
 use super::flush::Flushing;
@@ -25,8 +27,33 @@ use crate::server::beneath::Beneath;
 
 /// Fragments up to this size are read whole and written without a hand-off to another thread.
 const SMALL_FRAGMENT: u64 = 256 << 10;
-/// Chunks (as hyper received them) that may wait for the disk writer.
+/// Chunks (as hyper received them, each at most its read buffer) that may wait for the disk
+/// writer of one fragment.
 const WRITE_QUEUE: usize = 16;
+/// Bytes of fragment bodies received and not yet written, all fragments of the process
+/// together. Past it, bodies wait unread (the client waits on TCP), so memory stays bounded
+/// however many uploads arrive at once; one fragment alone never needs more than its queue.
+const IN_FLIGHT_BUDGET: usize = 8 << 20;
+
+static IN_FLIGHT: std::sync::LazyLock<Arc<Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)));
+
+/// A piece of a fragment's body on its way to the disk, with its share of the in-flight budget,
+/// given back once it is written.
+pub(super) struct Piece {
+    bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// Waits until `bytes` more bytes of bodies may be held in memory.
+async fn budget(bytes: usize) -> Result<OwnedSemaphorePermit, BitsError> {
+    let n = u32::try_from(bytes.min(IN_FLIGHT_BUDGET)).unwrap_or(u32::MAX);
+    IN_FLIGHT
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .map_err(|_| BitsError::internal("the in-flight budget was closed"))
+}
 /// Buffer for reading a session file back (rebuilding the hash after a restart).
 const WRITE_BUFFER: usize = 1 << 20;
 /// Received chunks are gathered up to this many bytes and written with one `writev`: few system
@@ -78,6 +105,9 @@ where
     let (result, failure) = if len <= SMALL_FRAGMENT && multi_thread {
         // A small fragment is written and flushed on this worker thread (`block_in_place`): no
         // hand-off to a blocking thread and back, which costs as much as the write itself.
+        // The whole fragment's share up front: pieces held while the rest arrives never wait
+        // on one another for the budget.
+        let _budget = budget(len as usize).await?;
         let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| {
             write_fragment(
@@ -94,9 +124,11 @@ where
         });
         (result, None)
     } else {
-        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE);
         let b2 = b.clone();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::task::spawn_blocking(move || {
+            let _ = started.send(());
             write_fragment(
                 &b2,
                 &path,
@@ -109,6 +141,9 @@ where
                 flushing,
             )
         });
+        // Nothing is read (nor takes budget) before the writer runs: a writer still queued for
+        // a thread must not hold the budget the running ones need to finish.
+        let _ = running.await;
         let failure = stream_to(tx, body, skip, len).await;
         let result = writer
             .await
@@ -144,7 +179,7 @@ async fn read_small<S, E>(
     body: &mut S,
     mut skip: u64,
     len: u64,
-) -> Result<mpsc::Receiver<Bytes>, BitsError>
+) -> Result<mpsc::Receiver<Piece>, BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -152,9 +187,13 @@ where
     let mut remaining = len;
     // Every piece holds at least one byte, so this never fills; slots are allocated as they are
     // used.
-    let (tx, rx) = mpsc::channel::<Bytes>(SMALL_FRAGMENT as usize);
-    while let Some(chunk) = next_piece(body, &mut skip, &mut remaining).await? {
-        if tx.try_send(chunk).is_err() {
+    let (tx, rx) = mpsc::channel::<Piece>(SMALL_FRAGMENT as usize);
+    while let Some(bytes) = next_piece(body, &mut skip, &mut remaining).await? {
+        let piece = Piece {
+            bytes,
+            _budget: None,
+        };
+        if tx.try_send(piece).is_err() {
             return Err(BitsError::internal(
                 "the write queue of a small fragment is full",
             ));
@@ -169,7 +208,7 @@ where
 /// Passes a large fragment's body to the writer as it arrives, and says what was wrong with the
 /// body, if anything. Dropping `tx` at the end tells the writer the body is over.
 async fn stream_to<S, E>(
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Piece>,
     body: &mut S,
     mut skip: u64,
     len: u64,
@@ -181,8 +220,17 @@ where
     let mut remaining = len;
     loop {
         match next_piece(body, &mut skip, &mut remaining).await {
-            Ok(Some(chunk)) => {
-                if tx.send(chunk).await.is_err() {
+            Ok(Some(bytes)) => {
+                // The next piece is not read until this one has its share of the budget.
+                let share = match budget(bytes.len()).await {
+                    Ok(share) => share,
+                    Err(e) => return Some(e),
+                };
+                let piece = Piece {
+                    bytes,
+                    _budget: Some(share),
+                };
+                if tx.send(piece).await.is_err() {
                     // The writer stopped early; its own error is the one reported.
                     break;
                 }
@@ -262,7 +310,7 @@ fn write_fragment(
     new_total: Option<u64>,
     hasher: Option<Sha256>,
     hash: bool,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Piece>,
     flushing: Flushing,
 ) -> io::Result<Written> {
     let sync = flushing.on();
@@ -278,7 +326,7 @@ fn write_fragment(
     file.seek(SeekFrom::Start(offset))?;
     let mut written = 0u64;
     let mut writeback_from = offset;
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut batch: Vec<Piece> = Vec::with_capacity(64);
     let mut ended = false;
     while !ended {
         // Wait for one chunk, then take what else is already queued, up to a batch.
@@ -289,30 +337,26 @@ fn write_fragment(
             } else {
                 match rx.try_recv() {
                     Ok(c) => Some(c),
-                    Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
-                        Some(c) => Some(c),
-                        None => {
-                            ended = true;
-                            break;
-                        }
-                    },
+                    // Nothing more has arrived: write what is here rather than hold it waiting.
+                    Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                 }
             };
-            let Some(chunk) = next else {
+            let Some(piece) = next else {
                 ended = true;
                 break;
             };
             if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
+                h.update(&piece.bytes);
             }
-            batch_len += chunk.len();
-            batch.push(chunk);
+            batch_len += piece.bytes.len();
+            batch.push(piece);
         }
         if batch.is_empty() {
             break;
         }
         write_all_chunks(&mut file, &batch)?;
+        // Written: the pieces and their share of the budget go back.
         batch.clear();
         written += batch_len as u64;
         let at = offset + written;
@@ -345,8 +389,8 @@ fn write_fragment(
 }
 
 /// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
-fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> io::Result<()> {
-    let mut iov: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+fn write_all_chunks(file: &mut File, chunks: &[Piece]) -> io::Result<()> {
+    let mut iov: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(&c.bytes)).collect();
     let mut rest = &mut iov[..];
     while !rest.is_empty() {
         match file.write_vectored(rest) {
@@ -454,7 +498,11 @@ mod tests {
     fn write_at(b: &Beneath, offset: u64, chunks: &[&'static [u8]]) -> Written {
         let (tx, rx) = mpsc::channel(chunks.len().max(1));
         for c in chunks {
-            tx.try_send(Bytes::from_static(c)).unwrap();
+            tx.try_send(Piece {
+                bytes: Bytes::from_static(c),
+                _budget: None,
+            })
+            .unwrap();
         }
         drop(tx);
         write_fragment(
