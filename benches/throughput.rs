@@ -8,6 +8,9 @@
 //! - 1,000 sessions x 1 MiB from 50 connections (time, p50/p99 Ack latency, peak RSS), against
 //!   1,000 PUTs x 1 MiB to nginx from 50 connections;
 //! - 10,000 open idle sessions: RSS per session;
+//! - `load`: 4 MiB uploads (one session, one fragment each) from 1, 10, 50 and 200 connections
+//!   until about 1 GiB went through: server CPU seconds per GiB (flushed and `--unsafe-no-sync`)
+//!   and peak RSS, against 4 MiB PUTs to nginx (master and workers);
 //! - the operator: every child object for 1,000 farms with the pure builders, and the real
 //!   `bitsfarm operator` process's RSS with 1,000 UploadFarms served by a mocked API server.
 //!
@@ -15,8 +18,10 @@
 //! (as `cargo test --all-targets` runs it) it prints a note and exits: the point of building it
 //! there is that it cannot rot.
 //!
-//! `cargo bench --bench throughput -- large small many idle operator` runs only the named parts.
-//! `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp folder).
+//! `cargo bench --bench throughput -- large small many load idle operator` runs only the named
+//! parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp
+//! folder); `BITSFARM_BENCH_ROUNDS` the rounds of the interleaved parts (default 3);
+//! `BITSFARM_BENCH_LOAD_MIB` what each `load` run sends (default 1024).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -64,6 +69,7 @@ fn main() {
     let bench = Bench {
         base: base.clone(),
         rows: Vec::new(),
+        median_of: None,
     };
     let mut bench = bench;
     let started = Instant::now();
@@ -84,6 +90,9 @@ fn main() {
         many(&mut bench, nginx.as_ref().unwrap());
     }
     drop(nginx);
+    if want("load") {
+        load(&mut bench);
+    }
     if want("idle") {
         idle(&mut bench);
     }
@@ -109,6 +118,28 @@ struct Row {
 struct Bench {
     base: PathBuf,
     rows: Vec<Row>,
+    /// The rounds behind rows made by `row_rounds`, for the note under the table.
+    median_of: Option<usize>,
+}
+
+/// How a figure is shown: its unit and its decimals.
+#[derive(Clone, Copy)]
+struct Unit(&'static str, usize);
+
+impl Unit {
+    fn show(self, v: f64) -> String {
+        format!("{v:.prec$} {}", self.0, prec = self.1)
+    }
+}
+
+/// The round whose ratio `ours / base` is the median, the lower middle for an even count: a row
+/// takes both values and the ratio from it, so the three always agree (medians taken apart
+/// could read "1166 vs 361 MB/s, 1.94x").
+fn median_round(ours: &[f64], base: &[f64]) -> usize {
+    let ratio = |i: usize| ours[i] / base[i];
+    let mut idx: Vec<usize> = (0..ours.len().min(base.len())).collect();
+    idx.sort_by(|&a, &b| ratio(a).total_cmp(&ratio(b)));
+    idx[(idx.len() - 1) / 2]
 }
 
 impl Bench {
@@ -129,6 +160,26 @@ impl Bench {
             r.measure, r.ours, r.baseline, r.base_value, r.ratio
         );
         self.rows.push(r);
+    }
+
+    /// A row from figures measured once per round (`ours[i]` next to `base[i]`): values and
+    /// ratio from the median round by ratio.
+    fn row_rounds(
+        &mut self,
+        measure: &str,
+        ours: (&[f64], Unit),
+        baseline: &str,
+        base: (&[f64], Unit),
+    ) {
+        let (n, i) = (ours.0.len(), median_round(ours.0, base.0));
+        self.median_of = Some(n);
+        self.row(
+            &format!("{measure} [median round of {n}]"),
+            ours.1.show(ours.0[i]),
+            baseline,
+            base.1.show(base.0[i]),
+            ours.0[i] / base.0[i],
+        );
     }
 
     fn print(&self) {
@@ -171,6 +222,12 @@ impl Bench {
             println!("{}", line(c));
         }
         println!();
+        if let Some(n) = self.median_of {
+            println!(
+                "[median round of {n}]: values and ratio from the median round (by ratio) of {n} (the lower middle for an even count); every round is on stderr."
+            );
+            println!();
+        }
     }
 }
 
@@ -327,6 +384,24 @@ fn proc_mem(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User plus system CPU seconds a process (all its threads) has used so far. /proc counts in
+/// USER_HZ, which Linux fixes at 100 whatever the kernel's own tick.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -443,10 +518,10 @@ http {{
         Nginx { child, addr, root }
     }
 
-    /// Peak RSS of the master and its workers together.
-    fn peak_rss(&self) -> u64 {
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
-        let mut total = proc_mem(master, "VmHWM");
+        let mut pids = vec![master];
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for e in entries.flatten() {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -458,11 +533,21 @@ http {{
                     .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                     .and_then(|p| p.parse::<u32>().ok());
                 if ppid == Some(master) {
-                    total += proc_mem(pid, "VmHWM");
+                    pids.push(pid);
                 }
             }
         }
-        total
+        pids
+    }
+
+    /// Peak RSS of the master and its workers together.
+    fn peak_rss(&self) -> u64 {
+        self.pids().into_iter().map(|p| proc_mem(p, "VmHWM")).sum()
+    }
+
+    /// CPU seconds the master and its workers have used so far.
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(cpu_seconds).sum()
     }
 }
 
@@ -513,23 +598,44 @@ impl Conn {
     }
 
     fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.request_parts(method, path, headers, &[body])
+    }
+
+    /// A request whose body is the concatenation of `parts` (a per-upload prefix before shared
+    /// bytes, so 200 threads need no 4 MiB copy each).
+    fn request_parts(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        parts: &[&[u8]],
+    ) -> Resp {
         self.head.clear();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let _ = write!(
             self.head,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
-            body.len()
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n"
         );
         for (k, v) in headers {
             let _ = write!(self.head, "{k}: {v}\r\n");
         }
         self.head.extend_from_slice(b"\r\n");
-        if body.len() <= 256 << 10 {
-            // One write for small requests, as a real client's buffered writer would.
-            self.head.extend_from_slice(body);
+        // One write for small requests, as a real client's buffered writer would; large parts
+        // go out as they are.
+        let mut sent_head = false;
+        for p in parts {
+            if !sent_head && self.head.len() + p.len() <= 256 << 10 {
+                self.head.extend_from_slice(p);
+            } else {
+                if !sent_head {
+                    self.s.write_all(&self.head).unwrap();
+                    sent_head = true;
+                }
+                self.s.write_all(p).unwrap();
+            }
+        }
+        if !sent_head {
             self.s.write_all(&self.head).unwrap();
-        } else {
-            self.s.write_all(&self.head).unwrap();
-            self.s.write_all(body).unwrap();
         }
         self.response()
     }
@@ -588,13 +694,13 @@ impl Conn {
     }
 
     fn fragment(&mut self, path: &str, id: &str, start: u64, total: u64, body: &[u8]) {
-        let range = format!(
-            "bytes {}-{}/{}",
-            start,
-            start + body.len() as u64 - 1,
-            total
-        );
-        let r = self.request(
+        self.fragment_parts(path, id, start, total, &[body]);
+    }
+
+    fn fragment_parts(&mut self, path: &str, id: &str, start: u64, total: u64, parts: &[&[u8]]) {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let range = format!("bytes {}-{}/{}", start, start + len - 1, total);
+        let r = self.request_parts(
             "BITS_POST",
             path,
             &[
@@ -602,7 +708,7 @@ impl Conn {
                 ("BITS-Session-Id", id),
                 ("Content-Range", &range),
             ],
-            body,
+            parts,
         );
         assert_eq!(r.status, 200, "Fragment {range}: {:?}", r.headers);
         let next: u64 = r
@@ -610,7 +716,7 @@ impl Conn {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(next, start + body.len() as u64);
+        assert_eq!(next, start + len);
     }
 
     fn close_session(&mut self, path: &str, id: &str) {
@@ -627,7 +733,11 @@ impl Conn {
     }
 
     fn put(&mut self, path: &str, body: &[u8]) {
-        let r = self.request("PUT", path, &[], body);
+        self.put_parts(path, &[body]);
+    }
+
+    fn put_parts(&mut self, path: &str, parts: &[&[u8]]) {
+        let r = self.request_parts("PUT", path, &[], parts);
         assert!(
             r.status == 201 || r.status == 204,
             "PUT {path}: HTTP {}",
@@ -689,6 +799,15 @@ fn rounds() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|n: &usize| *n > 0)
         .unwrap_or(3)
+}
+
+/// A count from the environment (to shorten a part while developing), else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or(default)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -974,16 +1093,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs `work(conn, index)` for every index from `MANY_CONNS` threads; `work` returns the latency
-/// of the request that matters.
+/// Runs `work(conn, index)` for every index below `count` from `conns` threads, each with its own
+/// keep-alive connection; `work` returns the latency of the request that matters.
 fn fan_out(
     addr: SocketAddr,
+    conns: usize,
+    count: usize,
     work: impl Fn(&mut Conn, usize) -> Duration + Send + Sync + 'static,
 ) -> ManyResult {
     let next = Arc::new(AtomicUsize::new(0));
     let work = Arc::new(work);
     let t = Instant::now();
-    let threads: Vec<_> = (0..MANY_CONNS)
+    let threads: Vec<_> = (0..conns)
         .map(|_| {
             let (next, work) = (next.clone(), work.clone());
             std::thread::spawn(move || {
@@ -991,7 +1112,7 @@ fn fan_out(
                 let mut lat = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= MANY_SESSIONS {
+                    if i >= count {
                         return lat;
                     }
                     lat.push(work(&mut c, i));
@@ -1027,7 +1148,7 @@ fn many(b: &mut Bench, nginx: &Nginx) {
     let shared = Arc::new(shared);
 
     let s = shared.clone();
-    let ng = fan_out(nginx.addr, move |c, i| {
+    let ng = fan_out(nginx.addr, MANY_CONNS, MANY_SESSIONS, move |c, i| {
         let body = body_for(&s, i);
         let t = Instant::now();
         c.put(&format!("/many/{i:04}.bin"), &body);
@@ -1041,7 +1162,7 @@ fn many(b: &mut Bench, nginx: &Nginx) {
     let dir = b.base.join("many");
     let srv = Server::start(&dir, &b.base.join("many.log"), &[]);
     let s = shared.clone();
-    let ours = fan_out(srv.addr, move |c, i| {
+    let ours = fan_out(srv.addr, MANY_CONNS, MANY_SESSIONS, move |c, i| {
         let body = body_for(&s, i);
         let path = format!("/many/{i:04}.bin");
         let id = c.create_session(&path);
@@ -1096,6 +1217,184 @@ fn verify_many(shared: &[u8], dir: &Path) {
             "1 MiB upload",
             &sha_file(&dir.join(format!("{i:04}.bin"))),
             &want,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: 4 MiB uploads from 1 to 200 connections, CPU and memory per level.
+
+const LOAD_UPLOAD: usize = 4 << 20;
+const LOAD_LEVELS: [usize; 4] = [1, 10, 50, 200];
+
+/// What one load run measured.
+struct LoadRun {
+    /// Server CPU (user + system, all threads; nginx: master + workers) per GiB received.
+    cpu_per_gib: f64,
+    /// Peak RSS (nginx: master + workers summed).
+    peak_rss: f64,
+}
+
+/// The first eight bytes of upload `i` (its index), sent before the shared rest: every upload
+/// differs, so a mixed-up file fails the check.
+fn load_prefix(i: usize) -> [u8; 8] {
+    (i as u64).to_le_bytes()
+}
+
+/// Checks what a load run left in `dir`: every upload there with its size, and the SHA-256 of
+/// about 16 of them spread over the run.
+fn verify_load(dir: &Path, uploads: usize, shared: &[u8]) {
+    let names = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(names, uploads, "{}: uploads that landed", dir.display());
+    let step = (uploads / 16).max(1);
+    for i in 0..uploads {
+        let p = dir.join(format!("{i:05}.bin"));
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, LOAD_UPLOAD as u64, "{}: size", p.display());
+        if i % step == 0 || i == uploads - 1 {
+            let mut h = Sha256::new();
+            h.update(load_prefix(i));
+            h.update(&shared[8..]);
+            check("4 MiB upload", &sha_file(&p), &hex(&h.finalize()));
+        }
+    }
+}
+
+/// Sends `uploads` 4 MiB uploads from `conns` connections, by BITS (one session, one fragment
+/// each) or as PUTs.
+fn load_drive(addr: SocketAddr, conns: usize, uploads: usize, shared: &Arc<Vec<u8>>, bits: bool) {
+    let s = shared.clone();
+    fan_out(addr, conns, uploads, move |c, i| {
+        let path = format!("/load/{i:05}.bin");
+        let prefix = load_prefix(i);
+        let parts: [&[u8]; 2] = [&prefix, &s[8..]];
+        let t = Instant::now();
+        if bits {
+            let id = c.create_session(&path);
+            c.fragment_parts(&path, &id, 0, LOAD_UPLOAD as u64, &parts);
+            c.close_session(&path, &id);
+        } else {
+            c.put_parts(&path, &parts);
+        }
+        t.elapsed()
+    });
+}
+
+/// One load run on a fresh server (so its peak RSS is this run's): `None` for nginx, else
+/// bitsfarm with `extra` arguments.
+fn load_run(
+    b: &Bench,
+    label: &str,
+    bitsfarm: Option<&[&str]>,
+    conns: usize,
+    uploads: usize,
+    shared: &Arc<Vec<u8>>,
+) -> LoadRun {
+    let dir = b.base.join(format!("load-{label}"));
+    let (cpu, rss, wall, landed);
+    match bitsfarm {
+        Some(extra) => {
+            let srv = Server::start(&dir, &b.base.join(format!("load-{label}.log")), extra);
+            let before = cpu_seconds(srv.pid());
+            let t = Instant::now();
+            load_drive(srv.addr, conns, uploads, shared, true);
+            wall = t.elapsed();
+            cpu = cpu_seconds(srv.pid()) - before;
+            rss = proc_mem(srv.pid(), "VmHWM");
+            landed = dir.join("load");
+        }
+        None => {
+            let ng = Nginx::start(&dir);
+            let before = ng.cpu_seconds();
+            let t = Instant::now();
+            load_drive(ng.addr, conns, uploads, shared, false);
+            wall = t.elapsed();
+            cpu = ng.cpu_seconds() - before;
+            rss = ng.peak_rss();
+            landed = ng.root.join("load");
+        }
+    }
+    verify_load(&landed, uploads, shared);
+    let _ = std::fs::remove_dir_all(&dir);
+    settle();
+    let bytes = (uploads * LOAD_UPLOAD) as u64;
+    let run = LoadRun {
+        cpu_per_gib: cpu / (bytes as f64 / GIB as f64),
+        peak_rss: rss as f64 / MIB as f64,
+    };
+    eprintln!(
+        "     {label}: {:.2} GiB in {:.2} s, {:.0} MB/s, CPU {cpu:.2} s = {:.2} s/GiB, peak RSS {:.1} MiB",
+        bytes as f64 / GIB as f64,
+        wall.as_secs_f64(),
+        mbps(bytes, wall),
+        run.cpu_per_gib,
+        run.peak_rss,
+    );
+    run
+}
+
+fn load(b: &mut Bench) {
+    let n = rounds();
+    let uploads = (env_count("BITSFARM_BENCH_LOAD_MIB", 1024) * MIB / LOAD_UPLOAD).max(1);
+    eprintln!(
+        "== load: {uploads} uploads x 4 MiB per run at {LOAD_LEVELS:?} connections, {n} interleaved rounds"
+    );
+    let mut shared = vec![0u8; LOAD_UPLOAD];
+    let mut seed = 13u64;
+    fill(&mut shared, &mut seed);
+    let shared = Arc::new(shared);
+    let cpu = Unit("s/GiB", 2);
+    let mem = Unit("MiB", 1);
+    for conns in LOAD_LEVELS {
+        // Per round: [flushed, unsynced, nginx], each started fresh, in a rotating order.
+        let mut got: Vec<[LoadRun; 3]> = Vec::new();
+        for round in 0..n {
+            eprintln!("   {conns} connections, round {}:", round + 1);
+            let mut runs: [Option<LoadRun>; 3] = [None, None, None];
+            for k in 0..3 {
+                let i = (k + round) % 3;
+                runs[i] = Some(match i {
+                    0 => load_run(b, "sync", Some(&[]), conns, uploads, &shared),
+                    1 => load_run(
+                        b,
+                        "nosync",
+                        Some(&["--unsafe-no-sync"]),
+                        conns,
+                        uploads,
+                        &shared,
+                    ),
+                    _ => load_run(b, "nginx", None, conns, uploads, &shared),
+                });
+            }
+            got.push(runs.map(|r| r.expect("every run measured")));
+        }
+        let col = |k: usize, f: fn(&LoadRun) -> f64| -> Vec<f64> {
+            got.iter().map(|r| f(&r[k])).collect()
+        };
+        let (sync_cpu, nosync_cpu, ng_cpu) = (
+            col(0, |r| r.cpu_per_gib),
+            col(1, |r| r.cpu_per_gib),
+            col(2, |r| r.cpu_per_gib),
+        );
+        let (sync_rss, ng_rss) = (col(0, |r| r.peak_rss), col(2, |r| r.peak_rss));
+        let conn = if conns == 1 { "conn " } else { "conns " };
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: server CPU, flush before Ack (lower is better)"),
+            (&sync_cpu, cpu),
+            "nginx 4 MiB PUTs (master+workers)",
+            (&ng_cpu, cpu),
+        );
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: server CPU, --unsafe-no-sync (lower is better)"),
+            (&nosync_cpu, cpu),
+            "nginx 4 MiB PUTs (master+workers)",
+            (&ng_cpu, cpu),
+        );
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: peak RSS, flush before Ack (lower is better)"),
+            (&sync_rss, mem),
+            "nginx peak RSS (master+workers)",
+            (&ng_rss, mem),
         );
     }
 }
