@@ -11,6 +11,8 @@
 //! - `load`: 4 MiB uploads (one session, one fragment each) from 1, 10, 50 and 200 connections
 //!   until about 1 GiB went through: server CPU seconds per GiB (flushed and `--unsafe-no-sync`)
 //!   and peak RSS, against 4 MiB PUTs to nginx (master and workers);
+//! - `uploads`: 1,000 uploads of 64 KiB, a session each, from one connection and from 16, against
+//!   `dd oflag=dsync bs=64K` and 1,000 64 KiB PUTs to nginx;
 //! - the operator: every child object for 1,000 farms with the pure builders, and the real
 //!   `bitsfarm operator` process's RSS with 1,000 UploadFarms served by a mocked API server.
 //!
@@ -18,10 +20,11 @@
 //! (as `cargo test --all-targets` runs it) it prints a note and exits: the point of building it
 //! there is that it cannot rot.
 //!
-//! `cargo bench --bench throughput -- large small many load idle operator` runs only the named
-//! parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp
+//! `cargo bench --bench throughput -- large small many load uploads idle operator` runs only the
+//! named parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp
 //! folder); `BITSFARM_BENCH_ROUNDS` the rounds of the interleaved parts (default 3);
-//! `BITSFARM_BENCH_LOAD_MIB` what each `load` run sends (default 1024).
+//! `BITSFARM_BENCH_LOAD_MIB` what each `load` run sends (default 1024), `BITSFARM_BENCH_UPLOADS`
+//! the uploads of `uploads` (default 1000).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -75,7 +78,7 @@ fn main() {
     let started = Instant::now();
     machine_note(&base);
 
-    let nginx = if want("large") || want("small") || want("many") {
+    let nginx = if want("large") || want("small") || want("many") || want("uploads") {
         Some(Nginx::start(&base.join("nginx")))
     } else {
         None
@@ -88,6 +91,9 @@ fn main() {
     }
     if want("many") {
         many(&mut bench, nginx.as_ref().unwrap());
+    }
+    if want("uploads") {
+        uploads(&mut bench, nginx.as_ref().unwrap());
     }
     drop(nginx);
     if want("load") {
@@ -1395,6 +1401,176 @@ fn load(b: &mut Bench) {
             (&sync_rss, mem),
             "nginx peak RSS (master+workers)",
             (&ng_rss, mem),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1,000 uploads of 64 KiB, one session each.
+
+/// Parallel connections of the second half of the `uploads` part.
+const UPLOAD_CONNS: usize = 16;
+
+/// Checks the `count` 64 KiB files in `dir` (`{i:05}.bin`) against `data`, by one hash over all.
+fn verify_pieces(what: &str, dir: &Path, data: &[u8], count: usize) {
+    let mut h = Sha256::new();
+    for i in 0..count {
+        let p = dir.join(format!("{i:05}.bin"));
+        h.update(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
+    }
+    check(what, &hex(&h.finalize()), &hex(&Sha256::digest(data)));
+}
+
+fn uploads(b: &mut Bench, nginx: &Nginx) {
+    let n = rounds();
+    let count = env_count("BITSFARM_BENCH_UPLOADS", 1000);
+    eprintln!(
+        "== {count} uploads x 64 KiB (a session each), 1 and {UPLOAD_CONNS} connections, {n} interleaved rounds"
+    );
+    let mut data = vec![0u8; SMALL * count];
+    let mut seed = 17u64;
+    fill(&mut data, &mut seed);
+    let data = Arc::new(data);
+    let src = b.base.join("uploads-source.bin");
+    std::fs::write(&src, data.as_slice()).unwrap();
+
+    // The disk's rate for 64 KiB writes that are durable when acknowledged.
+    let dd_run = || -> f64 {
+        let out = b.base.join("uploads-dd.out");
+        let t = Instant::now();
+        let ok = Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", out.display()))
+            .args([
+                "bs=64K",
+                &format!("count={count}"),
+                "oflag=dsync",
+                "status=none",
+            ])
+            .status()
+            .unwrap()
+            .success();
+        let rate = count as f64 / t.elapsed().as_secs_f64();
+        assert!(ok, "dd failed");
+        check(
+            "dd 64 KiB",
+            &sha_file(&out),
+            &hex(&Sha256::digest(data.as_slice())),
+        );
+        let _ = std::fs::remove_file(&out);
+        settle();
+        rate
+    };
+    // nginx: one PUT per upload, each its own file.
+    let nginx_run = |conns: usize| -> f64 {
+        let d = data.clone();
+        let r = fan_out(nginx.addr, conns, count, move |c, i| {
+            let t = Instant::now();
+            c.put(&format!("/up/{i:05}.bin"), &d[i * SMALL..(i + 1) * SMALL]);
+            t.elapsed()
+        });
+        let landed = nginx.root.join("up");
+        verify_pieces("nginx 64 KiB PUTs", &landed, &data, count);
+        let _ = std::fs::remove_dir_all(&landed);
+        settle();
+        count as f64 / r.total.as_secs_f64()
+    };
+    // Ours: Create-Session, one 64 KiB Fragment, Close-Session per upload.
+    let run = |label: &str, extra: &[&str], conns: usize| -> f64 {
+        let dir = b.base.join(format!("uploads-{label}"));
+        let srv = Server::start(&dir, &b.base.join(format!("uploads-{label}.log")), extra);
+        let d = data.clone();
+        let r = fan_out(srv.addr, conns, count, move |c, i| {
+            let path = format!("/up/{i:05}.bin");
+            let t = Instant::now();
+            let id = c.create_session(&path);
+            c.fragment(&path, &id, 0, SMALL as u64, &d[i * SMALL..(i + 1) * SMALL]);
+            c.close_session(&path, &id);
+            t.elapsed()
+        });
+        drop(srv);
+        verify_pieces(label, &dir.join("up"), &data, count);
+        let _ = std::fs::remove_dir_all(&dir);
+        settle();
+        count as f64 / r.total.as_secs_f64()
+    };
+    const RUNS: usize = 7;
+    let mut got: Vec<[f64; RUNS]> = Vec::new();
+    for round in 0..n {
+        let mut g = [0f64; RUNS];
+        for k in 0..RUNS {
+            let i = (k + round * 3) % RUNS;
+            g[i] = match i {
+                0 => dd_run(),
+                1 => nginx_run(1),
+                2 => run("sync-1", &[], 1),
+                3 => run("nosync-1", &["--unsafe-no-sync"], 1),
+                4 => nginx_run(UPLOAD_CONNS),
+                5 => run("sync-16", &[], UPLOAD_CONNS),
+                _ => run("nosync-16", &["--unsafe-no-sync"], UPLOAD_CONNS),
+            };
+        }
+        let [d, g1, s1, ns1, g16, s16, ns16] = g;
+        eprintln!(
+            "   round {}: dd {d:.0} writes/s; 1 conn: nginx {g1:.0} PUTs/s, sync {s1:.0}, nosync {ns1:.0} uploads/s; {UPLOAD_CONNS} conns: nginx {g16:.0} PUTs/s, sync {s16:.0}, nosync {ns16:.0} uploads/s",
+            round + 1
+        );
+        got.push(g);
+    }
+    let _ = std::fs::remove_file(&src);
+
+    let col = |k: usize| -> Vec<f64> { got.iter().map(|g| g[k]).collect() };
+    let (ups, writes, puts) = (Unit("uploads/s", 0), Unit("writes/s", 0), Unit("PUTs/s", 0));
+    let rows: [(&str, usize, &str, usize, Unit); 6] = [
+        (
+            "flush before Ack, 1 conn",
+            2,
+            "dd oflag=dsync bs=64K",
+            0,
+            writes,
+        ),
+        (
+            "flush before Ack, 1 conn",
+            2,
+            "nginx 64 KiB PUTs, 1 conn",
+            1,
+            puts,
+        ),
+        (
+            "--unsafe-no-sync, 1 conn",
+            3,
+            "nginx 64 KiB PUTs, 1 conn",
+            1,
+            puts,
+        ),
+        (
+            "flush before Ack, 16 conns in parallel",
+            5,
+            "dd oflag=dsync bs=64K",
+            0,
+            writes,
+        ),
+        (
+            "flush before Ack, 16 conns in parallel",
+            5,
+            "nginx 64 KiB PUTs, 16 conns",
+            4,
+            puts,
+        ),
+        (
+            "--unsafe-no-sync, 16 conns in parallel",
+            6,
+            "nginx 64 KiB PUTs, 16 conns",
+            4,
+            puts,
+        ),
+    ];
+    for (what, ours, baseline, base, unit) in rows {
+        b.row_rounds(
+            &format!("{count} x 64 KiB uploads (a session each), {what}"),
+            (&col(ours), ups),
+            baseline,
+            (&col(base), unit),
         );
     }
 }
