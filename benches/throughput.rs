@@ -13,6 +13,7 @@
 //!   and peak RSS, against 4 MiB PUTs to nginx (master and workers);
 //! - `uploads`: 1,000 uploads of 64 KiB, a session each, from one connection and from 16, against
 //!   `dd oflag=dsync bs=64K` and 1,000 64 KiB PUTs to nginx;
+//! - `syscalls`: syscalls and flushes per 64 KiB upload and per packet type, by `strace -c -f`;
 //! - the operator: every child object for 1,000 farms with the pure builders, and the real
 //!   `bitsfarm operator` process's RSS with 1,000 UploadFarms served by a mocked API server.
 //!
@@ -20,11 +21,12 @@
 //! (as `cargo test --all-targets` runs it) it prints a note and exits: the point of building it
 //! there is that it cannot rot.
 //!
-//! `cargo bench --bench throughput -- large small many load uploads idle operator` runs only the
-//! named parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp
-//! folder); `BITSFARM_BENCH_ROUNDS` the rounds of the interleaved parts (default 3);
+//! `cargo bench --bench throughput -- large small many load uploads syscalls idle operator` runs
+//! only the named parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the
+//! system temp folder); `BITSFARM_BENCH_ROUNDS` the rounds of the interleaved parts (default 3);
 //! `BITSFARM_BENCH_LOAD_MIB` what each `load` run sends (default 1024), `BITSFARM_BENCH_UPLOADS`
-//! the uploads of `uploads` (default 1000).
+//! the uploads of `uploads` (default 1000), `BITSFARM_BENCH_SYSCALL_N` those of each traced
+//! phase of `syscalls` (default 200).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -98,6 +100,9 @@ fn main() {
     drop(nginx);
     if want("load") {
         load(&mut bench);
+    }
+    if want("syscalls") {
+        syscalls(&mut bench);
     }
     if want("idle") {
         idle(&mut bench);
@@ -1571,6 +1576,306 @@ fn uploads(b: &mut Bench, nginx: &Nginx) {
             (&col(ours), ups),
             baseline,
             (&col(base), unit),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syscalls and flushes per upload and per packet, counted by `strace -c -f`.
+
+/// `strace`, installed with apt-get when missing; `None` when that fails.
+fn strace_exe() -> Option<&'static str> {
+    let present = || Command::new("strace").arg("-V").output().is_ok();
+    if present() {
+        return Some("strace");
+    }
+    eprintln!("strace is missing: installing Debian's strace package (apt-get)");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "strace"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = install() || (Command::new("apt-get").arg("update").status().is_ok() && install());
+    present().then_some("strace")
+}
+
+/// Whether every thread of `pid` has a tracer.
+fn all_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_some_and(|v| v.trim() != "0")
+    })
+}
+
+/// The calls per syscall of a `strace -c` summary ("% time seconds usecs/call calls [errors]
+/// syscall"; the "total" line is left out).
+fn strace_counts(summary: &str) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for line in summary.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let numeric = f.first().is_some_and(|c| c.parse::<f64>().is_ok());
+        if !numeric || f.len() < 5 || f[f.len() - 1] == "total" {
+            continue;
+        }
+        if let Ok(calls) = f[3].parse::<u64>() {
+            counts.insert(f[f.len() - 1].to_string(), calls);
+        }
+    }
+    counts
+}
+
+/// Runs `work` while `strace -c -f` is attached to `pid` (every thread, and the threads it
+/// starts), and returns its result and the calls per syscall; `Err` when strace cannot attach.
+fn traced<T>(
+    pid: u32,
+    out: &Path,
+    work: impl FnOnce() -> T,
+) -> Result<(T, HashMap<String, u64>), String> {
+    let err = out.with_extension("err");
+    let mut st = Command::new("strace")
+        .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("starting strace: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        if let Ok(Some(status)) = st.try_wait() {
+            break Some(format!("strace exited: {status}"));
+        }
+        if all_traced(pid) {
+            break None;
+        }
+        if Instant::now() > deadline {
+            break Some("strace did not attach within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(why) = failed {
+        let _ = st.kill();
+        let _ = st.wait();
+        let said = std::fs::read_to_string(&err).unwrap_or_default();
+        return Err(format!(
+            "{why}: {}",
+            said.lines().next().unwrap_or("").trim()
+        ));
+    }
+    let got = work();
+    // SIGINT: strace detaches and writes its summary.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = st.wait();
+    let summary = std::fs::read_to_string(out).map_err(|e| e.to_string())?;
+    Ok((got, strace_counts(&summary)))
+}
+
+/// Per-packet figures of one traced phase, `n` packets (or uploads).
+struct Calls {
+    phase: String,
+    n: usize,
+    counts: HashMap<String, u64>,
+}
+
+impl Calls {
+    /// The calls of these syscalls, per packet.
+    fn per(&self, names: &[&str]) -> f64 {
+        let sum: u64 = names.iter().filter_map(|s| self.counts.get(*s)).sum();
+        sum as f64 / self.n as f64
+    }
+
+    fn total(&self) -> f64 {
+        self.counts.values().sum::<u64>() as f64 / self.n as f64
+    }
+
+    fn flushes(&self) -> f64 {
+        self.per(&["fsync", "fdatasync"])
+    }
+
+    /// The most frequent syscalls, per packet.
+    fn top(&self, k: usize) -> String {
+        let mut v: Vec<(&String, &u64)> = self.counts.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter()
+            .take(k)
+            .map(|(name, c)| format!("{name} {:.2}", **c as f64 / self.n as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The syscall groups shown per phase: (column, syscalls).
+const SYSCALL_COLUMNS: [(&str, &[&str]); 8] = [
+    ("fsync+fdatasync", &["fsync", "fdatasync"]),
+    ("sync_file_range", &["sync_file_range"]),
+    ("rename*", &["rename", "renameat", "renameat2"]),
+    ("mkdir*", &["mkdir", "mkdirat"]),
+    ("stat*", &["statx", "fstat", "newfstatat", "stat", "lstat"]),
+    // The server opens with openat2 (resolved beneath its data folder): openat alone would miss it.
+    ("openat*", &["open", "openat", "openat2"]),
+    ("unlinkat", &["unlink", "unlinkat"]),
+    ("futex", &["futex"]),
+];
+
+fn print_calls(phases: &[Calls]) {
+    let mut head = format!("   {:<44} {:>5} {:>8}", "phase (per packet)", "N", "calls");
+    for (col, _) in SYSCALL_COLUMNS {
+        let _ = write!(head, " {col:>15}");
+    }
+    eprintln!("{head}");
+    for c in phases {
+        let mut line = format!("   {:<44} {:>5} {:>8.2}", c.phase, c.n, c.total());
+        for (_, names) in SYSCALL_COLUMNS {
+            let _ = write!(line, " {:>15.2}", c.per(names));
+        }
+        eprintln!("{line}");
+    }
+    for c in phases {
+        eprintln!("   top, {}: {}", c.phase, c.top(10));
+    }
+}
+
+/// Creates `n` sessions for `/sc/{prefix}{i:05}.bin`, returning their ids.
+fn sc_create(c: &mut Conn, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| c.create_session(&format!("/sc/{prefix}{i:05}.bin")))
+        .collect()
+}
+
+fn sc_fragments(c: &mut Conn, prefix: &str, ids: &[String], body: &[u8]) {
+    for (i, id) in ids.iter().enumerate() {
+        c.fragment(
+            &format!("/sc/{prefix}{i:05}.bin"),
+            id,
+            0,
+            body.len() as u64,
+            body,
+        );
+    }
+}
+
+fn sc_close(c: &mut Conn, prefix: &str, ids: &[String]) {
+    for (i, id) in ids.iter().enumerate() {
+        c.close_session(&format!("/sc/{prefix}{i:05}.bin"), id);
+    }
+}
+
+/// `n` whole uploads, one after the other on `c`.
+fn sc_uploads(c: &mut Conn, prefix: &str, n: usize, body: &[u8]) {
+    for i in 0..n {
+        let path = format!("/sc/{prefix}{i:05}.bin");
+        let id = c.create_session(&path);
+        c.fragment(&path, &id, 0, body.len() as u64, body);
+        c.close_session(&path, &id);
+    }
+}
+
+/// The traced phases of one server: whole uploads, and with `per_packet` each packet type alone.
+fn syscall_phases(
+    b: &Bench,
+    label: &str,
+    extra: &[&str],
+    n: usize,
+    body: &[u8],
+    per_packet: bool,
+) -> Result<Vec<Calls>, String> {
+    let dir = b.base.join(format!("syscalls-{label}"));
+    let srv = Server::start(&dir, &b.base.join(format!("syscalls-{label}.log")), extra);
+    let pid = srv.pid();
+    let mut c = Conn::open(srv.addr);
+    // Warm up: the folder, the runtime's threads, the pools, the allocator.
+    sc_uploads(&mut c, "warm-", 20, body);
+    let out = |phase: &str| b.base.join(format!("strace-{label}-{phase}.txt"));
+    let mut phases = Vec::new();
+    let ((), counts) = traced(pid, &out("uploads"), || sc_uploads(&mut c, "u-", n, body))?;
+    phases.push(Calls {
+        phase: format!("64 KiB upload (3 packets), {label}"),
+        n,
+        counts,
+    });
+    if per_packet {
+        let (ids, counts) = traced(pid, &out("create"), || sc_create(&mut c, "p-", n))?;
+        phases.push(Calls {
+            phase: format!("Create-Session, {label}"),
+            n,
+            counts,
+        });
+        let ((), counts) = traced(pid, &out("fragment"), || {
+            sc_fragments(&mut c, "p-", &ids, body)
+        })?;
+        phases.push(Calls {
+            phase: format!("Fragment (64 KiB, whole file), {label}"),
+            n,
+            counts,
+        });
+        let ((), counts) = traced(pid, &out("close"), || sc_close(&mut c, "p-", &ids))?;
+        phases.push(Calls {
+            phase: format!("Close-Session, {label}"),
+            n,
+            counts,
+        });
+    }
+    drop(c);
+    drop(srv);
+    // What landed: the first and the last upload of each kind.
+    let want = hex(&Sha256::digest(body));
+    for name in ["u-00000", &format!("u-{:05}", n - 1), "p-00000"] {
+        let p = dir.join(format!("sc/{name}.bin"));
+        if name.starts_with('u') || per_packet {
+            check("traced upload", &sha_file(&p), &want);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(phases)
+}
+
+fn syscalls(b: &mut Bench) {
+    let n = env_count("BITSFARM_BENCH_SYSCALL_N", 200);
+    eprintln!("== syscalls per 64 KiB upload and per packet, strace -c -f, N = {n}");
+    if strace_exe().is_none() {
+        eprintln!("syscalls not counted: strace is missing and could not be installed");
+        return;
+    }
+    let mut body = vec![0u8; SMALL];
+    let mut seed = 19u64;
+    fill(&mut body, &mut seed);
+    let mut phases = match syscall_phases(b, "flushed", &[], n, &body, true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("syscalls not counted: strace cannot attach ({e})");
+            return;
+        }
+    };
+    match syscall_phases(
+        b,
+        "--unsafe-no-sync",
+        &["--unsafe-no-sync"],
+        n,
+        &body,
+        false,
+    ) {
+        Ok(p) => phases.extend(p),
+        Err(e) => eprintln!("syscalls with --unsafe-no-sync not counted: {e}"),
+    }
+    print_calls(&phases);
+    for c in &phases {
+        b.row(
+            &format!("syscalls per {} (strace -c -f, N = {})", c.phase, c.n),
+            format!("{:.1} calls, {:.2} flushes", c.total(), c.flushes()),
+            "-",
+            "-".into(),
+            f64::NAN,
         );
     }
 }
