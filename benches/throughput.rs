@@ -801,9 +801,10 @@ fn bits_upload_tight(addr: SocketAddr, file: &Path, name: &str) -> Duration {
     t.elapsed()
 }
 
-/// Rounds of the 1 GiB measurements (`BITSFARM_BENCH_ROUNDS`, default 3). This VM's page cache
-/// writes swing by 5x within minutes (host-side memory backing, other builds), so every figure
-/// is measured once per round, next to its baseline, and the medians are reported.
+/// Rounds of the interleaved measurements (`BITSFARM_BENCH_ROUNDS`, default 3). This VM's page
+/// cache writes swing by 5x within minutes (host-side memory backing, other builds), so every
+/// figure is measured once per round, next to its baseline, and a row shows the round whose
+/// ratio is the median (`row_rounds`).
 fn rounds() -> usize {
     std::env::var("BITSFARM_BENCH_ROUNDS")
         .ok()
@@ -819,20 +820,6 @@ fn env_count(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|n: &usize| *n > 0)
         .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 fn large(b: &mut Bench, nginx: &Nginx) {
@@ -896,9 +883,6 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     let (mut dd, mut ng) = (Vec::new(), Vec::new());
     let (mut sync, mut nosync, mut sync_tight, mut nosync_tight) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // Per-round ratios: each pair measured minutes apart at most.
-    let (mut r_sync, mut r_sync_tight, mut r_nosync, mut r_nosync_tight, mut r_price) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
         // Each round starts at another place in the order: where a run falls (after a synced
         // run, after a delete of 1 GiB) moved nginx's figure by 4x in trials.
@@ -919,11 +903,6 @@ fn large(b: &mut Bench, nginx: &Nginx) {
             "   round {}: dd {d:.0}, sync {s:.0}, sync-tight {st:.0}, nginx {g:.0}, nosync {ns:.0}, nosync-tight {nst:.0} MB/s",
             round + 1
         );
-        r_sync.push(s / d);
-        r_sync_tight.push(st / d);
-        r_nosync.push(ns / g);
-        r_nosync_tight.push(nst / g);
-        r_price.push(st / nst);
         dd.push(d);
         ng.push(g);
         sync.push(s);
@@ -933,41 +912,37 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     }
     let _ = std::fs::remove_file(&src);
 
-    let f = |v: &[f64]| format!("{:.0} MB/s", median(v));
-    b.row(
+    // Every ratio is taken within a round (each pair measured minutes apart at most).
+    let mb = Unit("MB/s", 0);
+    b.row_rounds(
         "1 GiB, flush before Ack (bitsfarm client)",
-        f(&sync),
+        (&sync, mb),
         "dd oflag=dsync bs=8M",
-        f(&dd),
-        median(&r_sync),
+        (&dd, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, flush before Ack (tight client)",
-        f(&sync_tight),
+        (&sync_tight, mb),
         "dd oflag=dsync bs=8M",
-        f(&dd),
-        median(&r_sync_tight),
+        (&dd, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, --unsafe-no-sync (bitsfarm client)",
-        f(&nosync),
+        (&nosync, mb),
         "nginx PUT, curl -T",
-        f(&ng),
-        median(&r_nosync),
+        (&ng, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, --unsafe-no-sync (tight client)",
-        f(&nosync_tight),
+        (&nosync_tight, mb),
         "nginx PUT, curl -T",
-        f(&ng),
-        median(&r_nosync_tight),
+        (&ng, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, price of durability (tight client)",
-        f(&sync_tight),
+        (&sync_tight, mb),
         "same, --unsafe-no-sync",
-        f(&nosync_tight),
-        median(&r_price),
+        (&nosync_tight, mb),
     );
 }
 
@@ -1039,7 +1014,6 @@ fn small(b: &mut Bench, nginx: &Nginx) {
         dd
     };
     let (mut sync, mut nosync, mut ng, mut dd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut r_dd, mut r_ng, mut r_nosync) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
         let mut got = [0f64; 4];
         for k in 0..4 {
@@ -1056,9 +1030,6 @@ fn small(b: &mut Bench, nginx: &Nginx) {
             "   round {}: nginx {g:.0} PUTs/s, sync {s:.0}, nosync {ns:.0} fragments/s, dd {d:.0} writes/s",
             round + 1
         );
-        r_dd.push(s / d);
-        r_ng.push(s / g);
-        r_nosync.push(ns / g);
         sync.push(s);
         nosync.push(ns);
         ng.push(g);
@@ -1066,27 +1037,28 @@ fn small(b: &mut Bench, nginx: &Nginx) {
     }
     let _ = std::fs::remove_file(&src);
 
-    let f = |v: &[f64]| format!("{:.0} fragments/s", median(v));
-    b.row(
+    let (frags, writes, puts) = (
+        Unit("fragments/s", 0),
+        Unit("writes/s", 0),
+        Unit("PUTs/s", 0),
+    );
+    b.row_rounds(
         "64 KiB fragments, flush before Ack",
-        f(&sync),
+        (&sync, frags),
         "dd oflag=dsync bs=64K",
-        format!("{:.0} writes/s", median(&dd)),
-        median(&r_dd),
+        (&dd, writes),
     );
-    b.row(
+    b.row_rounds(
         "64 KiB fragments, flush before Ack",
-        f(&sync),
+        (&sync, frags),
         "nginx 64 KiB PUTs",
-        format!("{:.0} PUTs/s", median(&ng)),
-        median(&r_ng),
+        (&ng, puts),
     );
-    b.row(
+    b.row_rounds(
         "64 KiB fragments, --unsafe-no-sync",
-        f(&nosync),
+        (&nosync, frags),
         "nginx 64 KiB PUTs",
-        format!("{:.0} PUTs/s", median(&ng)),
-        median(&r_nosync),
+        (&ng, puts),
     );
 }
 
