@@ -8,6 +8,12 @@
 //! - 1,000 sessions x 1 MiB from 50 connections (time, p50/p99 Ack latency, peak RSS), against
 //!   1,000 PUTs x 1 MiB to nginx from 50 connections;
 //! - 10,000 open idle sessions: RSS per session;
+//! - `load`: 4 MiB uploads (one session, one fragment each) from 1, 10, 50 and 200 connections
+//!   until about 1 GiB went through: server CPU seconds per GiB (flushed and `--unsafe-no-sync`)
+//!   and peak RSS, against 4 MiB PUTs to nginx (master and workers);
+//! - `uploads`: 1,000 uploads of 64 KiB, a session each, from one connection and from 16, against
+//!   `dd oflag=dsync bs=64K` and 1,000 64 KiB PUTs to nginx;
+//! - `syscalls`: syscalls and flushes per 64 KiB upload and per packet type, by `strace -c -f`;
 //! - the operator: every child object for 1,000 farms with the pure builders, and the real
 //!   `bitsfarm operator` process's RSS with 1,000 UploadFarms served by a mocked API server.
 //!
@@ -15,8 +21,12 @@
 //! (as `cargo test --all-targets` runs it) it prints a note and exits: the point of building it
 //! there is that it cannot rot.
 //!
-//! `cargo bench --bench throughput -- large small many idle operator` runs only the named parts.
-//! `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the system temp folder).
+//! `cargo bench --bench throughput -- large small many load uploads syscalls idle operator` runs
+//! only the named parts. `BITSFARM_BENCH_DIR` picks the folder the data goes to (default: the
+//! system temp folder); `BITSFARM_BENCH_ROUNDS` the rounds of the interleaved parts (default 3);
+//! `BITSFARM_BENCH_LOAD_MIB` what each `load` run sends (default 1024), `BITSFARM_BENCH_UPLOADS`
+//! the uploads of `uploads` (default 1000), `BITSFARM_BENCH_SYSCALL_N` those of each traced
+//! phase of `syscalls` (default 200).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -64,12 +74,13 @@ fn main() {
     let bench = Bench {
         base: base.clone(),
         rows: Vec::new(),
+        median_of: None,
     };
     let mut bench = bench;
     let started = Instant::now();
     machine_note(&base);
 
-    let nginx = if want("large") || want("small") || want("many") {
+    let nginx = if want("large") || want("small") || want("many") || want("uploads") {
         Some(Nginx::start(&base.join("nginx")))
     } else {
         None
@@ -83,7 +94,16 @@ fn main() {
     if want("many") {
         many(&mut bench, nginx.as_ref().unwrap());
     }
+    if want("uploads") {
+        uploads(&mut bench, nginx.as_ref().unwrap());
+    }
     drop(nginx);
+    if want("load") {
+        load(&mut bench);
+    }
+    if want("syscalls") {
+        syscalls(&mut bench);
+    }
     if want("idle") {
         idle(&mut bench);
     }
@@ -109,6 +129,28 @@ struct Row {
 struct Bench {
     base: PathBuf,
     rows: Vec<Row>,
+    /// The rounds behind rows made by `row_rounds`, for the note under the table.
+    median_of: Option<usize>,
+}
+
+/// How a figure is shown: its unit and its decimals.
+#[derive(Clone, Copy)]
+struct Unit(&'static str, usize);
+
+impl Unit {
+    fn show(self, v: f64) -> String {
+        format!("{v:.prec$} {}", self.0, prec = self.1)
+    }
+}
+
+/// The round whose ratio `ours / base` is the median, the lower middle for an even count: a row
+/// takes both values and the ratio from it, so the three always agree (medians taken apart
+/// could read "1166 vs 361 MB/s, 1.94x").
+fn median_round(ours: &[f64], base: &[f64]) -> usize {
+    let ratio = |i: usize| ours[i] / base[i];
+    let mut idx: Vec<usize> = (0..ours.len().min(base.len())).collect();
+    idx.sort_by(|&a, &b| ratio(a).total_cmp(&ratio(b)));
+    idx[(idx.len() - 1) / 2]
 }
 
 impl Bench {
@@ -129,6 +171,26 @@ impl Bench {
             r.measure, r.ours, r.baseline, r.base_value, r.ratio
         );
         self.rows.push(r);
+    }
+
+    /// A row from figures measured once per round (`ours[i]` next to `base[i]`): values and
+    /// ratio from the median round by ratio.
+    fn row_rounds(
+        &mut self,
+        measure: &str,
+        ours: (&[f64], Unit),
+        baseline: &str,
+        base: (&[f64], Unit),
+    ) {
+        let (n, i) = (ours.0.len(), median_round(ours.0, base.0));
+        self.median_of = Some(n);
+        self.row(
+            &format!("{measure} [median round of {n}]"),
+            ours.1.show(ours.0[i]),
+            baseline,
+            base.1.show(base.0[i]),
+            ours.0[i] / base.0[i],
+        );
     }
 
     fn print(&self) {
@@ -171,6 +233,12 @@ impl Bench {
             println!("{}", line(c));
         }
         println!();
+        if let Some(n) = self.median_of {
+            println!(
+                "[median round of {n}]: values and ratio from the median round (by ratio) of {n} (the lower middle for an even count); every round is on stderr."
+            );
+            println!();
+        }
     }
 }
 
@@ -327,6 +395,24 @@ fn proc_mem(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User plus system CPU seconds a process (all its threads) has used so far. /proc counts in
+/// USER_HZ, which Linux fixes at 100 whatever the kernel's own tick.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -443,10 +529,10 @@ http {{
         Nginx { child, addr, root }
     }
 
-    /// Peak RSS of the master and its workers together.
-    fn peak_rss(&self) -> u64 {
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
-        let mut total = proc_mem(master, "VmHWM");
+        let mut pids = vec![master];
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for e in entries.flatten() {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -458,11 +544,21 @@ http {{
                     .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                     .and_then(|p| p.parse::<u32>().ok());
                 if ppid == Some(master) {
-                    total += proc_mem(pid, "VmHWM");
+                    pids.push(pid);
                 }
             }
         }
-        total
+        pids
+    }
+
+    /// Peak RSS of the master and its workers together.
+    fn peak_rss(&self) -> u64 {
+        self.pids().into_iter().map(|p| proc_mem(p, "VmHWM")).sum()
+    }
+
+    /// CPU seconds the master and its workers have used so far.
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(cpu_seconds).sum()
     }
 }
 
@@ -513,23 +609,44 @@ impl Conn {
     }
 
     fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.request_parts(method, path, headers, &[body])
+    }
+
+    /// A request whose body is the concatenation of `parts` (a per-upload prefix before shared
+    /// bytes, so 200 threads need no 4 MiB copy each).
+    fn request_parts(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        parts: &[&[u8]],
+    ) -> Resp {
         self.head.clear();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let _ = write!(
             self.head,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
-            body.len()
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n"
         );
         for (k, v) in headers {
             let _ = write!(self.head, "{k}: {v}\r\n");
         }
         self.head.extend_from_slice(b"\r\n");
-        if body.len() <= 256 << 10 {
-            // One write for small requests, as a real client's buffered writer would.
-            self.head.extend_from_slice(body);
+        // One write for small requests, as a real client's buffered writer would; large parts
+        // go out as they are.
+        let mut sent_head = false;
+        for p in parts {
+            if !sent_head && self.head.len() + p.len() <= 256 << 10 {
+                self.head.extend_from_slice(p);
+            } else {
+                if !sent_head {
+                    self.s.write_all(&self.head).unwrap();
+                    sent_head = true;
+                }
+                self.s.write_all(p).unwrap();
+            }
+        }
+        if !sent_head {
             self.s.write_all(&self.head).unwrap();
-        } else {
-            self.s.write_all(&self.head).unwrap();
-            self.s.write_all(body).unwrap();
         }
         self.response()
     }
@@ -588,13 +705,13 @@ impl Conn {
     }
 
     fn fragment(&mut self, path: &str, id: &str, start: u64, total: u64, body: &[u8]) {
-        let range = format!(
-            "bytes {}-{}/{}",
-            start,
-            start + body.len() as u64 - 1,
-            total
-        );
-        let r = self.request(
+        self.fragment_parts(path, id, start, total, &[body]);
+    }
+
+    fn fragment_parts(&mut self, path: &str, id: &str, start: u64, total: u64, parts: &[&[u8]]) {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let range = format!("bytes {}-{}/{}", start, start + len - 1, total);
+        let r = self.request_parts(
             "BITS_POST",
             path,
             &[
@@ -602,7 +719,7 @@ impl Conn {
                 ("BITS-Session-Id", id),
                 ("Content-Range", &range),
             ],
-            body,
+            parts,
         );
         assert_eq!(r.status, 200, "Fragment {range}: {:?}", r.headers);
         let next: u64 = r
@@ -610,7 +727,7 @@ impl Conn {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(next, start + body.len() as u64);
+        assert_eq!(next, start + len);
     }
 
     fn close_session(&mut self, path: &str, id: &str) {
@@ -627,7 +744,11 @@ impl Conn {
     }
 
     fn put(&mut self, path: &str, body: &[u8]) {
-        let r = self.request("PUT", path, &[], body);
+        self.put_parts(path, &[body]);
+    }
+
+    fn put_parts(&mut self, path: &str, parts: &[&[u8]]) {
+        let r = self.request_parts("PUT", path, &[], parts);
         assert!(
             r.status == 201 || r.status == 204,
             "PUT {path}: HTTP {}",
@@ -680,9 +801,10 @@ fn bits_upload_tight(addr: SocketAddr, file: &Path, name: &str) -> Duration {
     t.elapsed()
 }
 
-/// Rounds of the 1 GiB measurements (`BITSFARM_BENCH_ROUNDS`, default 3). This VM's page cache
-/// writes swing by 5x within minutes (host-side memory backing, other builds), so every figure
-/// is measured once per round, next to its baseline, and the medians are reported.
+/// Rounds of the interleaved measurements (`BITSFARM_BENCH_ROUNDS`, default 3). This VM's page
+/// cache writes swing by 5x within minutes (host-side memory backing, other builds), so every
+/// figure is measured once per round, next to its baseline, and a row shows the round whose
+/// ratio is the median (`row_rounds`).
 fn rounds() -> usize {
     std::env::var("BITSFARM_BENCH_ROUNDS")
         .ok()
@@ -691,18 +813,13 @@ fn rounds() -> usize {
         .unwrap_or(3)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
+/// A count from the environment (to shorten a part while developing), else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or(default)
 }
 
 fn large(b: &mut Bench, nginx: &Nginx) {
@@ -766,9 +883,6 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     let (mut dd, mut ng) = (Vec::new(), Vec::new());
     let (mut sync, mut nosync, mut sync_tight, mut nosync_tight) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // Per-round ratios: each pair measured minutes apart at most.
-    let (mut r_sync, mut r_sync_tight, mut r_nosync, mut r_nosync_tight, mut r_price) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
         // Each round starts at another place in the order: where a run falls (after a synced
         // run, after a delete of 1 GiB) moved nginx's figure by 4x in trials.
@@ -789,11 +903,6 @@ fn large(b: &mut Bench, nginx: &Nginx) {
             "   round {}: dd {d:.0}, sync {s:.0}, sync-tight {st:.0}, nginx {g:.0}, nosync {ns:.0}, nosync-tight {nst:.0} MB/s",
             round + 1
         );
-        r_sync.push(s / d);
-        r_sync_tight.push(st / d);
-        r_nosync.push(ns / g);
-        r_nosync_tight.push(nst / g);
-        r_price.push(st / nst);
         dd.push(d);
         ng.push(g);
         sync.push(s);
@@ -803,41 +912,37 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     }
     let _ = std::fs::remove_file(&src);
 
-    let f = |v: &[f64]| format!("{:.0} MB/s", median(v));
-    b.row(
+    // Every ratio is taken within a round (each pair measured minutes apart at most).
+    let mb = Unit("MB/s", 0);
+    b.row_rounds(
         "1 GiB, flush before Ack (bitsfarm client)",
-        f(&sync),
+        (&sync, mb),
         "dd oflag=dsync bs=8M",
-        f(&dd),
-        median(&r_sync),
+        (&dd, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, flush before Ack (tight client)",
-        f(&sync_tight),
+        (&sync_tight, mb),
         "dd oflag=dsync bs=8M",
-        f(&dd),
-        median(&r_sync_tight),
+        (&dd, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, --unsafe-no-sync (bitsfarm client)",
-        f(&nosync),
+        (&nosync, mb),
         "nginx PUT, curl -T",
-        f(&ng),
-        median(&r_nosync),
+        (&ng, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, --unsafe-no-sync (tight client)",
-        f(&nosync_tight),
+        (&nosync_tight, mb),
         "nginx PUT, curl -T",
-        f(&ng),
-        median(&r_nosync_tight),
+        (&ng, mb),
     );
-    b.row(
+    b.row_rounds(
         "1 GiB, price of durability (tight client)",
-        f(&sync_tight),
+        (&sync_tight, mb),
         "same, --unsafe-no-sync",
-        f(&nosync_tight),
-        median(&r_price),
+        (&nosync_tight, mb),
     );
 }
 
@@ -909,7 +1014,6 @@ fn small(b: &mut Bench, nginx: &Nginx) {
         dd
     };
     let (mut sync, mut nosync, mut ng, mut dd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut r_dd, mut r_ng, mut r_nosync) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
         let mut got = [0f64; 4];
         for k in 0..4 {
@@ -926,9 +1030,6 @@ fn small(b: &mut Bench, nginx: &Nginx) {
             "   round {}: nginx {g:.0} PUTs/s, sync {s:.0}, nosync {ns:.0} fragments/s, dd {d:.0} writes/s",
             round + 1
         );
-        r_dd.push(s / d);
-        r_ng.push(s / g);
-        r_nosync.push(ns / g);
         sync.push(s);
         nosync.push(ns);
         ng.push(g);
@@ -936,27 +1037,28 @@ fn small(b: &mut Bench, nginx: &Nginx) {
     }
     let _ = std::fs::remove_file(&src);
 
-    let f = |v: &[f64]| format!("{:.0} fragments/s", median(v));
-    b.row(
+    let (frags, writes, puts) = (
+        Unit("fragments/s", 0),
+        Unit("writes/s", 0),
+        Unit("PUTs/s", 0),
+    );
+    b.row_rounds(
         "64 KiB fragments, flush before Ack",
-        f(&sync),
+        (&sync, frags),
         "dd oflag=dsync bs=64K",
-        format!("{:.0} writes/s", median(&dd)),
-        median(&r_dd),
+        (&dd, writes),
     );
-    b.row(
+    b.row_rounds(
         "64 KiB fragments, flush before Ack",
-        f(&sync),
+        (&sync, frags),
         "nginx 64 KiB PUTs",
-        format!("{:.0} PUTs/s", median(&ng)),
-        median(&r_ng),
+        (&ng, puts),
     );
-    b.row(
+    b.row_rounds(
         "64 KiB fragments, --unsafe-no-sync",
-        f(&nosync),
+        (&nosync, frags),
         "nginx 64 KiB PUTs",
-        format!("{:.0} PUTs/s", median(&ng)),
-        median(&r_nosync),
+        (&ng, puts),
     );
 }
 
@@ -974,16 +1076,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs `work(conn, index)` for every index from `MANY_CONNS` threads; `work` returns the latency
-/// of the request that matters.
+/// Runs `work(conn, index)` for every index below `count` from `conns` threads, each with its own
+/// keep-alive connection; `work` returns the latency of the request that matters.
 fn fan_out(
     addr: SocketAddr,
+    conns: usize,
+    count: usize,
     work: impl Fn(&mut Conn, usize) -> Duration + Send + Sync + 'static,
 ) -> ManyResult {
     let next = Arc::new(AtomicUsize::new(0));
     let work = Arc::new(work);
     let t = Instant::now();
-    let threads: Vec<_> = (0..MANY_CONNS)
+    let threads: Vec<_> = (0..conns)
         .map(|_| {
             let (next, work) = (next.clone(), work.clone());
             std::thread::spawn(move || {
@@ -991,7 +1095,7 @@ fn fan_out(
                 let mut lat = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= MANY_SESSIONS {
+                    if i >= count {
                         return lat;
                     }
                     lat.push(work(&mut c, i));
@@ -1027,7 +1131,7 @@ fn many(b: &mut Bench, nginx: &Nginx) {
     let shared = Arc::new(shared);
 
     let s = shared.clone();
-    let ng = fan_out(nginx.addr, move |c, i| {
+    let ng = fan_out(nginx.addr, MANY_CONNS, MANY_SESSIONS, move |c, i| {
         let body = body_for(&s, i);
         let t = Instant::now();
         c.put(&format!("/many/{i:04}.bin"), &body);
@@ -1041,7 +1145,7 @@ fn many(b: &mut Bench, nginx: &Nginx) {
     let dir = b.base.join("many");
     let srv = Server::start(&dir, &b.base.join("many.log"), &[]);
     let s = shared.clone();
-    let ours = fan_out(srv.addr, move |c, i| {
+    let ours = fan_out(srv.addr, MANY_CONNS, MANY_SESSIONS, move |c, i| {
         let body = body_for(&s, i);
         let path = format!("/many/{i:04}.bin");
         let id = c.create_session(&path);
@@ -1096,6 +1200,654 @@ fn verify_many(shared: &[u8], dir: &Path) {
             "1 MiB upload",
             &sha_file(&dir.join(format!("{i:04}.bin"))),
             &want,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: 4 MiB uploads from 1 to 200 connections, CPU and memory per level.
+
+const LOAD_UPLOAD: usize = 4 << 20;
+const LOAD_LEVELS: [usize; 4] = [1, 10, 50, 200];
+
+/// What one load run measured.
+struct LoadRun {
+    /// Server CPU (user + system, all threads; nginx: master + workers) per GiB received.
+    cpu_per_gib: f64,
+    /// Peak RSS (nginx: master + workers summed).
+    peak_rss: f64,
+}
+
+/// The first eight bytes of upload `i` (its index), sent before the shared rest: every upload
+/// differs, so a mixed-up file fails the check.
+fn load_prefix(i: usize) -> [u8; 8] {
+    (i as u64).to_le_bytes()
+}
+
+/// Checks what a load run left in `dir`: every upload there with its size, and the SHA-256 of
+/// about 16 of them spread over the run.
+fn verify_load(dir: &Path, uploads: usize, shared: &[u8]) {
+    let names = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(names, uploads, "{}: uploads that landed", dir.display());
+    let step = (uploads / 16).max(1);
+    for i in 0..uploads {
+        let p = dir.join(format!("{i:05}.bin"));
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, LOAD_UPLOAD as u64, "{}: size", p.display());
+        if i % step == 0 || i == uploads - 1 {
+            let mut h = Sha256::new();
+            h.update(load_prefix(i));
+            h.update(&shared[8..]);
+            check("4 MiB upload", &sha_file(&p), &hex(&h.finalize()));
+        }
+    }
+}
+
+/// Sends `uploads` 4 MiB uploads from `conns` connections, by BITS (one session, one fragment
+/// each) or as PUTs.
+fn load_drive(addr: SocketAddr, conns: usize, uploads: usize, shared: &Arc<Vec<u8>>, bits: bool) {
+    let s = shared.clone();
+    fan_out(addr, conns, uploads, move |c, i| {
+        let path = format!("/load/{i:05}.bin");
+        let prefix = load_prefix(i);
+        let parts: [&[u8]; 2] = [&prefix, &s[8..]];
+        let t = Instant::now();
+        if bits {
+            let id = c.create_session(&path);
+            c.fragment_parts(&path, &id, 0, LOAD_UPLOAD as u64, &parts);
+            c.close_session(&path, &id);
+        } else {
+            c.put_parts(&path, &parts);
+        }
+        t.elapsed()
+    });
+}
+
+/// One load run on a fresh server (so its peak RSS is this run's): `None` for nginx, else
+/// bitsfarm with `extra` arguments.
+fn load_run(
+    b: &Bench,
+    label: &str,
+    bitsfarm: Option<&[&str]>,
+    conns: usize,
+    uploads: usize,
+    shared: &Arc<Vec<u8>>,
+) -> LoadRun {
+    let dir = b.base.join(format!("load-{label}"));
+    let (cpu, rss, wall, landed);
+    match bitsfarm {
+        Some(extra) => {
+            let srv = Server::start(&dir, &b.base.join(format!("load-{label}.log")), extra);
+            let before = cpu_seconds(srv.pid());
+            let t = Instant::now();
+            load_drive(srv.addr, conns, uploads, shared, true);
+            wall = t.elapsed();
+            cpu = cpu_seconds(srv.pid()) - before;
+            rss = proc_mem(srv.pid(), "VmHWM");
+            landed = dir.join("load");
+        }
+        None => {
+            let ng = Nginx::start(&dir);
+            let before = ng.cpu_seconds();
+            let t = Instant::now();
+            load_drive(ng.addr, conns, uploads, shared, false);
+            wall = t.elapsed();
+            cpu = ng.cpu_seconds() - before;
+            rss = ng.peak_rss();
+            landed = ng.root.join("load");
+        }
+    }
+    verify_load(&landed, uploads, shared);
+    let _ = std::fs::remove_dir_all(&dir);
+    settle();
+    let bytes = (uploads * LOAD_UPLOAD) as u64;
+    let run = LoadRun {
+        cpu_per_gib: cpu / (bytes as f64 / GIB as f64),
+        peak_rss: rss as f64 / MIB as f64,
+    };
+    eprintln!(
+        "     {label}: {:.2} GiB in {:.2} s, {:.0} MB/s, CPU {cpu:.2} s = {:.2} s/GiB, peak RSS {:.1} MiB",
+        bytes as f64 / GIB as f64,
+        wall.as_secs_f64(),
+        mbps(bytes, wall),
+        run.cpu_per_gib,
+        run.peak_rss,
+    );
+    run
+}
+
+fn load(b: &mut Bench) {
+    let n = rounds();
+    let uploads = (env_count("BITSFARM_BENCH_LOAD_MIB", 1024) * MIB / LOAD_UPLOAD).max(1);
+    eprintln!(
+        "== load: {uploads} uploads x 4 MiB per run at {LOAD_LEVELS:?} connections, {n} interleaved rounds"
+    );
+    let mut shared = vec![0u8; LOAD_UPLOAD];
+    let mut seed = 13u64;
+    fill(&mut shared, &mut seed);
+    let shared = Arc::new(shared);
+    let cpu = Unit("s/GiB", 2);
+    let mem = Unit("MiB", 1);
+    for conns in LOAD_LEVELS {
+        // Per round: [flushed, unsynced, nginx], each started fresh, in a rotating order.
+        let mut got: Vec<[LoadRun; 3]> = Vec::new();
+        for round in 0..n {
+            eprintln!("   {conns} connections, round {}:", round + 1);
+            let mut runs: [Option<LoadRun>; 3] = [None, None, None];
+            for k in 0..3 {
+                let i = (k + round) % 3;
+                runs[i] = Some(match i {
+                    0 => load_run(b, "sync", Some(&[]), conns, uploads, &shared),
+                    1 => load_run(
+                        b,
+                        "nosync",
+                        Some(&["--unsafe-no-sync"]),
+                        conns,
+                        uploads,
+                        &shared,
+                    ),
+                    _ => load_run(b, "nginx", None, conns, uploads, &shared),
+                });
+            }
+            got.push(runs.map(|r| r.expect("every run measured")));
+        }
+        let col = |k: usize, f: fn(&LoadRun) -> f64| -> Vec<f64> {
+            got.iter().map(|r| f(&r[k])).collect()
+        };
+        let (sync_cpu, nosync_cpu, ng_cpu) = (
+            col(0, |r| r.cpu_per_gib),
+            col(1, |r| r.cpu_per_gib),
+            col(2, |r| r.cpu_per_gib),
+        );
+        let (sync_rss, ng_rss) = (col(0, |r| r.peak_rss), col(2, |r| r.peak_rss));
+        let conn = if conns == 1 { "conn " } else { "conns " };
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: server CPU, flush before Ack (lower is better)"),
+            (&sync_cpu, cpu),
+            "nginx 4 MiB PUTs (master+workers)",
+            (&ng_cpu, cpu),
+        );
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: server CPU, --unsafe-no-sync (lower is better)"),
+            (&nosync_cpu, cpu),
+            "nginx 4 MiB PUTs (master+workers)",
+            (&ng_cpu, cpu),
+        );
+        b.row_rounds(
+            &format!("load, {conns} {conn}x 4 MiB: peak RSS, flush before Ack (lower is better)"),
+            (&sync_rss, mem),
+            "nginx peak RSS (master+workers)",
+            (&ng_rss, mem),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1,000 uploads of 64 KiB, one session each.
+
+/// Parallel connections of the second half of the `uploads` part.
+const UPLOAD_CONNS: usize = 16;
+
+/// Checks the `count` 64 KiB files in `dir` (`{i:05}.bin`) against `data`, by one hash over all.
+fn verify_pieces(what: &str, dir: &Path, data: &[u8], count: usize) {
+    let mut h = Sha256::new();
+    for i in 0..count {
+        let p = dir.join(format!("{i:05}.bin"));
+        h.update(std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())));
+    }
+    check(what, &hex(&h.finalize()), &hex(&Sha256::digest(data)));
+}
+
+fn uploads(b: &mut Bench, nginx: &Nginx) {
+    let n = rounds();
+    let count = env_count("BITSFARM_BENCH_UPLOADS", 1000);
+    eprintln!(
+        "== {count} uploads x 64 KiB (a session each), 1 and {UPLOAD_CONNS} connections, {n} interleaved rounds"
+    );
+    let mut data = vec![0u8; SMALL * count];
+    let mut seed = 17u64;
+    fill(&mut data, &mut seed);
+    let data = Arc::new(data);
+    let src = b.base.join("uploads-source.bin");
+    std::fs::write(&src, data.as_slice()).unwrap();
+
+    // The disk's rate for 64 KiB writes that are durable when acknowledged.
+    let dd_run = || -> f64 {
+        let out = b.base.join("uploads-dd.out");
+        let t = Instant::now();
+        let ok = Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", out.display()))
+            .args([
+                "bs=64K",
+                &format!("count={count}"),
+                "oflag=dsync",
+                "status=none",
+            ])
+            .status()
+            .unwrap()
+            .success();
+        let rate = count as f64 / t.elapsed().as_secs_f64();
+        assert!(ok, "dd failed");
+        check(
+            "dd 64 KiB",
+            &sha_file(&out),
+            &hex(&Sha256::digest(data.as_slice())),
+        );
+        let _ = std::fs::remove_file(&out);
+        settle();
+        rate
+    };
+    // nginx: one PUT per upload, each its own file.
+    let nginx_run = |conns: usize| -> f64 {
+        let d = data.clone();
+        let r = fan_out(nginx.addr, conns, count, move |c, i| {
+            let t = Instant::now();
+            c.put(&format!("/up/{i:05}.bin"), &d[i * SMALL..(i + 1) * SMALL]);
+            t.elapsed()
+        });
+        let landed = nginx.root.join("up");
+        verify_pieces("nginx 64 KiB PUTs", &landed, &data, count);
+        let _ = std::fs::remove_dir_all(&landed);
+        settle();
+        count as f64 / r.total.as_secs_f64()
+    };
+    // Ours: Create-Session, one 64 KiB Fragment, Close-Session per upload.
+    let run = |label: &str, extra: &[&str], conns: usize| -> f64 {
+        let dir = b.base.join(format!("uploads-{label}"));
+        let srv = Server::start(&dir, &b.base.join(format!("uploads-{label}.log")), extra);
+        let d = data.clone();
+        let r = fan_out(srv.addr, conns, count, move |c, i| {
+            let path = format!("/up/{i:05}.bin");
+            let t = Instant::now();
+            let id = c.create_session(&path);
+            c.fragment(&path, &id, 0, SMALL as u64, &d[i * SMALL..(i + 1) * SMALL]);
+            c.close_session(&path, &id);
+            t.elapsed()
+        });
+        drop(srv);
+        verify_pieces(label, &dir.join("up"), &data, count);
+        let _ = std::fs::remove_dir_all(&dir);
+        settle();
+        count as f64 / r.total.as_secs_f64()
+    };
+    const RUNS: usize = 7;
+    let mut got: Vec<[f64; RUNS]> = Vec::new();
+    for round in 0..n {
+        let mut g = [0f64; RUNS];
+        for k in 0..RUNS {
+            let i = (k + round * 3) % RUNS;
+            g[i] = match i {
+                0 => dd_run(),
+                1 => nginx_run(1),
+                2 => run("sync-1", &[], 1),
+                3 => run("nosync-1", &["--unsafe-no-sync"], 1),
+                4 => nginx_run(UPLOAD_CONNS),
+                5 => run("sync-16", &[], UPLOAD_CONNS),
+                _ => run("nosync-16", &["--unsafe-no-sync"], UPLOAD_CONNS),
+            };
+        }
+        let [d, g1, s1, ns1, g16, s16, ns16] = g;
+        eprintln!(
+            "   round {}: dd {d:.0} writes/s; 1 conn: nginx {g1:.0} PUTs/s, sync {s1:.0}, nosync {ns1:.0} uploads/s; {UPLOAD_CONNS} conns: nginx {g16:.0} PUTs/s, sync {s16:.0}, nosync {ns16:.0} uploads/s",
+            round + 1
+        );
+        got.push(g);
+    }
+    let _ = std::fs::remove_file(&src);
+
+    let col = |k: usize| -> Vec<f64> { got.iter().map(|g| g[k]).collect() };
+    let (ups, writes, puts) = (Unit("uploads/s", 0), Unit("writes/s", 0), Unit("PUTs/s", 0));
+    let rows: [(&str, usize, &str, usize, Unit); 6] = [
+        (
+            "flush before Ack, 1 conn",
+            2,
+            "dd oflag=dsync bs=64K",
+            0,
+            writes,
+        ),
+        (
+            "flush before Ack, 1 conn",
+            2,
+            "nginx 64 KiB PUTs, 1 conn",
+            1,
+            puts,
+        ),
+        (
+            "--unsafe-no-sync, 1 conn",
+            3,
+            "nginx 64 KiB PUTs, 1 conn",
+            1,
+            puts,
+        ),
+        (
+            "flush before Ack, 16 conns in parallel",
+            5,
+            "dd oflag=dsync bs=64K",
+            0,
+            writes,
+        ),
+        (
+            "flush before Ack, 16 conns in parallel",
+            5,
+            "nginx 64 KiB PUTs, 16 conns",
+            4,
+            puts,
+        ),
+        (
+            "--unsafe-no-sync, 16 conns in parallel",
+            6,
+            "nginx 64 KiB PUTs, 16 conns",
+            4,
+            puts,
+        ),
+    ];
+    for (what, ours, baseline, base, unit) in rows {
+        b.row_rounds(
+            &format!("{count} x 64 KiB uploads (a session each), {what}"),
+            (&col(ours), ups),
+            baseline,
+            (&col(base), unit),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syscalls and flushes per upload and per packet, counted by `strace -c -f`.
+
+/// `strace`, installed with apt-get when missing; `None` when that fails.
+fn strace_exe() -> Option<&'static str> {
+    let present = || Command::new("strace").arg("-V").output().is_ok();
+    if present() {
+        return Some("strace");
+    }
+    eprintln!("strace is missing: installing Debian's strace package (apt-get)");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "strace"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = install() || (Command::new("apt-get").arg("update").status().is_ok() && install());
+    present().then_some("strace")
+}
+
+/// Whether every thread of `pid` has a tracer.
+fn all_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_some_and(|v| v.trim() != "0")
+    })
+}
+
+/// The calls per syscall of a `strace -c` summary ("% time seconds usecs/call calls [errors]
+/// syscall"; the "total" line is left out).
+fn strace_counts(summary: &str) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for line in summary.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let numeric = f.first().is_some_and(|c| c.parse::<f64>().is_ok());
+        if !numeric || f.len() < 5 || f[f.len() - 1] == "total" {
+            continue;
+        }
+        if let Ok(calls) = f[3].parse::<u64>() {
+            counts.insert(f[f.len() - 1].to_string(), calls);
+        }
+    }
+    counts
+}
+
+/// Runs `work` while `strace -c -f` is attached to `pid` (every thread, and the threads it
+/// starts), and returns its result and the calls per syscall; `Err` when strace cannot attach.
+fn traced<T>(
+    pid: u32,
+    out: &Path,
+    work: impl FnOnce() -> T,
+) -> Result<(T, HashMap<String, u64>), String> {
+    let err = out.with_extension("err");
+    let mut st = Command::new("strace")
+        .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("starting strace: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        if let Ok(Some(status)) = st.try_wait() {
+            break Some(format!("strace exited: {status}"));
+        }
+        if all_traced(pid) {
+            break None;
+        }
+        if Instant::now() > deadline {
+            break Some("strace did not attach within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(why) = failed {
+        let _ = st.kill();
+        let _ = st.wait();
+        let said = std::fs::read_to_string(&err).unwrap_or_default();
+        return Err(format!(
+            "{why}: {}",
+            said.lines().next().unwrap_or("").trim()
+        ));
+    }
+    let got = work();
+    // SIGINT: strace detaches and writes its summary.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = st.wait();
+    let summary = std::fs::read_to_string(out).map_err(|e| e.to_string())?;
+    Ok((got, strace_counts(&summary)))
+}
+
+/// Per-packet figures of one traced phase, `n` packets (or uploads).
+struct Calls {
+    phase: String,
+    n: usize,
+    counts: HashMap<String, u64>,
+}
+
+impl Calls {
+    /// The calls of these syscalls, per packet.
+    fn per(&self, names: &[&str]) -> f64 {
+        let sum: u64 = names.iter().filter_map(|s| self.counts.get(*s)).sum();
+        sum as f64 / self.n as f64
+    }
+
+    fn total(&self) -> f64 {
+        self.counts.values().sum::<u64>() as f64 / self.n as f64
+    }
+
+    fn flushes(&self) -> f64 {
+        self.per(&["fsync", "fdatasync"])
+    }
+
+    /// The most frequent syscalls, per packet.
+    fn top(&self, k: usize) -> String {
+        let mut v: Vec<(&String, &u64)> = self.counts.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        v.iter()
+            .take(k)
+            .map(|(name, c)| format!("{name} {:.2}", **c as f64 / self.n as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The syscall groups shown per phase: (column, syscalls).
+const SYSCALL_COLUMNS: [(&str, &[&str]); 8] = [
+    ("fsync+fdatasync", &["fsync", "fdatasync"]),
+    ("sync_file_range", &["sync_file_range"]),
+    ("rename*", &["rename", "renameat", "renameat2"]),
+    ("mkdir*", &["mkdir", "mkdirat"]),
+    ("stat*", &["statx", "fstat", "newfstatat", "stat", "lstat"]),
+    // The server opens with openat2 (resolved beneath its data folder): openat alone would miss it.
+    ("openat*", &["open", "openat", "openat2"]),
+    ("unlinkat", &["unlink", "unlinkat"]),
+    ("futex", &["futex"]),
+];
+
+fn print_calls(phases: &[Calls]) {
+    let mut head = format!("   {:<44} {:>5} {:>8}", "phase (per packet)", "N", "calls");
+    for (col, _) in SYSCALL_COLUMNS {
+        let _ = write!(head, " {col:>15}");
+    }
+    eprintln!("{head}");
+    for c in phases {
+        let mut line = format!("   {:<44} {:>5} {:>8.2}", c.phase, c.n, c.total());
+        for (_, names) in SYSCALL_COLUMNS {
+            let _ = write!(line, " {:>15.2}", c.per(names));
+        }
+        eprintln!("{line}");
+    }
+    for c in phases {
+        eprintln!("   top, {}: {}", c.phase, c.top(10));
+    }
+}
+
+/// Creates `n` sessions for `/sc/{prefix}{i:05}.bin`, returning their ids.
+fn sc_create(c: &mut Conn, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| c.create_session(&format!("/sc/{prefix}{i:05}.bin")))
+        .collect()
+}
+
+fn sc_fragments(c: &mut Conn, prefix: &str, ids: &[String], body: &[u8]) {
+    for (i, id) in ids.iter().enumerate() {
+        c.fragment(
+            &format!("/sc/{prefix}{i:05}.bin"),
+            id,
+            0,
+            body.len() as u64,
+            body,
+        );
+    }
+}
+
+fn sc_close(c: &mut Conn, prefix: &str, ids: &[String]) {
+    for (i, id) in ids.iter().enumerate() {
+        c.close_session(&format!("/sc/{prefix}{i:05}.bin"), id);
+    }
+}
+
+/// `n` whole uploads, one after the other on `c`.
+fn sc_uploads(c: &mut Conn, prefix: &str, n: usize, body: &[u8]) {
+    for i in 0..n {
+        let path = format!("/sc/{prefix}{i:05}.bin");
+        let id = c.create_session(&path);
+        c.fragment(&path, &id, 0, body.len() as u64, body);
+        c.close_session(&path, &id);
+    }
+}
+
+/// The traced phases of one server: whole uploads, and with `per_packet` each packet type alone.
+fn syscall_phases(
+    b: &Bench,
+    label: &str,
+    extra: &[&str],
+    n: usize,
+    body: &[u8],
+    per_packet: bool,
+) -> Result<Vec<Calls>, String> {
+    let dir = b.base.join(format!("syscalls-{label}"));
+    let srv = Server::start(&dir, &b.base.join(format!("syscalls-{label}.log")), extra);
+    let pid = srv.pid();
+    let mut c = Conn::open(srv.addr);
+    // Warm up: the folder, the runtime's threads, the pools, the allocator.
+    sc_uploads(&mut c, "warm-", 20, body);
+    let out = |phase: &str| b.base.join(format!("strace-{label}-{phase}.txt"));
+    let mut phases = Vec::new();
+    let ((), counts) = traced(pid, &out("uploads"), || sc_uploads(&mut c, "u-", n, body))?;
+    phases.push(Calls {
+        phase: format!("64 KiB upload (3 packets), {label}"),
+        n,
+        counts,
+    });
+    if per_packet {
+        let (ids, counts) = traced(pid, &out("create"), || sc_create(&mut c, "p-", n))?;
+        phases.push(Calls {
+            phase: format!("Create-Session, {label}"),
+            n,
+            counts,
+        });
+        let ((), counts) = traced(pid, &out("fragment"), || {
+            sc_fragments(&mut c, "p-", &ids, body)
+        })?;
+        phases.push(Calls {
+            phase: format!("Fragment (64 KiB, whole file), {label}"),
+            n,
+            counts,
+        });
+        let ((), counts) = traced(pid, &out("close"), || sc_close(&mut c, "p-", &ids))?;
+        phases.push(Calls {
+            phase: format!("Close-Session, {label}"),
+            n,
+            counts,
+        });
+    }
+    drop(c);
+    drop(srv);
+    // What landed: the first and the last upload of each kind.
+    let want = hex(&Sha256::digest(body));
+    for name in ["u-00000", &format!("u-{:05}", n - 1), "p-00000"] {
+        let p = dir.join(format!("sc/{name}.bin"));
+        if name.starts_with('u') || per_packet {
+            check("traced upload", &sha_file(&p), &want);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(phases)
+}
+
+fn syscalls(b: &mut Bench) {
+    let n = env_count("BITSFARM_BENCH_SYSCALL_N", 200);
+    eprintln!("== syscalls per 64 KiB upload and per packet, strace -c -f, N = {n}");
+    if strace_exe().is_none() {
+        eprintln!("syscalls not counted: strace is missing and could not be installed");
+        return;
+    }
+    let mut body = vec![0u8; SMALL];
+    let mut seed = 19u64;
+    fill(&mut body, &mut seed);
+    let mut phases = match syscall_phases(b, "flushed", &[], n, &body, true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("syscalls not counted: strace cannot attach ({e})");
+            return;
+        }
+    };
+    match syscall_phases(
+        b,
+        "--unsafe-no-sync",
+        &["--unsafe-no-sync"],
+        n,
+        &body,
+        false,
+    ) {
+        Ok(p) => phases.extend(p),
+        Err(e) => eprintln!("syscalls with --unsafe-no-sync not counted: {e}"),
+    }
+    print_calls(&phases);
+    for c in &phases {
+        b.row(
+            &format!("syscalls per {} (strace -c -f, N = {})", c.phase, c.n),
+            format!("{:.1} calls, {:.2} flushes", c.total(), c.flushes()),
+            "-",
+            "-".into(),
+            f64::NAN,
         );
     }
 }
