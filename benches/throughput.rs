@@ -1329,10 +1329,11 @@ fn load(b: &mut Bench) {
     let cpu = Unit("s/GiB", 2);
     let mem = Unit("MiB", 1);
     for conns in LOAD_LEVELS {
+        let conn = if conns == 1 { "conn" } else { "conns" };
         // Per round: [flushed, unsynced, nginx], each started fresh, in a rotating order.
         let mut got: Vec<[LoadRun; 3]> = Vec::new();
         for round in 0..n {
-            eprintln!("   {conns} connections, round {}:", round + 1);
+            eprintln!("   {conns} {conn}, round {}:", round + 1);
             let mut runs: [Option<LoadRun>; 3] = [None, None, None];
             for k in 0..3 {
                 let i = (k + round) % 3;
@@ -1360,21 +1361,24 @@ fn load(b: &mut Bench) {
             col(2, |r| r.cpu_per_gib),
         );
         let (sync_rss, ng_rss) = (col(0, |r| r.peak_rss), col(2, |r| r.peak_rss));
-        let conn = if conns == 1 { "conn " } else { "conns " };
         b.row_rounds(
-            &format!("load, {conns} {conn}x 4 MiB: server CPU, flush before Ack (lower is better)"),
+            &format!(
+                "load, {conns} {conn} x 4 MiB: server CPU, flush before Ack (lower is better)"
+            ),
             (&sync_cpu, cpu),
             "nginx 4 MiB PUTs (master+workers)",
             (&ng_cpu, cpu),
         );
         b.row_rounds(
-            &format!("load, {conns} {conn}x 4 MiB: server CPU, --unsafe-no-sync (lower is better)"),
+            &format!(
+                "load, {conns} {conn} x 4 MiB: server CPU, --unsafe-no-sync (lower is better)"
+            ),
             (&nosync_cpu, cpu),
             "nginx 4 MiB PUTs (master+workers)",
             (&ng_cpu, cpu),
         );
         b.row_rounds(
-            &format!("load, {conns} {conn}x 4 MiB: peak RSS, flush before Ack (lower is better)"),
+            &format!("load, {conns} {conn} x 4 MiB: peak RSS, flush before Ack (lower is better)"),
             (&sync_rss, mem),
             "nginx peak RSS (master+workers)",
             (&ng_rss, mem),
