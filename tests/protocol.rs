@@ -1712,3 +1712,45 @@ fn many_large_fragments_at_once_all_land_whole() {
         assert!(landed == body(i), "upload {i} landed changed");
     }
 }
+
+/// Clients that send a large fragment's head and then stall hold a socket each, not a thread:
+/// the server's threads stay few while they wait, and another upload goes through meanwhile.
+#[test]
+fn stalled_fragment_bodies_hold_no_threads() {
+    use std::io::Write;
+    let s = Server::start(&["--max-connections-per-address", "0"]);
+    let threads = |s: &Server| {
+        let pid = s.pid().expect("the server runs");
+        fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+    };
+    let before = threads(&s);
+    let stalled = 40;
+    let mut held = Vec::new();
+    for i in 0..stalled {
+        let path = format!("/stall/{i}.bin");
+        let id = s.create_session(&path);
+        let size = 4 << 20;
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nX-Http-Method-Override: BITS_POST\r\n\
+             BITS-Packet-Type: Fragment\r\nBITS-Session-Id: {id}\r\n\
+             Content-Range: bytes 0-{}/{size}\r\nContent-Length: {size}\r\n\r\n",
+            s.addr,
+            size - 1
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        c.write_all(&vec![7u8; 300 << 10]).unwrap();
+        held.push(c);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let during = threads(&s);
+    assert!(
+        during < before + 16,
+        "{stalled} stalled bodies took threads: {before} before, {during} while they stall"
+    );
+    let id = s.create_session("/meanwhile.bin");
+    assert_eq!(s.fragment(&id, "/meanwhile.bin", 0, b"abc", 3).status, 200);
+    assert_eq!(s.close(&id, "/meanwhile.bin").status, 200);
+    assert_eq!(fs::read(s.data_dir.join("meanwhile.bin")).unwrap(), b"abc");
+    drop(held);
+}
