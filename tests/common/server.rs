@@ -266,12 +266,12 @@ impl Server {
         self.spawn();
     }
 
+    /// True while the child process has not exited.
     /// The process id of the running server.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// True while the child process has not exited.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),

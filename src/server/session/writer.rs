@@ -16,7 +16,7 @@ use sha2::digest::common::hazmat::{SerializableState, SerializedState};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::debug;
 
 use super::flush::Flushing;
@@ -27,10 +27,12 @@ use crate::server::beneath::Beneath;
 
 /// Fragments up to this size are read whole and written without a hand-off to another thread.
 const SMALL_FRAGMENT: u64 = 256 << 10;
+/// Chunks (as hyper received them, each at most its read buffer) that may wait for the disk
+/// writer of one fragment.
+const WRITE_QUEUE: usize = 16;
 /// Bytes of fragment bodies received and not yet written, all fragments of the process
 /// together. Past it, bodies wait unread (the client waits on TCP), so memory stays bounded
-/// however many uploads arrive at once. One fragment holds at most two batches: the one being
-/// written and the one arriving.
+/// however many uploads arrive at once; one fragment alone never needs more than its queue.
 const IN_FLIGHT_BUDGET: usize = 8 << 20;
 
 static IN_FLIGHT: std::sync::LazyLock<Arc<Semaphore>> =
@@ -100,31 +102,53 @@ where
     let hasher = if hash { session.hasher.clone() } else { None };
     let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
         == tokio::runtime::RuntimeFlavor::MultiThread;
-    let target = Target {
-        b: b.clone(),
-        path,
-        state_path,
-        offset,
-        new_total,
-        flushing,
-    };
     let (result, failure) = if len <= SMALL_FRAGMENT && multi_thread {
         // A small fragment is written and flushed on this worker thread (`block_in_place`): no
         // hand-off to a blocking thread and back, which costs as much as the write itself.
         // The whole fragment's share up front: pieces held while the rest arrives never wait
         // on one another for the budget.
         let _budget = budget(len as usize).await?;
-        let pieces = read_small(body, skip, len).await?;
+        let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| {
-            let mut sink = Sink::open(&target, hasher, hash)?;
-            for batch in pieces.chunks(WRITE_IOVECS) {
-                sink.write(batch)?;
-            }
-            sink.finish(&target)
+            write_fragment(
+                b,
+                &path,
+                &state_path,
+                offset,
+                new_total,
+                hasher,
+                hash,
+                rx,
+                flushing,
+            )
         });
         (result, None)
     } else {
-        stream_to_disk(target, hasher, hash, body, skip, len).await?
+        let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE);
+        let b2 = b.clone();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::task::spawn_blocking(move || {
+            let _ = started.send(());
+            write_fragment(
+                &b2,
+                &path,
+                &state_path,
+                offset,
+                new_total,
+                hasher,
+                hash,
+                rx,
+                flushing,
+            )
+        });
+        // Nothing is read (nor takes budget) before the writer runs: a writer still queued for
+        // a thread must not hold the budget the running ones need to finish.
+        let _ = running.await;
+        let failure = stream_to(tx, body, skip, len).await;
+        let result = writer
+            .await
+            .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
+        (result, failure)
     };
     match (result, failure) {
         (Ok(done), None) if done.written == len => {
@@ -150,160 +174,72 @@ where
 }
 
 /// Reads a small fragment's body whole, before anything is written, so a body that fails to
-/// arrive writes nothing.
-async fn read_small<S, E>(body: &mut S, mut skip: u64, len: u64) -> Result<Vec<Piece>, BitsError>
+/// arrive writes nothing. The pieces wait in the queue the writer then drains.
+async fn read_small<S, E>(
+    body: &mut S,
+    mut skip: u64,
+    len: u64,
+) -> Result<mpsc::Receiver<Piece>, BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let mut remaining = len;
-    let mut pieces = Vec::new();
+    // Every piece holds at least one byte, so this never fills; slots are allocated as they are
+    // used.
+    let (tx, rx) = mpsc::channel::<Piece>(SMALL_FRAGMENT as usize);
     while let Some(bytes) = next_piece(body, &mut skip, &mut remaining).await? {
-        pieces.push(Piece {
+        let piece = Piece {
             bytes,
             _budget: None,
-        });
+        };
+        if tx.try_send(piece).is_err() {
+            return Err(BitsError::internal(
+                "the write queue of a small fragment is full",
+            ));
+        }
     }
     if remaining > 0 {
         return Err(short_body(remaining));
     }
-    Ok(pieces)
+    Ok(rx)
 }
 
-/// Writes a large fragment's body as it arrives: each batch of what has arrived is written on a
-/// blocking thread while the next is received, so no thread ever waits on the network (a slow
-/// client holds no thread, only its socket). Returns the outcome of the writes and what was wrong
-/// with the body, if anything.
-async fn stream_to_disk<S, E>(
-    target: Target,
-    hasher: Option<Sha256>,
-    hash: bool,
+/// Passes a large fragment's body to the writer as it arrives, and says what was wrong with the
+/// body, if anything. Dropping `tx` at the end tells the writer the body is over.
+async fn stream_to<S, E>(
+    tx: mpsc::Sender<Piece>,
     body: &mut S,
     mut skip: u64,
     len: u64,
-) -> Result<(io::Result<Written>, Option<BitsError>), BitsError>
+) -> Option<BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let target = Arc::new(target);
-    let t = target.clone();
-    let mut sink = match on_thread(move || Sink::open(&t, hasher, hash)).await? {
-        Ok(sink) => Some(sink),
-        Err(e) => return Ok((Err(e), None)),
-    };
     let mut remaining = len;
-    let mut writing: Option<tokio::task::JoinHandle<(Sink, io::Result<()>)>> = None;
-    let mut failure = None;
     loop {
-        // Received while the previous batch is being written.
-        let gathered = gather(body, &mut skip, &mut remaining).await;
-        if let Some(w) = writing.take() {
-            let (s, wrote) = w.await.map_err(writer_failed)?;
-            if let Err(e) = wrote {
-                return Ok((Err(e), None));
-            }
-            sink = Some(s);
-        }
-        let (batch, ended) = match gathered {
-            Ok(g) => g,
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        };
-        if !batch.is_empty() {
-            let mut s = sink
-                .take()
-                .ok_or_else(|| BitsError::internal("the disk writer lost its file"))?;
-            writing = Some(tokio::task::spawn_blocking(move || {
-                let wrote = s.write(&batch);
-                (s, wrote)
-            }));
-        }
-        if ended {
-            break;
-        }
-    }
-    if let Some(w) = writing.take() {
-        let (s, wrote) = w.await.map_err(writer_failed)?;
-        if let Err(e) = wrote {
-            return Ok((Err(e), None));
-        }
-        sink = Some(s);
-    }
-    if failure.is_none() && remaining > 0 {
-        failure = Some(short_body(remaining));
-    }
-    let sink = sink.ok_or_else(|| BitsError::internal("the disk writer lost its file"))?;
-    if failure.is_some() {
-        let nothing = Written {
-            written: 0,
-            hasher: None,
-        };
-        return Ok((Ok(nothing), failure));
-    }
-    let finished = on_thread(move || sink.finish(&target)).await?;
-    Ok((finished, None))
-}
-
-/// The next batch of a fragment's body: waits for one piece, then takes what else has already
-/// arrived, up to a batch; and whether the body ended. Only the first piece waits for room in the
-/// in-flight budget: a batch never holds budget while it waits for more, so fragments cannot
-/// wait on each other's. A later piece without room is kept (it is already in memory) and ends
-/// the batch.
-async fn gather<S, E>(
-    body: &mut S,
-    skip: &mut u64,
-    remaining: &mut u64,
-) -> Result<(Vec<Piece>, bool), BitsError>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    use futures_util::FutureExt;
-    let mut batch = Vec::new();
-    let Some(bytes) = next_piece(body, skip, remaining).await? else {
-        return Ok((batch, true));
-    };
-    let share = budget(bytes.len()).await?;
-    let mut batch_len = bytes.len();
-    batch.push(Piece {
-        bytes,
-        _budget: Some(share),
-    });
-    while batch_len < WRITE_BATCH && batch.len() < WRITE_IOVECS {
-        match next_piece(body, skip, remaining).now_or_never() {
-            Some(Ok(Some(bytes))) => {
-                let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let share = IN_FLIGHT.clone().try_acquire_many_owned(n).ok();
-                let full = share.is_none();
-                batch_len += bytes.len();
-                batch.push(Piece {
+        match next_piece(body, &mut skip, &mut remaining).await {
+            Ok(Some(bytes)) => {
+                // The next piece is not read until this one has its share of the budget.
+                let share = match budget(bytes.len()).await {
+                    Ok(share) => share,
+                    Err(e) => return Some(e),
+                };
+                let piece = Piece {
                     bytes,
-                    _budget: share,
-                });
-                if full {
+                    _budget: Some(share),
+                };
+                if tx.send(piece).await.is_err() {
+                    // The writer stopped early; its own error is the one reported.
                     break;
                 }
             }
-            Some(Ok(None)) => return Ok((batch, true)),
-            Some(Err(e)) => return Err(e),
-            None => break,
+            Ok(None) => break,
+            Err(e) => return Some(e),
         }
     }
-    Ok((batch, false))
-}
-
-/// Runs blocking file work on the blocking pool.
-async fn on_thread<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BitsError> {
-    tokio::task::spawn_blocking(f).await.map_err(writer_failed)
-}
-
-fn writer_failed(e: tokio::task::JoinError) -> BitsError {
-    BitsError::internal(format!("the disk writer failed: {e}"))
+    (remaining > 0).then(|| short_body(remaining))
 }
 
 struct Written {
@@ -361,100 +297,95 @@ where
     Ok(None)
 }
 
-/// Where a fragment goes: the session's data file `path` and hash checkpoint `state_path` (below
-/// the data folder `b`), the offset it starts at, the size it gives for the first time, and how
-/// it is flushed.
-struct Target {
-    b: Beneath,
-    path: std::path::PathBuf,
-    state_path: std::path::PathBuf,
+/// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
+/// when `hash`), records `new_total` when given, then flushes it all (unless `flushing` is off):
+/// the bytes, the file length (the next offset), the size and, for a new file, its name are
+/// durable when this returns. `path` and `state_path` are below the data folder `b`.
+#[allow(clippy::too_many_arguments)]
+fn write_fragment(
+    b: &Beneath,
+    path: &Path,
+    state_path: &Path,
     offset: u64,
     new_total: Option<u64>,
-    flushing: Flushing,
-}
-
-/// The blocking half of a Fragment: the open data file, written batch by batch (hashed as it goes
-/// when hashing), then finished.
-struct Sink {
-    file: File,
     hasher: Option<Sha256>,
-    offset: u64,
-    written: u64,
-    writeback_from: u64,
-    sync: bool,
-}
-
-impl Sink {
-    /// Opens (or makes) the data file at the target's offset, cutting off bytes past it (a write a
-    /// crash cut short), and resumes the running hash when `hash`.
-    fn open(t: &Target, hasher: Option<Sha256>, hash: bool) -> io::Result<Sink> {
-        let mut file = t.b.open_file(&t.path, OFlags::RDWR | OFlags::CREATE)?;
-        let hasher = match (hash, hasher) {
-            (false, _) => None,
-            (true, Some(h)) => Some(h),
-            (true, None) => Some(rebuild_hasher(&mut file, &t.b, &t.state_path, t.offset)?),
-        };
-        if file.metadata()?.len() != t.offset {
-            file.set_len(t.offset)?;
-        }
-        file.seek(SeekFrom::Start(t.offset))?;
-        Ok(Sink {
-            file,
-            hasher,
-            offset: t.offset,
-            written: 0,
-            writeback_from: t.offset,
-            sync: t.flushing.on(),
-        })
+    hash: bool,
+    mut rx: mpsc::Receiver<Piece>,
+    flushing: Flushing,
+) -> io::Result<Written> {
+    let sync = flushing.on();
+    let mut file = b.open_file(path, OFlags::RDWR | OFlags::CREATE)?;
+    let mut hasher = match (hash, hasher) {
+        (false, _) => None,
+        (true, Some(h)) => Some(h),
+        (true, None) => Some(rebuild_hasher(&mut file, b, state_path, offset)?),
+    };
+    if file.metadata()?.len() != offset {
+        file.set_len(offset)?;
     }
-
-    /// Appends `batch`; with syncing on, starts writeback of each full step written.
-    fn write(&mut self, batch: &[Piece]) -> io::Result<()> {
-        if let Some(h) = self.hasher.as_mut() {
-            for piece in batch {
+    file.seek(SeekFrom::Start(offset))?;
+    let mut written = 0u64;
+    let mut writeback_from = offset;
+    let mut batch: Vec<Piece> = Vec::with_capacity(64);
+    let mut ended = false;
+    while !ended {
+        // Wait for one chunk, then take what else is already queued, up to a batch.
+        let mut batch_len = 0usize;
+        while batch_len < WRITE_BATCH && batch.len() < WRITE_IOVECS {
+            let next = if batch.is_empty() {
+                rx.blocking_recv()
+            } else {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    // Nothing more has arrived: write what is here rather than hold it waiting.
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(piece) = next else {
+                ended = true;
+                break;
+            };
+            if let Some(h) = hasher.as_mut() {
                 h.update(&piece.bytes);
             }
+            batch_len += piece.bytes.len();
+            batch.push(piece);
         }
-        write_all_chunks(&mut self.file, batch)?;
-        self.written += batch.iter().map(|p| p.bytes.len() as u64).sum::<u64>();
-        let at = self.offset + self.written;
-        if self.sync && at - self.writeback_from >= WRITEBACK_STEP {
-            start_writeback(&self.file, self.writeback_from, at - self.writeback_from);
-            self.writeback_from = at;
+        if batch.is_empty() {
+            break;
         }
-        Ok(())
+        write_all_chunks(&mut file, &batch)?;
+        // Written: the pieces and their share of the budget go back.
+        batch.clear();
+        written += batch_len as u64;
+        let at = offset + written;
+        if sync && at - writeback_from >= WRITEBACK_STEP {
+            start_writeback(&file, writeback_from, at - writeback_from);
+            writeback_from = at;
+        }
     }
-
-    /// Records the size when the fragment gives it, then flushes it all (unless flushing is
-    /// off): the bytes, the file length (the next offset), the size and, for a new file, its
-    /// name are durable when this returns.
-    fn finish(self, t: &Target) -> io::Result<Written> {
-        let folder = t.path.parent().unwrap_or(Path::new(""));
-        let total_beside = match t.new_total {
-            Some(total) => record_total_on(&t.b, &self.file, &t.path, total)?,
-            None => false,
-        };
-        if self.sync && (self.offset == 0 || t.new_total.is_some()) {
-            // `fsync`, not `fdatasync`: it also covers the size attribute, and the creation of a
-            // new file (an empty upload's file grows by nothing, which `fdatasync` would not
-            // flush).
-            self.file.sync_all()?;
-            if total_beside {
-                t.b.sync_dir(folder)?;
-            } else if self.offset == 0 {
-                t.flushing.names(&t.b, &[folder])?;
-            }
-        } else if self.sync {
-            self.file.sync_data()?;
+    let folder = path.parent().unwrap_or(Path::new(""));
+    let total_beside = match new_total {
+        Some(total) => record_total_on(b, &file, path, total)?,
+        None => false,
+    };
+    if sync && (offset == 0 || new_total.is_some()) {
+        // `fsync`, not `fdatasync`: it also covers the size attribute, and the creation of a new
+        // file (an empty upload's file grows by nothing, which `fdatasync` would not flush).
+        file.sync_all()?;
+        if total_beside {
+            b.sync_dir(folder)?;
+        } else if offset == 0 {
+            flushing.names(b, &[folder])?;
         }
-        if let Some(h) = &self.hasher {
-            save_hash_state(&t.b, &t.state_path, self.offset + self.written, h);
-        }
-        Ok(Written {
-            written: self.written,
-            hasher: self.hasher,
-        })
+    } else if sync {
+        file.sync_data()?;
     }
+    if let Some(h) = &hasher {
+        save_hash_state(b, state_path, offset + written, h);
+    }
+    Ok(Written { written, hasher })
 }
 
 /// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
@@ -565,24 +496,27 @@ mod tests {
 
     /// Writes `chunks` at `offset` the way a Fragment does, with hashing and syncing on.
     fn write_at(b: &Beneath, offset: u64, chunks: &[&'static [u8]]) -> Written {
-        let target = Target {
-            b: b.clone(),
-            path: DATA_FILE.into(),
-            state_path: "h".into(),
-            offset,
-            new_total: None,
-            flushing: Flushing::Ordered,
-        };
-        let pieces: Vec<Piece> = chunks
-            .iter()
-            .map(|c| Piece {
+        let (tx, rx) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.try_send(Piece {
                 bytes: Bytes::from_static(c),
                 _budget: None,
             })
-            .collect();
-        let mut sink = Sink::open(&target, None, true).unwrap();
-        sink.write(&pieces).unwrap();
-        sink.finish(&target).unwrap()
+            .unwrap();
+        }
+        drop(tx);
+        write_fragment(
+            b,
+            Path::new(DATA_FILE),
+            Path::new("h"),
+            offset,
+            None,
+            None,
+            true,
+            rx,
+            Flushing::Ordered,
+        )
+        .unwrap()
     }
 
     /// A folder, the same opened as a data folder, and the paths of its data file and checkpoint.
