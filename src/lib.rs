@@ -15,9 +15,10 @@
 //! server/          `bitsfarm serve`: mod.rs (bind and run), state.rs (AppState, DrainState),
 //!                  conn.rs (listeners, accept loops, connection limits), http/ (routing, packets,
 //!                  downloads, relaying to another member, responses), session/ (machine.rs: the
-//!                  packet rules on a session, pure; store.rs: table, locks, records, recovery,
-//!                  expiry; writer.rs: the blocking disk writer; delivery.rs: once-only delivery
-//!                  and its ledger), notify.rs (HTTP to the server application; knows no session),
+//!                  packet rules on a session, pure; store.rs: table, locks, recovery, expiry;
+//!                  record.rs: a session's files on disk; flush.rs: what a flush must cover;
+//!                  writer.rs: the blocking disk writer; delivery.rs: once-only delivery and
+//!                  its ledger), notify.rs (HTTP to the server application; knows no session),
 //!                  handoff/ (farm key, membership, forwarding), auth, limits, metrics, tls,
 //!                  dir_lock (one server per data folder), disk, clock, hooks (crash-test pauses)
 //! client/          `bitsfarm upload`: machine.rs (what an answer means and what to send next,

@@ -14,7 +14,8 @@ use sha2::Digest;
 use tracing::{info, warn};
 
 use super::place::storage_error;
-use super::store::{DELIVERY_FILE, Session, Store, write_json};
+use super::record::{DELIVERY_FILE, write_json};
+use super::store::{Session, Store};
 use super::writer::rebuild_hasher;
 use crate::bits::protocol::BitsError;
 use crate::config::{NotifyType, UploadDirConfig};

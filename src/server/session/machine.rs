@@ -2,7 +2,7 @@
 //! happens, and `UploadDir` carries it out (records, writes, delivers, answers). No I/O, no locks
 //! and no clock here: all a rule needs comes in as arguments, so every rule is tested below.
 
-use super::store::{REPLIES_DIR, REPLY_FILE, SessionRecord, SessionState};
+use super::record::{REPLIES_DIR, REPLY_FILE, SessionRecord, SessionState};
 use crate::bits::paths::{SESSION_DIR, UploadPrefix};
 use crate::bits::protocol::{Ack, BitsError, FragmentRange, SessionId, header};
 use crate::config::NotifyType;

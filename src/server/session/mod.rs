@@ -1,6 +1,8 @@
 //! The sessions of one upload directory, in rooms:
 //! - `machine`: the protocol's rules applied to a session, pure: what a packet does to it;
-//! - `store`: the session table and its locks, the records on disk, recovery, expiry, tombstones;
+//! - `store`: the session table and its locks, creation, the end of a session, recovery, expiry;
+//! - `record`: what a session keeps on disk (record, size, tombstone) and how one is read back;
+//! - `flush`: what the one flush before an Ack must cover on the data folder's file system;
 //! - `writer`: the blocking disk writer of a Fragment's body;
 //! - `place`: where an upload lands: the destination's checks, the commit, and the answers a path
 //!   on the server gets when it cannot be used (never through a symbolic link);
@@ -13,6 +15,7 @@ mod delivery;
 mod flush;
 mod machine;
 mod place;
+mod record;
 mod store;
 mod writer;
 
@@ -37,11 +40,12 @@ use store::Store;
 
 pub use super::clock::unix_now;
 pub use delivery::Origin;
-pub use store::{
-    CANCELLED_RECORD, CLOSED_RECORD, CreateRequest, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE,
-    HASH_STATE_FILE, RECORD_FILE, REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, Session, SessionRecord,
-    SessionState, StoreError, TOTAL_ATTRIBUTE, TOTAL_MARK,
+pub use record::{
+    CANCELLED_RECORD, CLOSED_RECORD, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE,
+    RECORD_FILE, REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, SessionRecord, SessionState,
+    TOTAL_ATTRIBUTE, TOTAL_MARK,
 };
+pub use store::{CreateRequest, Session, StoreError};
 
 /// One upload directory: its configuration, its folder and its sessions.
 pub struct UploadDir {

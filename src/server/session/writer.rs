@@ -21,7 +21,8 @@ use tracing::debug;
 
 use super::flush::Flushing;
 use super::place::storage_error;
-use super::store::{Session, record_total_on};
+use super::record::record_total_on;
+use super::store::Session;
 use crate::bits::protocol::BitsError;
 use crate::server::beneath::Beneath;
 
