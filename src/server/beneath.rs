@@ -265,13 +265,13 @@ impl Beneath {
         Ok(())
     }
 
-    /// Flushes folder `rel`'s entries (a new or renamed name in it) to disk.
     /// Makes a new, empty file `rel`; fails if the name exists (EEXIST), even as a link.
     pub fn create_empty(&self, rel: &Path) -> io::Result<()> {
         self.open_fd(rel, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)
             .map(drop)
     }
 
+    /// Flushes folder `rel`'s entries (a new or renamed name in it) to disk.
     pub fn sync_dir(&self, rel: &Path) -> io::Result<()> {
         let dir = self.open_fd(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
         Ok(rustix::fs::fsync(&dir)?)

@@ -122,7 +122,7 @@ impl Deliverer<'_> {
                     size: session.offset,
                     reply: &reply,
                     timeout: self.config.notify_timeout,
-                    sync: self.store.sync,
+                    sync: self.store.flushing.on(),
                 })
                 .await;
             let label = match &result {
@@ -147,7 +147,11 @@ impl Deliverer<'_> {
                 suppressed_duplicate: false,
             }
         };
-        let (dir, sync, o) = (session.dir.clone(), self.store.sync, outcome.clone());
+        let (dir, sync, o) = (
+            session.dir.clone(),
+            self.store.flushing.on(),
+            outcome.clone(),
+        );
         blocking(move || {
             write_json(&b, &dir.join(DELIVERY_FILE), &o, sync).map_err(storage_error)?;
             // The ledger is a second copy for later sessions; losing it only costs a re-delivery

@@ -41,9 +41,8 @@ use store::Store;
 pub use super::clock::unix_now;
 pub use delivery::Origin;
 pub use record::{
-    CANCELLED_RECORD, CLOSED_RECORD, DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE,
-    RECORD_FILE, REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, SessionRecord, SessionState,
-    TOTAL_ATTRIBUTE, TOTAL_MARK,
+    DATA_FILE, DELIVERED_DIR, DELIVERY_FILE, HASH_STATE_FILE, RECORD_FILE, REPLIES_DIR, REPLY_FILE,
+    REQUESTS_DIR, SessionRecord, SessionState,
 };
 pub use store::{CreateRequest, Session, StoreError};
 

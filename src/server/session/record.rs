@@ -142,6 +142,32 @@ pub(super) fn record_total_on(
     }
 }
 
+/// Flushes the data `file` (at `data`, below `b`) with `fsync`, which also covers its size
+/// attribute and, for a `new_file`, its creation; then its folder where a name in it is not
+/// covered: the size kept `beside` the file, or a new file's name on a file system that needs
+/// folders flushed. Nothing with flushing off.
+pub(super) fn flush_named(
+    b: &Beneath,
+    file: &File,
+    data: &Path,
+    beside: bool,
+    new_file: bool,
+    flushing: Flushing,
+) -> io::Result<()> {
+    if !flushing.on() {
+        return Ok(());
+    }
+    file.sync_all()?;
+    let folder = data.parent().unwrap_or(Path::new(""));
+    if beside {
+        b.sync_dir(folder)
+    } else if new_file {
+        flushing.names(b, &[folder])
+    } else {
+        Ok(())
+    }
+}
+
 /// The upload's size as recorded by `record_total_on`, if it was.
 fn recorded_total(b: &Beneath, data: &Path, names: &[std::ffi::OsString]) -> Option<u64> {
     let from_mark = || {

@@ -19,7 +19,7 @@ use super::flush::Flushing;
 use super::place::{check_new_destination, commit, storage_error};
 use super::record::{
     CANCELLED_RECORD, CLOSED_RECORD, DATA_FILE, DELIVERED_DIR, HASH_STATE_FILE, RECORD_FILE,
-    REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, SessionRecord, SessionState, load_session,
+    REPLIES_DIR, REPLY_FILE, REQUESTS_DIR, SessionRecord, SessionState, flush_named, load_session,
     record_total_on, write_new_record,
 };
 use crate::bits::paths::SESSION_DIR;
@@ -116,9 +116,7 @@ pub struct Store {
     pub(super) delivered: PathBuf,
     sessions: Mutex<HashMap<SessionId, SessionSlot>>,
     metrics: Arc<Metrics>,
-    /// Every write is synced before it is acknowledged.
-    pub(super) sync: bool,
-    /// What the flushes before an Ack must cover on this file system.
+    /// What the flushes before an Ack must cover on this file system (none with syncing off).
     pub(super) flushing: Flushing,
     /// Open sessions per user and in all, shared by the server's directories.
     counter: Arc<SessionCounter>,
@@ -181,7 +179,6 @@ impl Store {
             delivered,
             sessions: Mutex::new(HashMap::new()),
             metrics,
-            sync,
             flushing,
             counter: Arc::new(SessionCounter::default()),
             _lock: lock,
@@ -373,14 +370,8 @@ impl Store {
         blocking(move || {
             let recorded = || -> io::Result<()> {
                 let file = b.open_file(&data, OFlags::WRONLY)?;
-                let folder_flush = record_total_on(&b, &file, &data, total)?;
-                if flushing.on() {
-                    file.sync_all()?;
-                    if folder_flush {
-                        b.sync_dir(data.parent().unwrap_or(Path::new("")))?;
-                    }
-                }
-                Ok(())
+                let beside = record_total_on(&b, &file, &data, total)?;
+                flush_named(&b, &file, &data, beside, false, flushing)
             };
             recorded().map_err(storage_error)
         })
@@ -405,7 +396,7 @@ impl Store {
     ) -> Result<(), BitsError> {
         let mut record = session.record.clone();
         record.state = state;
-        let (dir, data, sync) = (session.dir.clone(), session.data_file(), self.sync);
+        let (dir, data, sync) = (session.dir.clone(), session.data_file(), self.flushing.on());
         let reply_dir = self.replies.join(record.id.as_str());
         let tombstone = dir.join(match state {
             SessionState::Cancelled => CANCELLED_RECORD,

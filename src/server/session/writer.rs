@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -21,7 +21,7 @@ use tracing::debug;
 
 use super::flush::Flushing;
 use super::place::storage_error;
-use super::record::record_total_on;
+use super::record::{flush_named, record_total_on};
 use super::store::Session;
 use crate::bits::protocol::BitsError;
 use crate::server::beneath::Beneath;
@@ -97,9 +97,14 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let path = session.data_file();
-    let state_path = session.hash_state_file();
-    let offset = session.offset;
+    let target = Target {
+        b: b.clone(),
+        path: session.data_file(),
+        state_path: session.hash_state_file(),
+        offset: session.offset,
+        new_total,
+        flushing,
+    };
     let hasher = if hash { session.hasher.clone() } else { None };
     let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
         == tokio::runtime::RuntimeFlavor::MultiThread;
@@ -110,37 +115,14 @@ where
         // on one another for the budget.
         let _budget = budget(len as usize).await?;
         let rx = read_small(body, skip, len).await?;
-        let result = tokio::task::block_in_place(|| {
-            write_fragment(
-                b,
-                &path,
-                &state_path,
-                offset,
-                new_total,
-                hasher,
-                hash,
-                rx,
-                flushing,
-            )
-        });
+        let result = tokio::task::block_in_place(|| write_fragment(&target, hasher, hash, rx));
         (result, None)
     } else {
         let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE);
-        let b2 = b.clone();
         let (started, running) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::task::spawn_blocking(move || {
             let _ = started.send(());
-            write_fragment(
-                &b2,
-                &path,
-                &state_path,
-                offset,
-                new_total,
-                hasher,
-                hash,
-                rx,
-                flushing,
-            )
+            write_fragment(&target, hasher, hash, rx)
         });
         // Nothing is read (nor takes budget) before the writer runs: a writer still queued for
         // a thread must not hold the budget the running ones need to finish.
@@ -298,22 +280,30 @@ where
     Ok(None)
 }
 
-/// The blocking half of a Fragment: appends what arrives on `rx` at `offset` (hashing as it goes
-/// when `hash`), records `new_total` when given, then flushes it all (unless `flushing` is off):
-/// the bytes, the file length (the next offset), the size and, for a new file, its name are
-/// durable when this returns. `path` and `state_path` are below the data folder `b`.
-#[allow(clippy::too_many_arguments)]
-fn write_fragment(
-    b: &Beneath,
-    path: &Path,
-    state_path: &Path,
+/// Where a fragment goes: the session's data file `path` and hash checkpoint `state_path` (below
+/// the data folder `b`), the offset it starts at, the size it gives for the first time, and how
+/// it is flushed.
+struct Target {
+    b: Beneath,
+    path: PathBuf,
+    state_path: PathBuf,
     offset: u64,
     new_total: Option<u64>,
+    flushing: Flushing,
+}
+
+/// The blocking half of a Fragment: appends what arrives on `rx` at the target's offset (hashing
+/// as it goes when `hash`), records the size when the fragment gives it, then flushes it all
+/// (unless flushing is off): the bytes, the file length (the next offset), the size and, for a
+/// new file, its name are durable when this returns.
+fn write_fragment(
+    t: &Target,
     hasher: Option<Sha256>,
     hash: bool,
     mut rx: mpsc::Receiver<Piece>,
-    flushing: Flushing,
 ) -> io::Result<Written> {
+    let (b, path, state_path) = (&t.b, &t.path, &t.state_path);
+    let (offset, new_total, flushing) = (t.offset, t.new_total, t.flushing);
     let sync = flushing.on();
     let mut file = b.open_file(path, OFlags::RDWR | OFlags::CREATE)?;
     let mut hasher = match (hash, hasher) {
@@ -366,20 +356,14 @@ fn write_fragment(
             writeback_from = at;
         }
     }
-    let folder = path.parent().unwrap_or(Path::new(""));
-    let total_beside = match new_total {
+    let beside = match new_total {
         Some(total) => record_total_on(b, &file, path, total)?,
         None => false,
     };
-    if sync && (offset == 0 || new_total.is_some()) {
+    if offset == 0 || new_total.is_some() {
         // `fsync`, not `fdatasync`: it also covers the size attribute, and the creation of a new
         // file (an empty upload's file grows by nothing, which `fdatasync` would not flush).
-        file.sync_all()?;
-        if total_beside {
-            b.sync_dir(folder)?;
-        } else if offset == 0 {
-            flushing.names(b, &[folder])?;
-        }
+        flush_named(b, &file, path, beside, offset == 0, flushing)?;
     } else if sync {
         file.sync_data()?;
     }
@@ -506,18 +490,15 @@ mod tests {
             .unwrap();
         }
         drop(tx);
-        write_fragment(
-            b,
-            Path::new(DATA_FILE),
-            Path::new("h"),
+        let target = Target {
+            b: b.clone(),
+            path: DATA_FILE.into(),
+            state_path: "h".into(),
             offset,
-            None,
-            None,
-            true,
-            rx,
-            Flushing::Ordered,
-        )
-        .unwrap()
+            new_total: None,
+            flushing: Flushing::Ordered,
+        };
+        write_fragment(&target, None, true, rx).unwrap()
     }
 
     /// A folder, the same opened as a data folder, and the paths of its data file and checkpoint.
