@@ -121,13 +121,7 @@ fn each_subcommand_is_described_under_its_own_name() {
 
 #[test]
 fn passwd_through_a_pipe_reads_the_first_line_and_prints_only_the_entry() {
-    let mut child = Command::new(BIN)
-        .args(["passwd", "alice"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running bitsfarm passwd");
+    let mut child = spawn_passwd("alice");
     child
         .stdin
         .take()
@@ -540,6 +534,16 @@ fn a_host_name_is_resolved_where_an_address_is_asked_for() {
 // -- refused sessions in the server's log ----------------------------------------------------
 
 /// The server log's lines at info or above that report a refused session.
+/// The refusal lines of the log, once there is one (waited for up to 5 s), as one text.
+fn logged_refusal(s: &Server) -> String {
+    assert!(
+        wait_until(Duration::from_secs(5), || !refusal_lines(s).is_empty()),
+        "no refusal at info:\n{}",
+        s.log_tail()
+    );
+    refusal_lines(s).join("\n")
+}
+
 fn refusal_lines(s: &Server) -> Vec<String> {
     s.log()
         .lines()
@@ -560,12 +564,7 @@ fn an_upload_outside_the_upload_directories_is_told_where_they_are() {
     );
     assert_ack_shape(&r, "a 404 Ack");
     assert!(r.body.is_empty(), "an Ack has no body: {r:?}");
-    assert!(
-        wait_until(Duration::from_secs(5), || !refusal_lines(&s).is_empty()),
-        "no refusal at info:\n{}",
-        s.log_tail()
-    );
-    let line = refusal_lines(&s).join("\n");
+    let line = logged_refusal(&s);
     assert!(
         line.contains("/elsewhere/x.bin") && line.contains("/uploads"),
         "the log names the path and the directories served: {line}"
@@ -582,12 +581,7 @@ fn an_existing_destination_is_refused_with_a_hint_about_allow_overwrites() {
     s.upload("/a.bin", b"first", 1024);
     let r = s.send(&create_request("/a.bin"));
     assert_error(&r, 403, Some(E_ACCESSDENIED), "a second upload to /a.bin");
-    assert!(
-        wait_until(Duration::from_secs(5), || !refusal_lines(&s).is_empty()),
-        "no refusal at info:\n{}",
-        s.log_tail()
-    );
-    let line = refusal_lines(&s).join("\n");
+    let line = logged_refusal(&s);
     assert!(
         line.contains("/a.bin") && line.contains("allow-overwrites"),
         "{line}"

@@ -476,15 +476,20 @@ fn parse_listen_line(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     Some((main.parse().ok()?, admin))
 }
 
-/// `bitsfarm passwd USER` with `password` on stdin: the users-file line.
-pub fn passwd(user: &str, password: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
+/// `bitsfarm passwd USER`, started with its stdin, stdout and stderr piped.
+pub fn spawn_passwd(user: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_bitsfarm"))
         .args(["passwd", user])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("running bitsfarm passwd");
+        .expect("running bitsfarm passwd")
+}
+
+/// `bitsfarm passwd USER` with `password` on stdin: the users-file line.
+pub fn passwd(user: &str, password: &str) -> String {
+    let mut child = spawn_passwd(user);
     child
         .stdin
         .take()
