@@ -20,7 +20,8 @@
 //!                  writer.rs: the blocking disk writer; delivery.rs: once-only delivery and
 //!                  its ledger), notify.rs (HTTP to the server application; knows no session),
 //!                  handoff/ (farm key, membership, forwarding), auth, limits, metrics, tls,
-//!                  dir_lock (one server per data folder), disk, clock, hooks (crash-test pauses)
+//!                  dir_lock (one server per data folder), disk, clock, heap (keeping freed memory),
+//!                  hooks (crash-test pauses)
 //! client/          `bitsfarm upload`: machine.rs (what an answer means and what to send next,
 //!                  pure), uploader.rs (the I/O loop), job.rs (the resumable job file)
 //! receiver.rs      `bitsfarm receiver`, the reference server application

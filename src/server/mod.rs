@@ -8,6 +8,7 @@ pub mod conn_limits;
 pub mod dir_lock;
 pub mod disk;
 pub mod handoff;
+pub mod heap;
 pub mod hooks;
 pub mod http;
 pub mod limits;
@@ -45,6 +46,7 @@ pub struct Server {
 impl Server {
     /// Opens every data folder (recovering the sessions in it) and binds the listeners.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        heap::keep_freed_memory();
         let state = AppState::open(config).await?;
         let listeners = Listeners::bind(&state.config).await?;
         warn_unsafe(&state.config);
