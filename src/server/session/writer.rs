@@ -28,9 +28,12 @@ use crate::server::beneath::Beneath;
 
 /// Fragments up to this size are read whole and written without a hand-off to another thread.
 const SMALL_FRAGMENT: u64 = 256 << 10;
-/// Chunks (as hyper received them, each at most its read buffer) that may wait for the disk
-/// writer of one fragment.
-const WRITE_QUEUE: usize = 16;
+/// Hand-offs (each up to `HAND_OFF` bytes) that may wait for the disk writer of one fragment.
+const WRITE_QUEUE: usize = 8;
+/// A large fragment's body goes to its writer in hand-offs of this many bytes, not chunk by
+/// chunk (hyper's chunks are at most its 64 KiB read buffer): each hand-off wakes the writer
+/// thread, and a wake-up per 64 KiB was a tenth of the server's CPU time under one upload.
+const HAND_OFF: usize = 256 << 10;
 /// Bytes of fragment bodies received and not yet written, all fragments of the process
 /// together. Past it, bodies wait unread (the client waits on TCP), so memory stays bounded
 /// however many uploads arrive at once; one fragment alone never needs more than its queue.
@@ -46,15 +49,22 @@ pub(super) struct Piece {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
+/// Pieces handed to the writer at once.
+type Pieces = Vec<Piece>;
+
 /// Waits until `bytes` more bytes of bodies may be held in memory.
 async fn budget(bytes: usize) -> Result<OwnedSemaphorePermit, BitsError> {
-    let n = u32::try_from(bytes.min(IN_FLIGHT_BUDGET)).unwrap_or(u32::MAX);
     IN_FLIGHT
         .clone()
-        .acquire_many_owned(n)
+        .acquire_many_owned(share_of(bytes))
         .await
         .map_err(|_| BitsError::internal("the in-flight budget was closed"))
 }
+/// The budget `bytes` take: never more than there is.
+fn share_of(bytes: usize) -> u32 {
+    u32::try_from(bytes.min(IN_FLIGHT_BUDGET)).unwrap_or(u32::MAX)
+}
+
 /// Buffer for reading a session file back (rebuilding the hash after a restart).
 const WRITE_BUFFER: usize = 1 << 20;
 /// Received chunks are gathered up to this many bytes and written with one `writev`: few system
@@ -118,7 +128,7 @@ where
         let result = tokio::task::block_in_place(|| write_fragment(&target, hasher, hash, rx));
         (result, None)
     } else {
-        let (tx, rx) = mpsc::channel::<Piece>(WRITE_QUEUE);
+        let (tx, rx) = mpsc::channel::<Pieces>(WRITE_QUEUE);
         let (started, running) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::task::spawn_blocking(move || {
             let _ = started.send(());
@@ -157,41 +167,41 @@ where
 }
 
 /// Reads a small fragment's body whole, before anything is written, so a body that fails to
-/// arrive writes nothing. The pieces wait in the queue the writer then drains.
+/// arrive writes nothing. The pieces wait, as one hand-off, in the queue the writer then drains.
 async fn read_small<S, E>(
     body: &mut S,
     mut skip: u64,
     len: u64,
-) -> Result<mpsc::Receiver<Piece>, BitsError>
+) -> Result<mpsc::Receiver<Pieces>, BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let mut remaining = len;
-    // Every piece holds at least one byte, so this never fills; slots are allocated as they are
-    // used.
-    let (tx, rx) = mpsc::channel::<Piece>(SMALL_FRAGMENT as usize);
+    let mut pieces = Pieces::new();
     while let Some(bytes) = next_piece(body, &mut skip, &mut remaining).await? {
-        let piece = Piece {
+        pieces.push(Piece {
             bytes,
             _budget: None,
-        };
-        if tx.try_send(piece).is_err() {
-            return Err(BitsError::internal(
-                "the write queue of a small fragment is full",
-            ));
-        }
+        });
     }
     if remaining > 0 {
         return Err(short_body(remaining));
     }
+    let (tx, rx) = mpsc::channel::<Pieces>(1);
+    if tx.try_send(pieces).is_err() {
+        return Err(BitsError::internal(
+            "the write queue of a small fragment is full",
+        ));
+    }
     Ok(rx)
 }
 
-/// Passes a large fragment's body to the writer as it arrives, and says what was wrong with the
-/// body, if anything. Dropping `tx` at the end tells the writer the body is over.
+/// Passes a large fragment's body to the writer as it arrives, in hand-offs of `HAND_OFF`
+/// bytes, and says what was wrong with the body, if anything. Dropping `tx` at the end tells the
+/// writer the body is over.
 async fn stream_to<S, E>(
-    tx: mpsc::Sender<Piece>,
+    tx: mpsc::Sender<Pieces>,
     body: &mut S,
     mut skip: u64,
     len: u64,
@@ -201,26 +211,51 @@ where
     E: std::fmt::Display,
 {
     let mut remaining = len;
-    loop {
-        match next_piece(body, &mut skip, &mut remaining).await {
-            Ok(Some(bytes)) => {
-                // The next piece is not read until this one has its share of the budget.
-                let share = match budget(bytes.len()).await {
+    let mut gathered = Pieces::new();
+    let mut gathered_len = 0usize;
+    let failure = loop {
+        let bytes = match next_piece(body, &mut skip, &mut remaining).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        };
+        // The next piece is not read until this one has its share of the budget. Pieces held
+        // here are handed over before waiting for it: bodies that each hold a part of the
+        // budget and wait for more would otherwise wait on one another forever.
+        let share = match IN_FLIGHT
+            .clone()
+            .try_acquire_many_owned(share_of(bytes.len()))
+        {
+            Ok(share) => share,
+            Err(_) => {
+                if !gathered.is_empty() && tx.send(std::mem::take(&mut gathered)).await.is_err() {
+                    break None;
+                }
+                gathered_len = 0;
+                match budget(bytes.len()).await {
                     Ok(share) => share,
-                    Err(e) => return Some(e),
-                };
-                let piece = Piece {
-                    bytes,
-                    _budget: Some(share),
-                };
-                if tx.send(piece).await.is_err() {
-                    // The writer stopped early; its own error is the one reported.
-                    break;
+                    Err(e) => break Some(e),
                 }
             }
-            Ok(None) => break,
-            Err(e) => return Some(e),
+        };
+        gathered_len += bytes.len();
+        gathered.push(Piece {
+            bytes,
+            _budget: Some(share),
+        });
+        if gathered_len >= HAND_OFF || gathered.len() >= WRITE_IOVECS {
+            if tx.send(std::mem::take(&mut gathered)).await.is_err() {
+                // The writer stopped early; its own error is the one reported.
+                break None;
+            }
+            gathered_len = 0;
         }
+    };
+    if failure.is_some() {
+        return failure;
+    }
+    if !gathered.is_empty() {
+        let _ = tx.send(gathered).await;
     }
     (remaining > 0).then(|| short_body(remaining))
 }
@@ -300,7 +335,7 @@ fn write_fragment(
     t: &Target,
     hasher: Option<Sha256>,
     hash: bool,
-    mut rx: mpsc::Receiver<Piece>,
+    mut rx: mpsc::Receiver<Pieces>,
 ) -> io::Result<Written> {
     let (b, path, state_path) = (&t.b, &t.path, &t.state_path);
     let (offset, new_total, flushing) = (t.offset, t.new_total, t.flushing);
@@ -317,10 +352,10 @@ fn write_fragment(
     file.seek(SeekFrom::Start(offset))?;
     let mut written = 0u64;
     let mut writeback_from = offset;
-    let mut batch: Vec<Piece> = Vec::with_capacity(64);
+    let mut batch = Pieces::new();
     let mut ended = false;
     while !ended {
-        // Wait for one chunk, then take what else is already queued, up to a batch.
+        // Wait for one hand-off, then take what else is already queued, up to a batch.
         let mut batch_len = 0usize;
         while batch_len < WRITE_BATCH && batch.len() < WRITE_IOVECS {
             let next = if batch.is_empty() {
@@ -333,15 +368,17 @@ fn write_fragment(
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                 }
             };
-            let Some(piece) = next else {
+            let Some(pieces) = next else {
                 ended = true;
                 break;
             };
-            if let Some(h) = hasher.as_mut() {
-                h.update(&piece.bytes);
+            for piece in pieces {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&piece.bytes);
+                }
+                batch_len += piece.bytes.len();
+                batch.push(piece);
             }
-            batch_len += piece.bytes.len();
-            batch.push(piece);
         }
         if batch.is_empty() {
             break;
@@ -483,10 +520,10 @@ mod tests {
     fn write_at(b: &Beneath, offset: u64, chunks: &[&'static [u8]]) -> Written {
         let (tx, rx) = mpsc::channel(chunks.len().max(1));
         for c in chunks {
-            tx.try_send(Piece {
+            tx.try_send(vec![Piece {
                 bytes: Bytes::from_static(c),
                 _budget: None,
-            })
+            }])
             .unwrap();
         }
         drop(tx);
