@@ -410,6 +410,24 @@ fn a_data_folder_that_is_a_file_is_called_a_file() {
 }
 
 #[test]
+fn a_body_memory_budget_below_one_read_buffer_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data").display().to_string();
+    let serve = ["serve", "--listen", "127.0.0.1:0", "--data-dir", &d];
+    let out = run(&[&serve[..], &["--max-body-memory", "65535"]].concat(), &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("max-body-memory must be at least 65536 bytes (one read buffer), not 65535"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing is made before the settings are checked"
+    );
+}
+
+#[test]
 fn an_address_this_machine_does_not_have_is_called_so() {
     // TEST-NET-1 (RFC 5737): on no interface here, so binding fails with EADDRNOTAVAIL; no
     // packet is sent anywhere.

@@ -1687,7 +1687,20 @@ directories:
 /// ones past it wait their turn, none is refused, and every upload lands whole.
 #[test]
 fn many_large_fragments_at_once_all_land_whole() {
-    let s = Server::start(&["--max-connections-per-address", "0"]);
+    many_large_fragments_land_whole(&[]);
+}
+
+/// With the least budget there is (one read buffer for every body together), bodies that each
+/// hold a part of it and wait for more must still all get through.
+#[test]
+fn many_large_fragments_land_whole_through_the_least_body_memory() {
+    many_large_fragments_land_whole(&["--max-body-memory", "65536"]);
+}
+
+/// 24 uploads of 2 MiB at once, one fragment each, against the default 8 MiB budget for bodies
+/// held in memory (or the one `extra` sets): every file lands whole.
+fn many_large_fragments_land_whole(extra: &[&str]) {
+    let s = Server::start(&[&["--max-connections-per-address", "0"], extra].concat());
     let uploads = 24;
     let body = |i: usize| -> Vec<u8> {
         (0..(2 << 20))

@@ -252,6 +252,11 @@ config_keys! {
         /// Largest fragment accepted, in bytes; larger ones get 413 [default: no limit].
         #[arg(long, value_name = "BYTES")]
         max_fragment_size: u64,
+        /// Bytes of fragment bodies received and not yet written, all uploads together; past it,
+        /// bodies wait unread. More lets many concurrent uploads move faster, at that much more
+        /// memory. At least 65536 [default: 8388608].
+        #[arg(long, value_name = "BYTES")]
+        max_body_memory: u64,
         /// Connections served at once on the upload listener(s); more wait to be accepted. Must fit
         /// the file-descriptor limit [default: 1024, or fewer if the limit is lower].
         #[arg(long, value_name = "N")]

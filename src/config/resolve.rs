@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_MAX_BODY_MEMORY: u64 = 8 << 20;
+/// One connection's read buffer: a smaller budget could not pass a full read on.
+pub const MIN_BODY_MEMORY: u64 = 64 << 10;
 
 /// One upload directory: its `DirectoryKeys` inherited, checked and with the defaults filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +70,8 @@ pub struct SecurityConfig {
     pub max_sessions_per_user: Option<usize>,
     pub max_sessions: Option<usize>,
     pub max_fragment_size: Option<u64>,
+    /// Bytes of bodies held in memory, all uploads together.
+    pub max_body_memory: u64,
     /// As given; the server fits the default to the file-descriptor limit at start
     /// (`server::limits::ConnectionLimits`).
     pub max_connections: Option<usize>,
@@ -91,6 +96,7 @@ impl SecurityConfig {
             )),
             max_sessions: limit(Some(f.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS))),
             max_fragment_size: f.max_fragment_size,
+            max_body_memory: f.max_body_memory.unwrap_or(DEFAULT_MAX_BODY_MEMORY),
             max_connections: f.max_connections,
             max_connections_per_address: f.max_connections_per_address,
             idle_timeout: Duration::from_secs(f.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS)),
@@ -105,6 +111,12 @@ impl SecurityConfig {
         }
         if c.max_fragment_size == Some(0) {
             return invalid("max-fragment-size must be greater than 0");
+        }
+        if c.max_body_memory < MIN_BODY_MEMORY {
+            return Err(ConfigError::Invalid(format!(
+                "max-body-memory must be at least {MIN_BODY_MEMORY} bytes (one read buffer), not {}",
+                c.max_body_memory
+            )));
         }
         if c.max_connections == Some(0) {
             return invalid("max-connections must be at least 1");
@@ -407,6 +419,21 @@ mod tests {
         // Fitted to the file-descriptor limit at start (server::limits).
         assert_eq!(sec.max_connections, None);
         assert_eq!(sec.max_connections_per_address, None);
+        assert_eq!(sec.max_body_memory, 8 << 20);
+    }
+
+    #[test]
+    fn the_body_memory_budget_holds_at_least_one_read_buffer() {
+        let file = ConfigFile::parse("max-body-memory: 65536\n").unwrap();
+        let c = ServerConfig::from_parts(file, &ServeArgs::default()).unwrap();
+        assert_eq!(c.security.max_body_memory, 65536);
+        let file = ConfigFile::parse("max-body-memory: 0\n").unwrap();
+        let err = ServerConfig::from_parts(file, &ServeArgs::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("max-body-memory must be at least 65536 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

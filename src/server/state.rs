@@ -13,7 +13,7 @@ use super::dir_lock;
 use super::limits::SessionCounter;
 use super::metrics::Metrics;
 use super::refusals::RefusalLog;
-use super::session::{StoreError, UploadDir};
+use super::session::{BodyBudget, StoreError, UploadDir};
 use super::{auth, handoff, notify, tls};
 use crate::config::ServerConfig;
 
@@ -270,11 +270,13 @@ async fn open_dirs(
     notifier: &notify::Notifier,
 ) -> Result<Vec<Arc<UploadDir>>, ServerError> {
     let mut dirs = Vec::new();
+    let budget = BodyBudget::new(config.security.max_body_memory);
     for d in &config.directories {
         let lock = dir_lock::DataDirLock::acquire(&d.data_dir, dir_lock::DEFAULT_WAIT).await?;
         let mut dir = UploadDir::open(d.clone(), metrics.clone(), config.sync, lock)?;
         dir.set_session_counter(sessions.clone());
         dir.set_notifier(notifier.clone());
+        dir.set_body_budget(budget.clone());
         dirs.push(Arc::new(dir));
     }
     dirs.sort_by_key(|d| std::cmp::Reverse(d.config.upload_path.depth()));

@@ -45,6 +45,7 @@ pub use record::{
     REQUESTS_DIR, SessionRecord, SessionState,
 };
 pub use store::{CreateRequest, Session, StoreError};
+pub use writer::BodyBudget;
 
 /// One upload directory: its configuration, its folder and its sessions.
 pub struct UploadDir {
@@ -52,6 +53,7 @@ pub struct UploadDir {
     store: Store,
     metrics: Arc<Metrics>,
     notifier: Notifier,
+    budget: writer::BodyBudget,
 }
 
 impl UploadDir {
@@ -69,6 +71,7 @@ impl UploadDir {
             store,
             metrics,
             notifier: Notifier::new(),
+            budget: writer::BodyBudget::default(),
         })
     }
 
@@ -132,6 +135,7 @@ impl UploadDir {
                     body,
                     hash,
                     self.store.flushing,
+                    &self.budget,
                 )
                 .await?;
                 self.metrics.bytes_received.inc_by(written);
@@ -258,6 +262,11 @@ impl UploadDir {
     /// Uses `notifier` (with the configured backend credentials and CA bundle) for deliveries.
     pub fn set_notifier(&mut self, notifier: Notifier) {
         self.notifier = notifier;
+    }
+
+    /// Shares the server's budget for fragment bodies held in memory with its other directories.
+    pub fn set_body_budget(&mut self, budget: writer::BodyBudget) {
+        self.budget = budget;
     }
 
     fn deliverer(&self) -> Deliverer<'_> {

@@ -34,13 +34,55 @@ const WRITE_QUEUE: usize = 8;
 /// chunk (hyper's chunks are at most its 64 KiB read buffer): each hand-off wakes the writer
 /// thread, and a wake-up per 64 KiB was a tenth of the server's CPU time under one upload.
 const HAND_OFF: usize = 256 << 10;
-/// Bytes of fragment bodies received and not yet written, all fragments of the process
-/// together. Past it, bodies wait unread (the client waits on TCP), so memory stays bounded
-/// however many uploads arrive at once; one fragment alone never needs more than its queue.
-const IN_FLIGHT_BUDGET: usize = 8 << 20;
+/// Bytes of fragment bodies received and not yet written, all fragments of a server together
+/// (`--max-body-memory`). Past it, bodies wait unread (the client waits on TCP), so memory stays
+/// bounded however many uploads arrive at once.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
 
-static IN_FLIGHT: std::sync::LazyLock<Arc<Semaphore>> =
-    std::sync::LazyLock::new(|| Arc::new(Semaphore::new(IN_FLIGHT_BUDGET)));
+impl BodyBudget {
+    /// A budget of `total` bytes (at most what a semaphore counts, about 2 GiB).
+    pub fn new(total: u64) -> Self {
+        let total = usize::try_from(total)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// The budget `bytes` take: never more than there is.
+    fn share_of(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX)
+    }
+
+    /// Waits until `bytes` more bytes of bodies may be held in memory.
+    async fn take(&self, bytes: usize) -> Result<OwnedSemaphorePermit, BitsError> {
+        self.bytes
+            .clone()
+            .acquire_many_owned(self.share_of(bytes))
+            .await
+            .map_err(|_| BitsError::internal("the in-flight budget was closed"))
+    }
+
+    /// `bytes` more bytes of bodies, if they may be held now.
+    fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.bytes
+            .clone()
+            .try_acquire_many_owned(self.share_of(bytes))
+            .ok()
+    }
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        BodyBudget::new(crate::config::DEFAULT_MAX_BODY_MEMORY)
+    }
+}
 
 /// A piece of a fragment's body on its way to the disk, with its share of the in-flight budget,
 /// given back once it is written.
@@ -51,19 +93,6 @@ pub(super) struct Piece {
 
 /// Pieces handed to the writer at once.
 type Pieces = Vec<Piece>;
-
-/// Waits until `bytes` more bytes of bodies may be held in memory.
-async fn budget(bytes: usize) -> Result<OwnedSemaphorePermit, BitsError> {
-    IN_FLIGHT
-        .clone()
-        .acquire_many_owned(share_of(bytes))
-        .await
-        .map_err(|_| BitsError::internal("the in-flight budget was closed"))
-}
-/// The budget `bytes` take: never more than there is.
-fn share_of(bytes: usize) -> u32 {
-    u32::try_from(bytes.min(IN_FLIGHT_BUDGET)).unwrap_or(u32::MAX)
-}
 
 /// Buffer for reading a session file back (rebuilding the hash after a restart).
 const WRITE_BUFFER: usize = 1 << 20;
@@ -102,6 +131,7 @@ pub async fn append<S, E>(
     body: &mut S,
     hash: bool,
     flushing: Flushing,
+    budget: &BodyBudget,
 ) -> Result<u64, BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -123,7 +153,7 @@ where
         // hand-off to a blocking thread and back, which costs as much as the write itself.
         // The whole fragment's share up front: pieces held while the rest arrives never wait
         // on one another for the budget.
-        let _budget = budget(len as usize).await?;
+        let _budget = budget.take(len as usize).await?;
         let rx = read_small(body, skip, len).await?;
         let result = tokio::task::block_in_place(|| write_fragment(&target, hasher, hash, rx));
         (result, None)
@@ -137,7 +167,7 @@ where
         // Nothing is read (nor takes budget) before the writer runs: a writer still queued for
         // a thread must not hold the budget the running ones need to finish.
         let _ = running.await;
-        let failure = stream_to(tx, body, skip, len).await;
+        let failure = stream_to(tx, body, skip, len, budget).await;
         let result = writer
             .await
             .map_err(|e| BitsError::internal(format!("the disk writer failed: {e}")))?;
@@ -205,6 +235,7 @@ async fn stream_to<S, E>(
     body: &mut S,
     mut skip: u64,
     len: u64,
+    budget: &BodyBudget,
 ) -> Option<BitsError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -222,17 +253,14 @@ where
         // The next piece is not read until this one has its share of the budget. Pieces held
         // here are handed over before waiting for it: bodies that each hold a part of the
         // budget and wait for more would otherwise wait on one another forever.
-        let share = match IN_FLIGHT
-            .clone()
-            .try_acquire_many_owned(share_of(bytes.len()))
-        {
-            Ok(share) => share,
-            Err(_) => {
+        let share = match budget.try_take(bytes.len()) {
+            Some(share) => share,
+            None => {
                 if !gathered.is_empty() && tx.send(std::mem::take(&mut gathered)).await.is_err() {
                     break None;
                 }
                 gathered_len = 0;
-                match budget(bytes.len()).await {
+                match budget.take(bytes.len()).await {
                     Ok(share) => share,
                     Err(e) => break Some(e),
                 }
