@@ -76,6 +76,7 @@ fn main() {
         base: base.clone(),
         rows: Vec::new(),
         median_of: None,
+        flushed_uploads: None,
     };
     let mut bench = bench;
     let started = Instant::now();
@@ -132,6 +133,10 @@ struct Bench {
     rows: Vec<Row>,
     /// The rounds behind rows made by `row_rounds`, for the note under the table.
     median_of: Option<usize>,
+    /// Per round of `uploads`: flushed uploads/s from 1 and from 16 connections, and dd's
+    /// writes/s; `syscalls` turns them into flushes per second once it has counted the flushes of
+    /// an upload.
+    flushed_uploads: Option<[Vec<f64>; 3]>,
 }
 
 /// How a figure is shown: its unit and its decimals.
@@ -1640,6 +1645,7 @@ fn uploads(b: &mut Bench, nginx: &Nginx) {
     let _ = std::fs::remove_file(&src);
 
     let col = |k: usize| -> Vec<f64> { got.iter().map(|g| g[k]).collect() };
+    b.flushed_uploads = Some([col(2), col(5), col(0)]);
     let (ups, writes, puts) = (Unit("uploads/s", 0), Unit("writes/s", 0), Unit("PUTs/s", 0));
     let rows: [(&str, usize, &str, usize, Unit); 6] = [
         (
@@ -1992,6 +1998,21 @@ fn syscalls(b: &mut Bench) {
             "-".into(),
             f64::NAN,
         );
+    }
+    // The disk's view of `uploads`: flushes per second, each upload's rate times the flushes
+    // counted here for one flushed upload, against dd's flushed writes in the same round.
+    if let (Some([one, many, dd]), Some(upload)) = (b.flushed_uploads.take(), phases.first()) {
+        let per = upload.flushes();
+        let flushes = |rates: &[f64]| -> Vec<f64> { rates.iter().map(|r| r * per).collect() };
+        let (unit, writes) = (Unit("flushes/s", 0), Unit("writes/s", 0));
+        for (conns, rates) in [("1 conn", &one), ("16 conns", &many)] {
+            b.row_rounds(
+                &format!("64 KiB uploads, flush before Ack, {conns}: uploads/s x {per:.2} flushes"),
+                (&flushes(rates), unit),
+                "dd oflag=dsync bs=64K",
+                (&dd, writes),
+            );
+        }
     }
 }
 
