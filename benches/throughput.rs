@@ -1301,13 +1301,26 @@ fn many(b: &mut Bench, nginx: &Nginx) {
 
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
     let r = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
-    b.row(
-        "1,000 x 1 MiB / 50 conns: total time (lower is better)",
-        format!("{:.2} s", ours.total.as_secs_f64()),
-        "nginx, 1,000 PUTs",
-        format!("{:.2} s", ng.total.as_secs_f64()),
-        r(ours.total, ng.total),
-    );
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / MIB as f64);
+    let total = |b: &mut Bench, what: &str, ours: &ManyResult| {
+        b.row(
+            &format!("{what}: total time (lower is better)"),
+            format!("{:.2} s", ours.total.as_secs_f64()),
+            "nginx, 1,000 PUTs",
+            format!("{:.2} s", ng.total.as_secs_f64()),
+            r(ours.total, ng.total),
+        );
+    };
+    let peak = |b: &mut Bench, what: &str, rss: u64| {
+        b.row(
+            &format!("{what}: server peak RSS (lower is better)"),
+            mib(rss),
+            "nginx peak RSS (all)",
+            mib(ng_rss),
+            rss as f64 / ng_rss as f64,
+        );
+    };
+    total(b, "1,000 x 1 MiB / 50 conns", &ours);
     b.row(
         "1,000 x 1 MiB: p50 Ack latency (lower is better)",
         ms(ours.p50),
@@ -1322,30 +1335,11 @@ fn many(b: &mut Bench, nginx: &Nginx) {
         ms(ng.p99),
         r(ours.p99, ng.p99),
     );
-    b.row(
-        "1,000 x 1 MiB: server peak RSS (lower is better)",
-        format!("{:.1} MiB", rss as f64 / MIB as f64),
-        "nginx peak RSS (all)",
-        format!("{:.1} MiB", ng_rss as f64 / MIB as f64),
-        rss as f64 / ng_rss as f64,
-    );
-    let Some((roomy, roomy_rss)) = roomy else {
-        return;
-    };
-    b.row(
-        "1,000 x 1 MiB, --max-body-memory 32 MiB: total time (lower is better)",
-        format!("{:.2} s", roomy.total.as_secs_f64()),
-        "nginx, 1,000 PUTs",
-        format!("{:.2} s", ng.total.as_secs_f64()),
-        r(roomy.total, ng.total),
-    );
-    b.row(
-        "1,000 x 1 MiB, --max-body-memory 32 MiB: server peak RSS (lower is better)",
-        format!("{:.1} MiB", roomy_rss as f64 / MIB as f64),
-        "nginx peak RSS (all)",
-        format!("{:.1} MiB", ng_rss as f64 / MIB as f64),
-        roomy_rss as f64 / ng_rss as f64,
-    );
+    peak(b, "1,000 x 1 MiB", rss);
+    if let Some((roomy, roomy_rss)) = roomy {
+        total(b, "1,000 x 1 MiB, --max-body-memory 32 MiB", &roomy);
+        peak(b, "1,000 x 1 MiB, --max-body-memory 32 MiB", roomy_rss);
+    }
 }
 
 fn verify_many(shared: &[u8], dir: &Path) {

@@ -31,8 +31,8 @@ const SMALL_FRAGMENT: u64 = 256 << 10;
 /// Hand-offs (each up to `HAND_OFF` bytes) that may wait for the disk writer of one fragment.
 const WRITE_QUEUE: usize = 8;
 /// A large fragment's body goes to its writer in hand-offs of this many bytes, not chunk by
-/// chunk (hyper's chunks are at most its 64 KiB read buffer): each hand-off wakes the writer
-/// thread, and a wake-up per 64 KiB was a tenth of the server's CPU time under one upload.
+/// chunk (hyper's chunks are at most its 64 KiB read buffer): each hand-off may wake the writer
+/// thread, and context switches were 5-9 % of the server's profile under one upload.
 const HAND_OFF: usize = 256 << 10;
 /// Bytes of fragment bodies received and not yet written, all fragments of a server together
 /// (`--max-body-memory`). Past it, bodies wait unread (the client waits on TCP), so memory stays
