@@ -436,10 +436,27 @@ async fn helm_install(c: &Cluster) {
             "--field-selector",
             &format!("involvedObject.name={},reason=Unhealthy", pod.name_any()),
             "-o",
-            "name",
+            "jsonpath={range .items[*]}{.count} {.message}{'\\n'}{end}",
         ])
         .await;
-    assert!(unhealthy.trim().is_empty(), "probe failures: {unhealthy}");
+    // One refused probe at the very start is the kubelet probing as the container starts,
+    // before the process has bound its port (seen once in CI, on a loaded machine); any other
+    // failure, or more than one, is a probe that does not work.
+    let failures: Vec<(&str, &str)> = unhealthy
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split_once(' ').unwrap_or(("", l)))
+        .collect();
+    let startup_race = match failures.as_slice() {
+        [(count, message)] => {
+            matches!(count.trim(), "" | "1") && message.contains("connection refused")
+        }
+        _ => false,
+    };
+    assert!(
+        failures.is_empty() || startup_race,
+        "probe failures: {unhealthy}"
+    );
     say(&format!(
         "  operator pod {} Ready, probes passing",
         pod.name_any()

@@ -215,18 +215,27 @@ async fn install(c: &Cluster, writers: &mut Writers) {
         "{leader} is no operator pod"
     );
     // Both ready; the leader says 1 in /metrics, the standby 0, and says so in its log.
+    // The gauge follows the Lease a moment later (the new holder sets it once its write
+    // returns, and the Lease may have been read in between), so it is waited for, not sampled.
     for p in &pods {
         let pod = p.name_any();
-        let m = eventually("operator metrics", SETTLE, || {
-            c.pod_get(OPERATOR_NS, &pod, 8081, "/metrics")
-        })
+        let want = if pod == leader { 1.0 } else { 0.0 };
+        let m = eventually(
+            &format!("{pod}'s bitsfarm_operator_leader to read {want}"),
+            SETTLE,
+            || async {
+                let m = c.pod_get(OPERATOR_NS, &pod, 8081, "/metrics").await?;
+                match harness::metric(&m, "bitsfarm_operator_leader") {
+                    Some(v) if v == want => Ok(m),
+                    other => Err(format!("it reads {other:?}")),
+                }
+            },
+        )
         .await;
-        let want = if p.name_any() == leader { 1.0 } else { 0.0 };
         assert_eq!(
             harness::metric(&m, "bitsfarm_operator_leader"),
             Some(want),
-            "{}",
-            p.name_any()
+            "{pod}"
         );
         if want == 0.0 {
             let log = c
