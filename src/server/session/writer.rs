@@ -256,10 +256,9 @@ where
         let share = match budget.try_take(bytes.len()) {
             Some(share) => share,
             None => {
-                if !gathered.is_empty() && tx.send(std::mem::take(&mut gathered)).await.is_err() {
+                if !hand_over(&tx, &mut gathered, &mut gathered_len).await {
                     break None;
                 }
-                gathered_len = 0;
                 match budget.take(bytes.len()).await {
                     Ok(share) => share,
                     Err(e) => break Some(e),
@@ -271,21 +270,28 @@ where
             bytes,
             _budget: Some(share),
         });
-        if gathered_len >= HAND_OFF || gathered.len() >= WRITE_IOVECS {
-            if tx.send(std::mem::take(&mut gathered)).await.is_err() {
-                // The writer stopped early; its own error is the one reported.
-                break None;
-            }
-            gathered_len = 0;
+        if (gathered_len >= HAND_OFF || gathered.len() >= WRITE_IOVECS)
+            && !hand_over(&tx, &mut gathered, &mut gathered_len).await
+        {
+            break None;
         }
     };
     if failure.is_some() {
         return failure;
     }
-    if !gathered.is_empty() {
-        let _ = tx.send(gathered).await;
-    }
+    hand_over(&tx, &mut gathered, &mut gathered_len).await;
     (remaining > 0).then(|| short_body(remaining))
+}
+
+/// Sends the pieces gathered so far (if any) to the writer and starts a new gathering. False
+/// when the writer has stopped early: its own error is the one reported.
+async fn hand_over(
+    tx: &mpsc::Sender<Pieces>,
+    gathered: &mut Pieces,
+    gathered_len: &mut usize,
+) -> bool {
+    *gathered_len = 0;
+    gathered.is_empty() || tx.send(std::mem::take(gathered)).await.is_ok()
 }
 
 struct Written {
