@@ -35,19 +35,14 @@ const BTRFS_MAGIC: i64 = 0x9123_683E;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 impl Flushing {
-    /// The rule for a data folder whose file system is `fs_type` (statfs's `f_type`).
+    /// The rule for a data folder whose file system is `fs_type` (statfs's `f_type`; 0 when it
+    /// could not be asked, which gets folders flushed).
     pub fn for_file_system(sync: bool, fs_type: i64) -> Flushing {
         match fs_type {
             _ if !sync => Flushing::Off,
             EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC | TMPFS_MAGIC => Flushing::Ordered,
             _ => Flushing::Folders,
         }
-    }
-
-    /// The rule for the data folder `b`; a file system that cannot be asked is treated as one
-    /// that needs folders flushed.
-    pub fn detect(b: &Beneath, sync: bool) -> Flushing {
-        Flushing::for_file_system(sync, b.fs_type().unwrap_or(0))
     }
 
     pub fn on(self) -> bool {

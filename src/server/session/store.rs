@@ -166,8 +166,10 @@ impl Store {
         }
         // 255 where the file system does not say (and never more: the URL rules stop there).
         let name_max = beneath.name_max().unwrap_or(255).clamp(1, 255);
-        let flushing = Flushing::detect(&beneath, sync);
-        if Flushing::journal_less_ext4(&root, beneath.fs_type().unwrap_or(0)) {
+        // A file system that cannot be asked is treated as one that needs folders flushed.
+        let fs_type = beneath.fs_type().unwrap_or(0);
+        let flushing = Flushing::for_file_system(sync, fs_type);
+        if Flushing::journal_less_ext4(&root, fs_type) {
             info!(dir = %root.display(), "the data folder is on ext4 without a journal: there each new file steps over every inode freed in the last minutes, so after many deletions a session costs up to a millisecond of CPU per file it makes; a journaled file system (ext4's default, XFS) does not");
         }
         if flushing == Flushing::Folders {
