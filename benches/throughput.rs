@@ -839,15 +839,39 @@ fn bits_upload_tight(addr: SocketAddr, file: &Path, name: &str) -> Duration {
     let t = Instant::now();
     let mut c = Conn::open(addr);
     let id = c.create_session(&path);
+    each_fragment(&mut f, &mut buf, |at, piece| {
+        c.fragment(&path, &id, at, GIB, piece)
+    });
+    c.close_session(&path, &id);
+    t.elapsed()
+}
+
+/// Reads the first GiB of `f` in pieces of 8 MiB into `buf`, handing each to `each` with its
+/// offset: how the tight client and the loopback ceiling send.
+fn each_fragment(f: &mut std::fs::File, buf: &mut [u8], mut each: impl FnMut(u64, &[u8])) {
     let mut at = 0;
     while at < GIB {
         let n = (GIB - at).min(FRAGMENT) as usize;
         f.read_exact(&mut buf[..n]).unwrap();
-        c.fragment(&path, &id, at, GIB, &buf[..n]);
+        each(at, &buf[..n]);
         at += n as u64;
     }
-    c.close_session(&path, &id);
-    t.elapsed()
+}
+
+/// `dd if=src of=out ARGS status=none`, which must succeed; how long it took.
+fn run_dd(src: &Path, out: &Path, args: &[&str]) -> Duration {
+    let t = Instant::now();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", out.display()))
+        .args(args)
+        .arg("status=none")
+        .status()
+        .unwrap()
+        .success();
+    let took = t.elapsed();
+    assert!(ok, "dd {args:?} failed");
+    took
 }
 
 /// 1 GiB through a loopback TCP connection with nothing at either end but copies: `file` read
@@ -871,13 +895,7 @@ fn loopback_copy(file: &Path) -> Duration {
     let mut buf = vec![0u8; FRAGMENT as usize];
     let t = Instant::now();
     let mut s = TcpStream::connect(addr).unwrap();
-    let mut at = 0;
-    while at < GIB {
-        let n = (GIB - at).min(FRAGMENT) as usize;
-        f.read_exact(&mut buf[..n]).unwrap();
-        s.write_all(&buf[..n]).unwrap();
-        at += n as u64;
-    }
+    each_fragment(&mut f, &mut buf, |_, piece| s.write_all(piece).unwrap());
     drop(s);
     let got = sink.join().unwrap();
     let d = t.elapsed();
@@ -916,16 +934,7 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     // dd with oflag=dsync: the disk's rate for bytes that are durable when acknowledged.
     let dd_run = || -> f64 {
         let dd_out = b.base.join("dd.out");
-        let t = Instant::now();
-        let ok = Command::new("dd")
-            .arg(format!("if={}", src.display()))
-            .arg(format!("of={}", dd_out.display()))
-            .args(["bs=8M", "oflag=dsync", "status=none"])
-            .status()
-            .unwrap()
-            .success();
-        let v = mbps(GIB, t.elapsed());
-        assert!(ok, "dd failed");
+        let v = mbps(GIB, run_dd(&src, &dd_out, &["bs=8M", "oflag=dsync"]));
         check("dd", &sha_file(&dd_out), &want);
         let _ = std::fs::remove_file(&dd_out);
         settle();
@@ -962,22 +971,8 @@ fn large(b: &mut Bench, nginx: &Nginx) {
     };
     let page_cache_run = || -> (f64, f64) {
         let out = b.base.join("cache.out");
-        let dd = |extra: &[&str]| -> f64 {
-            let t = Instant::now();
-            let ok = Command::new("dd")
-                .arg(format!("if={}", src.display()))
-                .arg(format!("of={}", out.display()))
-                .args(["bs=8M", "status=none"])
-                .args(extra)
-                .status()
-                .unwrap()
-                .success();
-            let v = mbps(GIB, t.elapsed());
-            assert!(ok, "dd failed");
-            v
-        };
-        let new_file = dd(&[]);
-        let cached = dd(&["conv=notrunc"]);
+        let new_file = mbps(GIB, run_dd(&src, &out, &["bs=8M"]));
+        let cached = mbps(GIB, run_dd(&src, &out, &["bs=8M", "conv=notrunc"]));
         check("dd (page cache)", &sha_file(&out), &want);
         let _ = std::fs::remove_file(&out);
         settle();
@@ -1131,19 +1126,10 @@ fn small(b: &mut Bench, nginx: &Nginx) {
     let dd_run = || -> f64 {
         let dd_out = b.base.join("small-dd.out");
         settle();
-        let t = Instant::now();
-        let ok = Command::new("dd")
-            .arg(format!("if={}", src.display()))
-            .arg(format!("of={}", dd_out.display()))
-            .args(["bs=64K", "oflag=dsync", "status=none"])
-            .status()
-            .unwrap()
-            .success();
-        let dd = SMALL_COUNT as f64 / t.elapsed().as_secs_f64();
-        assert!(ok, "dd failed");
+        let took = run_dd(&src, &dd_out, &["bs=64K", "oflag=dsync"]);
         check("dd 64 KiB", &sha_file(&dd_out), &want);
         let _ = std::fs::remove_file(&dd_out);
-        dd
+        SMALL_COUNT as f64 / took.as_secs_f64()
     };
     let (mut sync, mut nosync, mut ng, mut dd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..n {
@@ -1567,21 +1553,12 @@ fn uploads(b: &mut Bench, nginx: &Nginx) {
     // The disk's rate for 64 KiB writes that are durable when acknowledged.
     let dd_run = || -> f64 {
         let out = b.base.join("uploads-dd.out");
-        let t = Instant::now();
-        let ok = Command::new("dd")
-            .arg(format!("if={}", src.display()))
-            .arg(format!("of={}", out.display()))
-            .args([
-                "bs=64K",
-                &format!("count={count}"),
-                "oflag=dsync",
-                "status=none",
-            ])
-            .status()
-            .unwrap()
-            .success();
-        let rate = count as f64 / t.elapsed().as_secs_f64();
-        assert!(ok, "dd failed");
+        let took = run_dd(
+            &src,
+            &out,
+            &["bs=64K", &format!("count={count}"), "oflag=dsync"],
+        );
+        let rate = count as f64 / took.as_secs_f64();
         check(
             "dd 64 KiB",
             &sha_file(&out),
